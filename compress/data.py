@@ -1,0 +1,215 @@
+"""CIFAR-10 from either official layout, held as uint8 tensors and batched on the training device.
+
+The data root comes from ``--data-root`` or the ``COMPRESS_DATA`` environment variable and may hold
+(or be) ``cifar-10-batches-bin/`` (the binary version, read here with numpy) or
+``cifar-10-batches-py/`` (the python version, read through torchvision, which can download it).
+
+The whole set is 150 MB as uint8, so it is moved to the device once; batches are cut, cropped and
+flipped there as whole tensors (the cifar10-airbench approach), so a GPU is never waiting on
+per-image Python transforms. Pixels leave the loader as floats in [0, 1]; the model normalises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV_DATA = "COMPRESS_DATA"
+BIN_DIR = "cifar-10-batches-bin"
+PY_DIR = "cifar-10-batches-py"
+TRAIN_SIZE = 50_000
+
+
+class DataError(ValueError):
+    """The dataset cannot be found or read; the message says where it looked and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Cifar10:
+    """Images as uint8 (N, 3, 32, 32) and labels as int64 (N,)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str
+
+
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    """The data root: the argument, else ``$COMPRESS_DATA``; never a fixed path."""
+    value = root if root not in (None, "") else os.environ.get(ENV_DATA)
+    if not value:
+        raise DataError(f"no CIFAR-10 root given: pass --data-root DIR or set {ENV_DATA}=DIR "
+                        f"(DIR holds {BIN_DIR}/ or {PY_DIR}/)")
+    return Path(value).expanduser()
+
+
+def _read_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % 3073:
+        raise DataError(f"{path}: {raw.size} bytes is not a whole number of 3,073-byte records")
+    rec = raw.reshape(-1, 3073)
+    return rec[:, 1:].reshape(-1, 3, 32, 32), rec[:, 0].astype(np.int64)
+
+
+def _load_bin(folder: Path) -> Cifar10:
+    parts = []
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        f = folder / name
+        if not f.exists():
+            raise DataError(f"{folder} is incomplete: {name} is missing")
+        parts.append(_read_bin(f))
+    tx = np.concatenate([p[0] for p in parts[:5]])
+    ty = np.concatenate([p[1] for p in parts[:5]])
+    return Cifar10(torch.from_numpy(tx), torch.from_numpy(ty), torch.from_numpy(parts[5][0].copy()),
+                   torch.from_numpy(parts[5][1]), str(folder))
+
+
+def _load_py(root: Path, download: bool) -> Cifar10:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        tr = CIFAR10(str(root), train=True, download=download)
+        te = CIFAR10(str(root), train=False, download=download)
+    except Exception as e:  # torchvision raises RuntimeError (missing/corrupt) or URLError (offline)
+        raise DataError(f"cannot read CIFAR-10 python version under {root}: {e}") from e
+
+    def conv(ds: CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+        return x, torch.tensor(ds.targets, dtype=torch.int64)
+
+    (a, b), (c, d) = conv(tr), conv(te)
+    return Cifar10(a, b, c, d, str(root / PY_DIR))
+
+
+def load_cifar10(root: str | os.PathLike | None = None, download: bool = False) -> Cifar10:
+    """Load both splits. ``root`` may be the folder holding a layout or the layout folder itself."""
+    base = resolve_root(root)
+    if (base / "data_batch_1.bin").exists():
+        return _load_bin(base)
+    if (base / BIN_DIR).is_dir():
+        return _load_bin(base / BIN_DIR)
+    if (base / PY_DIR).is_dir() or download:
+        return _load_py(base, download)
+    if base.name == PY_DIR:
+        return _load_py(base.parent, download)
+    raise DataError(f"CIFAR-10 not found under {base} (looked for {BIN_DIR}/ and {PY_DIR}/); pass "
+                    f"--data-root DIR or set {ENV_DATA}=DIR to the folder that holds one, or add "
+                    f"--download to fetch the python version")
+
+
+def subset_indices(n: int, size: int, seed: int, how: str = "random") -> torch.Tensor:
+    """``size`` indices of ``range(n)``: the first ``size`` or a seeded random choice.
+
+    The random choice is a prefix of one seeded permutation, so subsets of one seed are nested
+    (the 1,000-image calibration set is inside the 5,000-image one), which makes sizes comparable.
+    """
+    if not 1 <= size <= n:
+        raise ValueError(f"subset size must be in [1, {n}], got {size}")
+    if how == "first":
+        return torch.arange(size)
+    if how != "random":
+        raise ValueError(f"unknown subset selection {how!r}; known: first, random")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:size]
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Random ``pad``-pixel translation (zero fill) and horizontal flip of a uint8 batch, per image.
+
+    Works on whole (N, C, H, W) batches on any device: offsets are drawn on the CPU from
+    ``generator`` (so results do not depend on the device) and applied with one gather.
+    """
+    n, c, h, w = x.shape
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = (dy[:, None] + ar_h)[:, :, None]                       # (n, h, 1)
+    cols = dx[:, None] + ar_w                                      # (n, w)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (n, 1, w)
+    idx = torch.arange(n, device=x.device)[:, None, None]
+    return xp.permute(0, 2, 3, 1)[idx, rows, cols].permute(0, 3, 1, 2)
+
+
+class BatchLoader:
+    """Batches of (float images in [0, 1], labels) on ``device`` from uint8 tensors.
+
+    Order and augmentation are a pure function of (seed, epoch), so an epoch restarted after a
+    preemption sees exactly the batches it would have seen. RandAugment, when on, runs per image
+    through torchvision on uint8 tensors on the device (each image its own random ops).
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        *,
+        train: bool = False,
+        crop_pad: int = 4,
+        randaugment: bool = False,
+        seed: int = 0,
+        channels_last: bool = True,
+    ) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} images but {len(y)} labels")
+        self.device = torch.device(device)
+        self.x = x.to(self.device)
+        self.y = y.to(self.device)
+        self.batch_size = batch_size
+        self.train = train
+        self.crop_pad = crop_pad
+        self.randaugment = randaugment
+        self.seed = seed
+        self.channels_last = channels_last
+        self.epoch = 0
+        self._ra = None
+        if randaugment:
+            from torchvision.transforms import v2
+
+            self._ra = v2.RandAugment()
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch_size - 1) // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _augment(self, xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.crop_pad:
+            xb = random_crop_flip(xb, self.crop_pad, g)
+        if self._ra is not None:
+            # torchvision's RandAugment draws from the global RNG: seed it from our generator
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+                xb = torch.stack([self._ra(img) for img in xb])
+        return xb
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = len(self.x)
+        order = torch.randperm(n, generator=g).to(self.device) if self.train else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                xb, yb = self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+            else:
+                idx = order[start:start + self.batch_size]
+                xb, yb = self.x[idx], self.y[idx]
+            if self.train:
+                xb = self._augment(xb, g)
+            xf = xb.float().div_(255.0)
+            if self.channels_last:
+                xf = xf.contiguous(memory_format=torch.channels_last)
+            yield xf, yb

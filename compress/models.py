@@ -1,0 +1,294 @@
+"""CIFAR-10 ResNet-20 in both shortcut variants, with the normalisation that belongs to the weights.
+
+Two variants, by name (see ``MODELS``):
+
+- ``resnet20a``: option-A shortcut (stride-2 subsampling plus zero-padded channels, no weights),
+  classifier ``linear``; the layout of ``resnet20-12fca82f.th`` (268,336 conv+linear weights).
+- ``resnet20b``: option-B shortcut (1x1 conv + BN downsample), classifier ``fc``; the layout of
+  ``cifar10_resnet20-4118986f.pt`` (270,896 conv+linear weights).
+
+The input normalisation is a ``Normalize`` module inside the model (its mean and std are buffers),
+so a checkpoint carries the statistics its weights were trained with and every loader feeds plain
+[0, 1] pixels. Every quantizable site is a module of its own (``relu1``, ``add``, ``relu_out``) so
+observers can attach to the residual add as what it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; mean and std are buffers so they travel with the state dict."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Add(nn.Module):
+    """The residual add as a module, so observers and the int8 rewrite can address it by name."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: keep every second pixel and zero-pad ``pad`` channels on each side."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.add = Add()
+        self.relu_out = nn.ReLU()
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            if shortcut == "A":
+                self.downsample = PadShortcut(planes // 4)
+            else:
+                self.downsample = nn.Sequential(
+                    nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+                )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu_out(self.add(out, self.downsample(x)))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 inputs: 16/32/64 channels, global average pool, linear classifier."""
+
+    def __init__(
+        self,
+        depth: int,
+        shortcut: str,
+        classifier: str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.classifier_name = classifier
+        self.normalize = Normalize(mean, std)
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        in_planes = 16
+        for i, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for b in range(n):
+                stride = 2 if (i > 0 and b == 0) else 1
+                blocks.append(BasicBlock(in_planes, planes, stride, shortcut))
+                in_planes = planes
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.add_module(classifier, nn.Linear(64, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        return getattr(self, self.classifier_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(self.normalize(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, BN name) for every conv that feeds a BatchNorm, in forward order.
+
+    Pairs are found structurally: within a parent module, a ``convN``/``bnN`` name match or a conv
+    followed directly by a BN inside a Sequential. Used by BN folding and BN-gamma filter pruning.
+    """
+    pairs: list[tuple[str, str]] = []
+    for parent_name, parent in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        children = list(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            for (cn, c), (bn, b) in zip(children, children[1:], strict=False):
+                if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    pairs.append((prefix + cn, prefix + bn))
+            continue
+        names = dict(children)
+        for cn, c in children:
+            if isinstance(c, nn.Conv2d) and cn.startswith("conv"):
+                bn = "bn" + cn[len("conv"):]
+                if isinstance(names.get(bn), nn.BatchNorm2d):
+                    pairs.append((prefix + cn, prefix + bn))
+    return pairs
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One registered architecture: how to build it and where its published weights live."""
+
+    build: Callable[[], CifarResNet]
+    weights_url: str | None
+    weights_sha256_prefix: str | None
+    key_prefix: str  # stripped from published state-dict keys (DataParallel's "module.")
+    about: str
+
+
+def _resnet20a() -> CifarResNet:
+    return CifarResNet(20, "A", "linear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
+
+def _resnet20b() -> CifarResNet:
+    return CifarResNet(20, "B", "fc", mean=CIFAR_MEAN, std=(0.2023, 0.1994, 0.2010))
+
+
+MODELS: dict[str, ModelInfo] = {
+    "resnet20a": ModelInfo(
+        _resnet20a,
+        "https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/resnet20-12fca82f.th",
+        "12fca82f",
+        "module.",
+        "ResNet-20, option-A (zero-pad) shortcut, 268,336 conv+linear weights",
+    ),
+    "resnet20b": ModelInfo(
+        _resnet20b,
+        "https://github.com/chenyaofo/pytorch-cifar-models/releases/download/resnet/cifar10_resnet20-4118986f.pt",
+        "4118986f",
+        "",
+        "ResNet-20, option-B (1x1 conv+BN) shortcut, 270,896 conv+linear weights",
+    ),
+}
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be loaded into the requested model."""
+
+
+def build_model(name: str) -> CifarResNet:
+    """A freshly initialised model by registry name; an unknown name lists the known ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    return MODELS[name].build()
+
+
+def _download(url: str, sha_prefix: str | None, cache: Path) -> Path:
+    dest = cache / url.rsplit("/", 1)[-1]
+    if not dest.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(dest.suffix + ".part")
+        log.info("downloading %s", url)
+        try:
+            urllib.request.urlretrieve(url, tmp)
+        except OSError as e:
+            raise WeightsError(f"cannot download {url}: {e}; pass a local file instead") from e
+        tmp.replace(dest)
+    if sha_prefix and not hashlib.sha256(dest.read_bytes()).hexdigest().startswith(sha_prefix):
+        raise WeightsError(f"{dest}: sha256 does not start with {sha_prefix}; delete it and retry")
+    return dest
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as e:
+        raise WeightsError(f"weights file not found: {path}") from e
+    except Exception as e:  # torch raises many types for a damaged file (pickle, zip, EOF)
+        raise WeightsError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from e
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return obj
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], key_prefix: str = "", source: str = "") -> None:
+    """Load a state dict strictly, tolerating only absent BN ``num_batches_tracked`` counters.
+
+    Buffers of ``Normalize`` are taken from the model when the state dict lacks them (published
+    weights do not carry their normalisation; the registry entry does).
+    """
+    state = {k.removeprefix(key_prefix): v for k, v in state.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")
+               and not k.startswith("normalize.")]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:6]}{'...' if len(missing) > 6 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}")
+        if shape:
+            parts.append(f"shape mismatch {shape[:3]}")
+        raise WeightsError(f"{source or 'state dict'} does not fit {type(model).__name__}: " + "; ".join(parts))
+    merged = {**own, **state}
+    model.load_state_dict(merged)
+
+
+def load_model(name: str, weights: str | Path | None = None) -> CifarResNet:
+    """Build ``name`` and load ``weights``: a path, ``"pretrained"`` (download, hash-checked) or None.
+
+    A project checkpoint (``{"model": state_dict, ...}`` with the normalisation buffers) loads too.
+    """
+    model = build_model(name)
+    if weights is None:
+        return model
+    info = MODELS[name]
+    if str(weights) == "pretrained":
+        if not info.weights_url:
+            raise WeightsError(f"model {name!r} has no published weights")
+        path = _download(info.weights_url, info.weights_sha256_prefix, Path(torch.hub.get_dir()) / "checkpoints")
+    else:
+        path = Path(weights)
+    state = _read_state_dict(path)
+    prefix = info.key_prefix if any(k.startswith(info.key_prefix) for k in state) else ""
+    load_state(model, state, prefix, source=str(path))
+    return model
+
+
+def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every conv and linear layer: the weights global magnitude pruning ranks and counts."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            yield name, m
+
+
+def count_prunable(model: nn.Module) -> int:
+    """Number of conv+linear weights (biases excluded): 268,336 for resnet20a."""
+    return sum(m.weight.numel() for _, m in prunable(model))

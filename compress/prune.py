@@ -1,0 +1,216 @@
+"""Global L1 magnitude pruning, BN-gamma filter pruning and sparsity schedules.
+
+Masks are boolean tensors keyed by parameter name (``MaskSet``). They are applied by multiplying
+the parameters after every optimizer step, so pruned weights stay exactly zero through retraining
+(AdamW's decoupled decay and momentum cannot revive them) and the model stays a plain ``nn.Module``
+that traces, quantizes and saves like any other. ``make_permanent`` zeroes once more and drops the
+masks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compress.models import conv_bn_pairs, prunable
+
+
+class MaskSet:
+    """Named boolean masks (True = kept) over a model's parameters."""
+
+    def __init__(self, masks: dict[str, torch.Tensor] | None = None) -> None:
+        self.masks: dict[str, torch.Tensor] = dict(masks or {})
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, mask in self.masks.items():
+            p = params[name]
+            p.mul_(mask.to(device=p.device, dtype=p.dtype))
+
+    def merge(self, other: MaskSet) -> MaskSet:
+        out = dict(self.masks)
+        for k, v in other.masks.items():
+            out[k] = out[k] & v if k in out else v
+        return MaskSet(out)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.masks.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> MaskSet:
+        return cls({k: v.bool() for k, v in state.items()})
+
+
+def make_permanent(model: nn.Module, masks: MaskSet) -> None:
+    """Zero every masked weight for good; the model needs no masks afterwards."""
+    masks.apply(model)
+    masks.masks.clear()
+
+
+def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tuple[str, torch.Tensor]]:
+    """(parameter name, weight) of every conv/linear layer not in ``exclude`` (module names)."""
+    skip = set(exclude)
+    return [(f"{n}.weight", m.weight) for n, m in prunable(model) if n not in skip]
+
+
+@torch.no_grad()
+def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[str] = ()) -> MaskSet:
+    """Masks that zero the ``round(sparsity * N)`` smallest-|w| weights over all prunable layers.
+
+    Ranks by exact order (not a threshold), so the achieved sparsity is the target to within one
+    weight even with ties; weights already zero rank first, so earlier pruning is kept.
+    E.g. 268,336 weights at 0.5 -> exactly 134,168 zeros.
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    weights = prunable_weights(model, exclude)
+    flat = torch.cat([w.detach().abs().flatten().float().cpu() for _, w in weights])
+    k = round(sparsity * flat.numel())
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k:
+        keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False
+    masks, start = {}, 0
+    for name, w in weights:
+        masks[name] = keep[start:start + w.numel()].view_as(w).to(w.device)
+        start += w.numel()
+    return MaskSet(masks)
+
+
+@torch.no_grad()
+def bn_gamma_filter_masks(model: nn.Module, fraction: float) -> MaskSet:
+    """Masks that remove the ``fraction`` of conv filters whose following BN has the smallest |gamma|.
+
+    Ranked globally over all conv+BN pairs (as in network slimming); every layer keeps at least one
+    filter. A removed filter zeroes the conv's output channel and the BN's gamma and beta, so the
+    channel outputs exactly zero. E.g. 0.1 of resnet20a's 688 BN channels -> 69 filters.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"filter fraction must be in [0, 1), got {fraction}")
+    modules = dict(model.named_modules())
+    pairs = conv_bn_pairs(model)
+    if fraction == 0.0 or not pairs:
+        return MaskSet()
+    gammas = torch.cat([modules[b].weight.detach().abs().float().cpu() for _, b in pairs])
+    owner = torch.cat([torch.full((modules[b].num_features,), i) for i, (_, b) in enumerate(pairs)])
+    order = torch.argsort(gammas, stable=True)
+    k = round(fraction * gammas.numel())
+    removed = torch.zeros_like(gammas, dtype=torch.bool)
+    left = torch.tensor([modules[b].num_features for _, b in pairs])
+    for idx in order.tolist():
+        if k == 0:
+            break
+        if left[owner[idx]] > 1:
+            removed[idx] = True
+            left[owner[idx]] -= 1
+            k -= 1
+    masks, start = {}, 0
+    for conv, bn in pairs:
+        c = modules[conv].out_channels
+        keep = ~removed[start:start + c]
+        start += c
+        dev = modules[conv].weight.device
+        masks[f"{conv}.weight"] = keep.view(-1, 1, 1, 1).expand_as(modules[conv].weight).clone().to(dev)
+        masks[f"{bn}.weight"] = keep.clone().to(dev)
+        masks[f"{bn}.bias"] = keep.clone().to(dev)
+    return MaskSet(masks)
+
+
+def _linear(final: float, initial: float, t: float) -> float:
+    return initial + (final - initial) * t
+
+
+def _geometric(final: float, initial: float, t: float) -> float:
+    # the kept fraction shrinks by the same factor each phase: 12 phases to 0.92 keep 81% a phase
+    return 1 - (1 - initial) * ((1 - final) / (1 - initial)) ** t
+
+
+def _cubic(final: float, initial: float, t: float) -> float:
+    # gradual pruning (Zhu & Gupta 2017): prune fast while many weights are redundant, then slow
+    return final + (initial - final) * (1 - t) ** 3
+
+
+SCHEDULES: dict[str, Callable[[float, float, float], float]] = {
+    "linear": _linear,
+    "geometric": _geometric,
+    "cubic": _cubic,
+}
+
+
+def phase_targets(final: float, phases: int, schedule: str = "geometric", initial: float = 0.0) -> list[float]:
+    """Target sparsity after each of ``phases`` phases; the last is exactly ``final``.
+
+    E.g. final 0.5, 2 phases: linear [0.25, 0.5]; geometric [0.2929, 0.5]; cubic [0.4375, 0.5].
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if phases < 1:
+        raise ValueError(f"phases must be >= 1, got {phases}")
+    if not 0.0 <= initial <= final < 1.0:
+        raise ValueError(f"need 0 <= initial ({initial}) <= final ({final}) < 1")
+    f = SCHEDULES[schedule]
+    return [final if p == phases else f(final, initial, p / phases) for p in range(1, phases + 1)]
+
+
+@dataclass(frozen=True)
+class ModuleRow:
+    """One line of the per-module table: conv/linear weights before and after pruning."""
+
+    module: str
+    kind: str
+    params: int
+    nonzero_before: int
+    nonzero_after: int
+
+    @property
+    def removed(self) -> int:
+        return self.nonzero_before - self.nonzero_after
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.nonzero_after / self.params
+
+
+def nonzero_counts(model: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """module name -> (kind, weights, nonzero weights) for every conv/linear layer."""
+    return {n: (type(m).__name__, m.weight.numel(), int(torch.count_nonzero(m.weight)))
+            for n, m in prunable(model)}
+
+
+def module_table(before: dict[str, tuple[str, int, int]], after: dict[str, tuple[str, int, int]]) -> list[ModuleRow]:
+    """The per-module before/after table from two ``nonzero_counts`` snapshots."""
+    return [ModuleRow(n, k, p, before[n][2], after[n][2]) for n, (k, p, _) in after.items()]
+
+
+def format_table(rows: list[ModuleRow]) -> str:
+    """Fixed-width text of the per-module table with a total line, as printed by the prune job."""
+    head = f"{'module':<24} {'params':>9} {'before':>9} {'after':>9} {'removed':>9} {'sparsity':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.module:<24} {r.params:>9,} {r.nonzero_before:>9,} {r.nonzero_after:>9,} "
+                     f"{r.removed:>9,} {100 * r.sparsity:>8.2f}%")
+    p = sum(r.params for r in rows)
+    b = sum(r.nonzero_before for r in rows)
+    a = sum(r.nonzero_after for r in rows)
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<24} {p:>9,} {b:>9,} {a:>9,} {b - a:>9,} {100 * (1 - a / p):>8.2f}%")
+    return "\n".join(lines)
+
+
+def global_sparsity(model: nn.Module) -> float:
+    """Fraction of zero weights over all conv+linear weights."""
+    counts = nonzero_counts(model).values()
+    total = sum(c[1] for c in counts)
+    return 1 - sum(c[2] for c in counts) / total if total else 0.0
+
+
+def is_close_to(value: float, target: float, n: int) -> bool:
+    """True when ``value`` is ``target`` to within one weight out of ``n``."""
+    return math.isclose(value, target, abs_tol=1.0 / n + 1e-12)

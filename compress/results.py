@@ -1,0 +1,185 @@
+"""Parquet result tables: one fixed schema per table, atomic writes, spec and provenance on every row.
+
+Layout under the results root (``results/`` by default)::
+
+    phases/<run_id>-p<NN>.parquet     one row per prune/retrain phase (phase 0 = the starting model)
+    epochs/<run_id>-p<NN>.parquet     one row per training epoch of that phase
+    modules/<run_id>.parquet          the per-module before/after table of a finished run
+    ptq/<run_id>-<task>.parquet       one row per PTQ configuration
+    runs/<run_id>/                    checkpoints (state.pt while running, final.pt at the end)
+
+Every file of a table has the same schema (built from the spec dataclasses, unset fields null), so
+``pyarrow.dataset.dataset("results/phases")`` or ``pandas.read_parquet("results/phases")`` reads a
+folder written by many jobs at once. A file is written to a temporary name in the same folder and
+renamed, so a reader never sees half a file, and a unit of work rewritten after a requeue replaces
+its file instead of adding rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+ENV_RESULTS = "COMPRESS_RESULTS"
+
+PROVENANCE_FIELDS: dict[str, pa.DataType] = {
+    "git_commit": pa.string(),
+    "git_dirty": pa.bool_(),
+    "job_id": pa.string(),
+    "host": pa.string(),
+    "python_version": pa.string(),
+    "torch_version": pa.string(),
+    "torchvision_version": pa.string(),
+    "device_name": pa.string(),
+    "written_at": pa.timestamp("us", tz="UTC"),
+}
+
+
+def default_root() -> str:
+    return os.environ.get(ENV_RESULTS, "results")
+
+
+def _arrow_type(tp: Any) -> pa.DataType:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _arrow_type(args[0])
+    if origin is tuple or tp is tuple:
+        return pa.string()  # tuples are stored comma-joined: "minmax,histogram"
+    return {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}.get(tp, pa.string())
+
+
+def spec_fields(*spec_classes: type) -> dict[str, pa.DataType]:
+    """``spec_<field>`` columns for the union of the given spec dataclasses' fields."""
+    out: dict[str, pa.DataType] = {}
+    for cls in spec_classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            out.setdefault(f"spec_{f.name}", _arrow_type(hints[f.name]))
+    return out
+
+
+def make_schema(columns: Mapping[str, pa.DataType], *spec_classes: type) -> pa.Schema:
+    """Table columns, then the spec columns, then provenance: the one schema of a table."""
+    fields = dict(columns)
+    fields.update(spec_fields(*spec_classes))
+    fields.update(PROVENANCE_FIELDS)
+    return pa.schema(list(fields.items()))
+
+
+def spec_row(spec: Any) -> dict[str, Any]:
+    """A spec dataclass flattened to ``spec_<field>`` values (tuples comma-joined)."""
+    row = {}
+    for f in dataclasses.fields(spec):
+        v = getattr(spec, f.name)
+        row[f"spec_{f.name}"] = ",".join(map(str, v)) if isinstance(v, tuple) else v
+    return row
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+_STATIC: dict[str, Any] = {}
+
+
+def job_id() -> str:
+    """SLURM job id (with array task), else 'local-<pid>'."""
+    jid = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if jid and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{jid}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID") or f"local-{os.getpid()}"
+
+
+def provenance(device: str = "") -> dict[str, Any]:
+    """Where and with what a row was produced: git commit, job id, host, versions, device, time."""
+    if not _STATIC:
+        import torch
+        import torchvision
+
+        _STATIC.update(
+            git_commit=_git("rev-parse", "HEAD"),
+            git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
+            python_version=platform.python_version(),
+            torch_version=torch.__version__,
+            torchvision_version=torchvision.__version__,
+        )
+    return {
+        **_STATIC,
+        "job_id": job_id(),
+        "host": socket.gethostname(),
+        "device_name": device,
+        "written_at": _dt.datetime.now(_dt.UTC),
+    }
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary file in the same folder and rename: readers see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_rows(path: Path, rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> Path:
+    """Rows to one Parquet file with ``schema`` (missing columns null, unknown ones an error)."""
+    rows = list(rows)
+    extra = {k for r in rows for k in r} - set(schema.names)
+    if extra:
+        raise KeyError(f"columns not in the table schema: {sorted(extra)}")
+    table = pa.Table.from_pylist(rows, schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    atomic_write_bytes(Path(path), sink.getvalue().to_pybytes())
+    return Path(path)
+
+
+def read_table(root: str | os.PathLike, table: str) -> pa.Table:
+    """All rows of one table under a results root (every file shares the schema)."""
+    import pyarrow.dataset as ds
+
+    folder = Path(root) / table
+    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+        raise FileNotFoundError(f"no {table} results under {Path(root)}")
+    return ds.dataset(folder, format="parquet").to_table()
+
+
+def torch_save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` through a temporary file and rename (checkpoints survive a kill mid-write)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def echo_err(msg: str) -> None:
+    print(msg, file=sys.stderr)

@@ -1,0 +1,171 @@
+"""Frozen, self-validating job specs: one per job kind.
+
+The CLI options of ``python -m jobs.launch`` are generated from these fields one to one (the
+field's ``help`` metadata is the option's help), and every result row carries the spec flattened
+to ``spec_<field>`` columns. A bad value raises ``ValueError`` naming the field, the value and
+what is allowed, before anything is submitted or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from compress.models import MODELS, build_model, prunable
+from compress.prune import SCHEDULES, phase_targets
+
+OPTIMIZERS = ("adamw", "sgd")
+ENV_WEIGHTS = "COMPRESS_WEIGHTS"
+
+
+def opt(default: Any, help: str, **extra: Any) -> Any:
+    """A spec field with CLI help text."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}")
+
+
+def check_choice(name: str, value: str, known: Any) -> None:
+    if value not in known:
+        raise ValueError(f"{name}={value!r} is unknown; known: {', '.join(sorted(known))}")
+
+
+@dataclass(frozen=True)
+class RunFields:
+    """Fields every job has: what model, which data, where results go, and the seed."""
+
+    model: str = opt("resnet20a", "model architecture", choices=tuple(MODELS))
+    weights: str = opt("", "weights file (or 'pretrained' to download); default $COMPRESS_WEIGHTS")
+    data_root: str = opt("", "CIFAR-10 root (holds cifar-10-batches-bin/ or -py/); default $COMPRESS_DATA")
+    results: str = opt("results", "results root (Parquet tables and checkpoints)")
+    run_id: str = opt("", "run name; default <kind>-<time>-<spec hash>; reuse one to resume it")
+    seed: int = opt(0, "seed of initialisation, data order, augmentation and subsets")
+    device: str = opt("auto", "torch device: auto (CUDA if visible, else CPU), cpu, cuda, cuda:N")
+
+    def __post_init__(self) -> None:
+        check_choice("model", self.model, MODELS)
+        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device", self.device,
+              "use auto, cpu, cuda or cuda:N")
+        check(bool(self.results), "results", self.results, "must be a folder")
+
+    def kind(self) -> str:
+        raise NotImplementedError
+
+    def with_defaults(self) -> RunFields:
+        """Fill the run id (and weights/data from the environment) so a requeued job sees one spec."""
+        changes: dict[str, Any] = {}
+        if not self.weights and os.environ.get(ENV_WEIGHTS) and self.needs_weights():
+            changes["weights"] = os.environ[ENV_WEIGHTS]
+        if not self.data_root and os.environ.get("COMPRESS_DATA"):
+            changes["data_root"] = os.environ["COMPRESS_DATA"]
+        spec = dataclasses.replace(self, **changes) if changes else self
+        if not spec.run_id:
+            digest = hashlib.sha1(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode()).hexdigest()[:6]
+            spec = dataclasses.replace(spec, run_id=f"{spec.kind()}-{time.strftime('%Y%m%d-%H%M%S')}-{digest}")
+        return spec
+
+    def needs_weights(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class TrainFields(RunFields):
+    """How one phase of training runs: optimizer, schedule, batch, augmentation."""
+
+    epochs: int = opt(1, "epochs of training (per phase when pruning)")
+    optimizer: str = opt("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float = opt(1e-3, "peak learning rate (cosine decay to zero over each phase)")
+    weight_decay: float = opt(5e-4, "weight decay (decoupled for AdamW)")
+    warmup_epochs: float = opt(0.0, "linear warm-up at the start of each phase, in epochs")
+    batch_size: int = opt(64, "training batch size")
+    randaugment: bool = opt(True, "RandAugment on top of random crop + flip")
+    train_size: int = opt(0, "use the first N of a seeded shuffle of the training set (0: all 50,000)")
+    test_size: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
+    eval_batch_size: int = opt(500, "evaluation batch size")
+    eval_every_epoch: bool = opt(True, "evaluate the test set after every epoch (else once per phase)")
+    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.epochs >= 0, "epochs", self.epochs, "must be >= 0")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check(0 < self.lr <= 10, "lr", self.lr, "must be in (0, 10]")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+        check(0 <= self.train_size <= 50_000, "train_size", self.train_size, "must be in [0, 50000]")
+        check(0 <= self.test_size <= 10_000, "test_size", self.test_size, "must be in [0, 10000]")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One step of a plan: prune to ``target`` (None: no pruning), then train ``epochs``."""
+
+    index: int
+    target: float | None
+    epochs: int
+    filter_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainSpec(TrainFields):
+    """Dense training (from scratch, or fine-tuning given weights): one phase without pruning."""
+
+    epochs: int = opt(30, "epochs of training")
+    lr: float = opt(1e-3, "peak learning rate (cosine decay to zero)")
+
+    def kind(self) -> str:
+        return "train"
+
+    def needs_weights(self) -> bool:
+        return False
+
+    def plan(self) -> list[Phase]:
+        return [Phase(1, None, self.epochs)]
+
+
+@dataclass(frozen=True)
+class PruneSpec(TrainFields):
+    """A prune/retrain schedule: BN-gamma filter pruning once, then global L1 magnitude phases."""
+
+    epochs: int = opt(10, "retraining epochs per phase (the reference lab ran up to 150)")
+    phases: int = opt(12, "number of prune/retrain phases")
+    final_sparsity: float = opt(0.92, "global sparsity over conv+linear weights after the last phase")
+    schedule: str = opt("geometric", "how per-phase targets grow", choices=tuple(SCHEDULES))
+    filter_fraction: float = opt(0.05, "fraction of conv filters removed by smallest |BN gamma|, phase 1 only")
+    keep_dense: tuple[str, ...] = opt((), "comma-separated modules left out of magnitude pruning, e.g. conv1,linear")
+    bn_reestimate: bool = opt(False, "recompute BN statistics on training batches right after each pruning step")
+    kd_weight: float = opt(0.0, "weight of distillation from the starting (dense) model during retraining")
+    kd_temperature: float = opt(4.0, "distillation temperature")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.phases >= 1, "phases", self.phases, "must be >= 1")
+        check(0.0 <= self.final_sparsity < 1.0, "final_sparsity", self.final_sparsity, "must be in [0, 1)")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check(0.0 <= self.filter_fraction < 1.0, "filter_fraction", self.filter_fraction, "must be in [0, 1)")
+        check(0.0 <= self.kd_weight <= 1.0, "kd_weight", self.kd_weight, "must be in [0, 1]")
+        check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "must be > 0")
+        if self.keep_dense:
+            model = build_model(self.model)
+            unknown = sorted(set(self.keep_dense) - {n for n, _ in prunable(model)})
+            check(not unknown, "keep_dense", ",".join(self.keep_dense),
+                  f"unknown module(s) {unknown}; conv/linear modules are e.g. conv1, layer1.0.conv1, "
+                  f"{model.classifier_name}")
+
+    def kind(self) -> str:
+        return "prune"
+
+    def plan(self) -> list[Phase]:
+        targets = phase_targets(self.final_sparsity, self.phases, self.schedule)
+        return [Phase(i + 1, t, self.epochs, self.filter_fraction if i == 0 else 0.0) for i, t in enumerate(targets)]

@@ -1,0 +1,31 @@
+"""The schemas of the result tables (see ``compress.results`` for the layout)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from compress.results import make_schema
+from jobs.specs import PruneSpec, TrainSpec
+
+SEARCH_COLUMNS = {"search_id": pa.string(), "trial_id": pa.string()}
+
+PHASES = make_schema({
+    "run_id": pa.string(), "kind": pa.string(), "phase": pa.int64(),
+    "target_sparsity": pa.float64(), "sparsity": pa.float64(), "nonzero": pa.int64(), "prunable": pa.int64(),
+    "top1": pa.float64(), "test_loss": pa.float64(), "train_loss": pa.float64(), "train_acc": pa.float64(),
+    "epochs": pa.int64(), "train_seconds": pa.float64(), "wall_seconds": pa.float64(),
+    **SEARCH_COLUMNS,
+}, PruneSpec, TrainSpec)
+
+EPOCHS = make_schema({
+    "run_id": pa.string(), "kind": pa.string(), "phase": pa.int64(), "epoch": pa.int64(),
+    "lr": pa.float64(), "train_loss": pa.float64(), "train_acc": pa.float64(),
+    "test_loss": pa.float64(), "top1": pa.float64(), "images_per_second": pa.float64(),
+    "seconds": pa.float64(), **SEARCH_COLUMNS,
+}, PruneSpec, TrainSpec)
+
+MODULES = make_schema({
+    "run_id": pa.string(), "kind": pa.string(), "module": pa.string(), "type": pa.string(), "params": pa.int64(),
+    "nonzero_before": pa.int64(), "nonzero_after": pa.int64(), "removed": pa.int64(),
+    "sparsity": pa.float64(), **SEARCH_COLUMNS,
+}, PruneSpec, TrainSpec)

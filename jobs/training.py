@@ -1,0 +1,255 @@
+"""The train and prune jobs: one module-level function each, resumable from their own checkpoint.
+
+``run_prune(spec)`` and ``run_train(spec)`` are what the launcher calls in-process, what submitit
+pickles for SLURM and what a Ray trial calls. Both run the same engine:
+
+    phase 0: evaluate the starting model (row "phase 0")
+    for each phase: [BN-gamma filter pruning, phase 1 only] -> global magnitude pruning to the
+                    phase target -> retrain ``epochs`` with the masks held -> one phase row
+
+State (model, masks, optimizer, LR schedule, position, the phase's epoch rows) is saved atomically
+after every epoch to ``<results>/runs/<run_id>/state.pt``; a job started again with the same spec
+resumes there. Data order and augmentation depend only on (seed, phase, epoch), so a resumed run
+ends with the same metrics as an uninterrupted one. Rows go out once per phase under a fixed file
+name, so a requeued job can neither lose nor duplicate them.
+
+Where it runs: everything here on ``spec.device`` (CUDA if the job has one, else CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.data import BatchLoader, Cifar10, load_cifar10, subset_indices
+from compress.loops import build_optimizer, cosine_lr, evaluate, pick_device, reestimate_bn, train_one_epoch
+from compress.models import load_model
+from compress.prune import (
+    MaskSet,
+    bn_gamma_filter_masks,
+    format_table,
+    global_magnitude_masks,
+    make_permanent,
+    module_table,
+    nonzero_counts,
+)
+from compress.results import atomic_write_bytes, provenance, spec_row, torch_save_atomic, write_rows
+from jobs import tables
+from jobs.specs import PruneSpec, TrainFields, TrainSpec
+
+log = logging.getLogger(__name__)
+
+ReportFn = Callable[[dict[str, Any]], None]
+
+
+class SpecMismatch(ValueError):
+    """A run folder that belongs to another spec (resuming would mix two experiments)."""
+
+
+def run_dir(spec: TrainFields) -> Path:
+    return Path(spec.results) / "runs" / spec.run_id
+
+
+def _loaders(spec: TrainFields, data: Cifar10, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
+    tx, ty = data.train_x, data.train_y
+    if spec.train_size:
+        idx = subset_indices(len(tx), spec.train_size, spec.seed)
+        tx, ty = tx[idx], ty[idx]
+    vx, vy = data.test_x, data.test_y
+    if spec.test_size:
+        vx, vy = vx[:spec.test_size], vy[:spec.test_size]
+    train = BatchLoader(tx, ty, spec.batch_size, device, train=True, randaugment=spec.randaugment, seed=spec.seed)
+    test = BatchLoader(vx, vy, spec.eval_batch_size, device)
+    return train, test
+
+
+def _scheduler(spec: TrainFields, opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
+    total = max(1, epochs * steps_per_epoch)
+    warm = round(spec.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warm))
+
+
+class _Run:
+    """The state of one run between epochs: everything a resume needs."""
+
+    def __init__(self, spec: TrainFields, report: ReportFn | None) -> None:
+        self.spec = spec
+        self.report = report
+        self.dir = run_dir(spec)
+        self.state_path = self.dir / "state.pt"
+        self.device = pick_device(spec.device)
+        self.prov = provenance(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu")
+        self.base = {"run_id": spec.run_id, "kind": spec.kind(), **spec_row(spec), **self.prov,
+                     "search_id": _search_ids()[0], "trial_id": _search_ids()[1]}
+
+    def save(self, state: dict[str, Any]) -> None:
+        torch_save_atomic(state, self.state_path)
+
+    def write(self, table: str, name: str, rows: list[dict[str, Any]], schema) -> None:
+        prov = provenance(self.prov["device_name"])
+        write_rows(Path(self.spec.results) / table / f"{name}.parquet",
+                   [{**self.base, "written_at": prov["written_at"], **r} for r in rows], schema)
+
+
+def _search_ids() -> tuple[str, str]:
+    """(search id, trial id) when running inside a Ray Tune trial, else empty strings."""
+    import os
+
+    return os.environ.get("COMPRESS_SEARCH_ID", ""), os.environ.get("COMPRESS_TRIAL_ID", "")
+
+
+def run_schedule(spec: TrainFields, report: ReportFn | None = None) -> dict[str, Any]:
+    """Run (or resume) a train/prune spec to the end; returns the summary of the final phase.
+
+    ``report`` is called with each phase row as it is written (Ray trials report it to Tune).
+    """
+    if not spec.run_id:
+        raise ValueError("spec.run_id is empty: call spec.with_defaults() first")
+    run = _Run(spec, report)
+    done_path = run.dir / "summary.json"
+    if done_path.exists():
+        summary = json.loads(done_path.read_text())
+        if summary.get("spec") != dataclasses.asdict(spec):
+            raise SpecMismatch(f"{run.dir} holds a finished run with another spec; choose another --run-id")
+        log.info("run %s already finished", spec.run_id)
+        return summary
+    torch.manual_seed(spec.seed)
+    data = load_cifar10(spec.data_root or None)
+    model = load_model(spec.model, spec.weights or None).to(run.device, memory_format=torch.channels_last)
+    train_loader, test_loader = _loaders(spec, data, run.device)
+    plan = spec.plan()
+    is_prune = isinstance(spec, PruneSpec)
+    teacher = None
+    if is_prune and spec.kd_weight > 0:
+        teacher = load_model(spec.model, spec.weights or None).to(run.device, memory_format=torch.channels_last)
+        teacher.eval().requires_grad_(False)
+
+    state: dict[str, Any] | None = None
+    if run.state_path.exists():
+        state = torch.load(run.state_path, map_location="cpu", weights_only=False)
+        if state["spec"] != dataclasses.asdict(spec):
+            raise SpecMismatch(f"{run.dir} holds a run with another spec; choose another --run-id")
+        log.info("resuming %s at phase %d epoch %d", spec.run_id, state["phase"], state["epoch"])
+        model.load_state_dict(state["model"])
+    masks = MaskSet.from_state_dict(state["masks"]) if state else MaskSet()
+    n_prunable = sum(c[1] for c in nonzero_counts(model).values())
+
+    def sparsity_now() -> tuple[float, int]:
+        nz = sum(c[2] for c in nonzero_counts(model).values())
+        return 1 - nz / n_prunable, nz
+
+    if state is None:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        (run.dir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+        t0 = time.perf_counter()
+        ev = evaluate(model, test_loader, run.device, amp=spec.amp, desc="phase 0 eval")
+        s, nz = sparsity_now()
+        row0 = {"phase": 0, "target_sparsity": 0.0, "sparsity": s, "nonzero": nz, "prunable": n_prunable,
+                "top1": ev.top1, "test_loss": ev.loss, "train_loss": float("nan"), "train_acc": float("nan"),
+                "epochs": 0, "train_seconds": 0.0, "wall_seconds": time.perf_counter() - t0}
+        run.write("phases", f"{spec.run_id}-p00", [row0], tables.PHASES)
+        log.info("phase 0: top-1 %.2f%%, sparsity %.4f", ev.top1, s)
+        state = {"spec": dataclasses.asdict(spec), "phase": 1, "epoch": 0, "pruned": False, "epoch_rows": [],
+                 "before": nonzero_counts(model), "dense_top1": ev.top1, "wall": 0.0, "train_seconds": 0.0}
+
+    summary: dict[str, Any] = {}
+    for ph in plan:
+        if ph.index < state["phase"]:
+            continue
+        t_phase = time.perf_counter()
+        opt = build_optimizer(spec.optimizer, model.parameters(), spec.lr, spec.weight_decay)
+        sched = _scheduler(spec, opt, len(train_loader), ph.epochs)
+        if not state["pruned"]:
+            if ph.filter_fraction > 0:
+                masks = masks.merge(bn_gamma_filter_masks(model, ph.filter_fraction))
+                masks.apply(model)
+            if ph.target is not None:
+                masks = masks.merge(global_magnitude_masks(model, ph.target, spec.keep_dense))
+                masks.apply(model)
+                if spec.bn_reestimate:
+                    reestimate_bn(model, train_loader, run.device)
+            state.update(pruned=True, model=model.state_dict(), masks=masks.state_dict(),
+                         optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=0, epoch_rows=[])
+            run.save(state)
+        else:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        for epoch in range(state["epoch"], ph.epochs):
+            train_loader.set_epoch(ph.index * 10_000 + epoch)
+            lr = opt.param_groups[0]["lr"]
+            st = train_one_epoch(model, train_loader, opt, sched, run.device,
+                                 after_step=functools.partial(masks.apply, model) if len(masks) else None,
+                                 teacher=teacher, kd_weight=getattr(spec, "kd_weight", 0.0),
+                                 kd_temperature=getattr(spec, "kd_temperature", 4.0), amp=spec.amp,
+                                 desc=f"phase {ph.index} epoch {epoch + 1}/{ph.epochs}")
+            last = epoch == ph.epochs - 1
+            ev = (evaluate(model, test_loader, run.device, amp=spec.amp)
+                  if spec.eval_every_epoch or last else None)
+            state["epoch_rows"].append({
+                "phase": ph.index, "epoch": epoch + 1, "lr": lr, "train_loss": st.loss, "train_acc": st.accuracy,
+                "test_loss": ev.loss if ev else float("nan"), "top1": ev.top1 if ev else float("nan"),
+                "images_per_second": st.images / st.seconds, "seconds": st.seconds})
+            state["train_seconds"] += st.seconds
+            log.info("phase %d epoch %d/%d: train loss %.4f acc %.2f%%%s", ph.index, epoch + 1, ph.epochs,
+                     st.loss, st.accuracy, f", test top-1 {ev.top1:.2f}%" if ev else "")
+            state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(),
+                         scheduler=sched.state_dict())
+            state["wall"] += time.perf_counter() - t_phase
+            t_phase = time.perf_counter()
+            run.save(state)
+        rows = state["epoch_rows"]
+        if rows and rows[-1]["top1"] == rows[-1]["top1"]:  # not NaN: evaluated after the last epoch
+            top1, test_loss = rows[-1]["top1"], rows[-1]["test_loss"]
+        else:
+            ev = evaluate(model, test_loader, run.device, amp=spec.amp)
+            top1, test_loss = ev.top1, ev.loss
+        s, nz = sparsity_now()
+        state["wall"] += time.perf_counter() - t_phase
+        row = {"phase": ph.index, "target_sparsity": ph.target if ph.target is not None else 0.0,
+               "sparsity": s, "nonzero": nz, "prunable": n_prunable, "top1": top1, "test_loss": test_loss,
+               "train_loss": rows[-1]["train_loss"] if rows else float("nan"),
+               "train_acc": rows[-1]["train_acc"] if rows else float("nan"),
+               "epochs": ph.epochs, "train_seconds": sum(r["seconds"] for r in rows), "wall_seconds": state["wall"]}
+        if rows:
+            run.write("epochs", f"{spec.run_id}-p{ph.index:02d}", rows, tables.EPOCHS)
+        run.write("phases", f"{spec.run_id}-p{ph.index:02d}", [row], tables.PHASES)
+        log.info("phase %d: target %.4f sparsity %.4f top-1 %.2f%%", ph.index, row["target_sparsity"], s, top1)
+        if run.report is not None:
+            run.report({**row, "dense_top1": state["dense_top1"]})
+        summary = {**row, "dense_top1": state["dense_top1"]}
+        state.update(phase=ph.index + 1, epoch=0, pruned=False, epoch_rows=[], wall=0.0)
+        run.save(state)
+
+    make_permanent(model, masks)
+    after = nonzero_counts(model)
+    table = module_table(state["before"], after)
+    run.write("modules", spec.run_id, [
+        {"module": r.module, "type": r.kind, "params": r.params, "nonzero_before": r.nonzero_before,
+         "nonzero_after": r.nonzero_after, "removed": r.removed, "sparsity": r.sparsity} for r in table],
+        tables.MODULES)
+    text = format_table(table)
+    torch_save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": spec.model,
+                       "spec": dataclasses.asdict(spec)}, run.dir / "final.pt")
+    summary = {**summary, "run_id": spec.run_id, "checkpoint": str(run.dir / "final.pt"), "table": text,
+               "train_seconds": state["train_seconds"], "spec": dataclasses.asdict(spec)}
+    atomic_write_bytes(done_path, json.dumps(summary, indent=2).encode())
+    run.state_path.unlink(missing_ok=True)
+    return summary
+
+
+def run_prune(spec: PruneSpec, report: ReportFn | None = None) -> dict[str, Any]:
+    """The prune job: a whole prune/retrain schedule (module-level so submitit and Ray can pickle it)."""
+    return run_schedule(spec, report)
+
+
+def run_train(spec: TrainSpec, report: ReportFn | None = None) -> dict[str, Any]:
+    """The dense training job."""
+    return run_schedule(spec, report)
