@@ -38,6 +38,8 @@ def spec_options(spec_cls: type, skip: tuple[str, ...] = ()) -> Callable[[Callab
             if tp is bool:
                 fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, show_default=True,
                                   help=help_)(fn)
+            elif f.metadata.get("multiple"):
+                fn = click.option(flag, f.name, multiple=True, default=f.default, help=help_ + " (repeatable)")(fn)
             elif typing.get_origin(tp) is tuple or tp is tuple:
                 default = ",".join(map(str, f.default))
                 fn = click.option(flag, f.name, default=default, show_default=True, help=help_)(fn)

@@ -24,6 +24,7 @@ from jobs.cli import fail, spec_from_options, spec_options
 from jobs.executors import build_executor
 from jobs.specs import PruneSpec, TrainSpec
 from jobs.training import SpecMismatch, run_prune, run_train
+from jobs.tune_cmd import tune
 
 USER_ERRORS = (ValueError, DataError, WeightsError, SpecMismatch, FileNotFoundError, PermissionError)
 
@@ -97,6 +98,8 @@ def train(dry_run: bool, **options: Any) -> None:
     """Train a dense model (from scratch, or fine-tune --weights)."""
     _run(_build_spec(TrainSpec, options), run_train, dry_run)
 
+
+cli.add_command(tune)
 
 if __name__ == "__main__":
     cli()

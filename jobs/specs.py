@@ -166,6 +166,10 @@ class PruneSpec(TrainFields):
     def kind(self) -> str:
         return "prune"
 
+    def reports_expected(self) -> int:
+        """Rows a full run reports to a search: one per phase."""
+        return self.phases
+
     def plan(self) -> list[Phase]:
         targets = phase_targets(self.final_sparsity, self.phases, self.schedule)
         return [Phase(i + 1, t, self.epochs, self.filter_fraction if i == 0 else 0.0) for i, t in enumerate(targets)]

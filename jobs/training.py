@@ -80,7 +80,7 @@ def _scheduler(spec: TrainFields, opt: torch.optim.Optimizer, steps_per_epoch: i
 class _Run:
     """The state of one run between epochs: everything a resume needs."""
 
-    def __init__(self, spec: TrainFields, report: ReportFn | None) -> None:
+    def __init__(self, spec: TrainFields, report: ReportFn | None, tags: dict[str, str] | None) -> None:
         self.spec = spec
         self.report = report
         self.dir = run_dir(spec)
@@ -88,7 +88,7 @@ class _Run:
         self.device = pick_device(spec.device)
         self.prov = provenance(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu")
         self.base = {"run_id": spec.run_id, "kind": spec.kind(), **spec_row(spec), **self.prov,
-                     "search_id": _search_ids()[0], "trial_id": _search_ids()[1]}
+                     "search_id": "", "trial_id": "", **(tags or {})}
 
     def save(self, state: dict[str, Any]) -> None:
         torch_save_atomic(state, self.state_path)
@@ -99,21 +99,16 @@ class _Run:
                    [{**self.base, "written_at": prov["written_at"], **r} for r in rows], schema)
 
 
-def _search_ids() -> tuple[str, str]:
-    """(search id, trial id) when running inside a Ray Tune trial, else empty strings."""
-    import os
-
-    return os.environ.get("COMPRESS_SEARCH_ID", ""), os.environ.get("COMPRESS_TRIAL_ID", "")
-
-
-def run_schedule(spec: TrainFields, report: ReportFn | None = None) -> dict[str, Any]:
+def run_schedule(spec: TrainFields, report: ReportFn | None = None,
+                 tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Run (or resume) a train/prune spec to the end; returns the summary of the final phase.
 
-    ``report`` is called with each phase row as it is written (Ray trials report it to Tune).
+    ``report`` is called with each phase row as it is written (Ray trials report it to Tune);
+    ``tags`` (``search_id``, ``trial_id``) are added to every row.
     """
     if not spec.run_id:
         raise ValueError("spec.run_id is empty: call spec.with_defaults() first")
-    run = _Run(spec, report)
+    run = _Run(spec, report, tags)
     done_path = run.dir / "summary.json"
     if done_path.exists():
         summary = json.loads(done_path.read_text())
@@ -245,11 +240,11 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None) -> dict[str,
     return summary
 
 
-def run_prune(spec: PruneSpec, report: ReportFn | None = None) -> dict[str, Any]:
+def run_prune(spec: PruneSpec, report: ReportFn | None = None, tags: dict[str, str] | None = None) -> dict[str, Any]:
     """The prune job: a whole prune/retrain schedule (module-level so submitit and Ray can pickle it)."""
-    return run_schedule(spec, report)
+    return run_schedule(spec, report, tags)
 
 
-def run_train(spec: TrainSpec, report: ReportFn | None = None) -> dict[str, Any]:
+def run_train(spec: TrainSpec, report: ReportFn | None = None, tags: dict[str, str] | None = None) -> dict[str, Any]:
     """The dense training job."""
-    return run_schedule(spec, report)
+    return run_schedule(spec, report, tags)

@@ -1,0 +1,91 @@
+"""``python -m jobs.launch tune prune|ptq``: Ray Tune searches over spec fields.
+
+The base spec's options are the job's own (``prune --help`` / ``ptq --help``); ``--space`` entries
+override fields per trial. Without ``--partition`` Ray runs on this machine; with it, the whole
+search is one SLURM job that starts Ray inside its allocation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from jobs.cli import fail, spec_from_options, spec_options
+from sweeps.search import TuneSpec, check_search, job_kind, job_kinds, run_search
+
+
+def _absolute(spec: Any) -> Any:
+    """Paths made absolute: Ray trials run in their own working directories."""
+    changes = {}
+    for name in ("results", "data_root", "weights"):
+        value = getattr(spec, name, "")
+        if value and value != "pretrained":
+            changes[name] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(spec, **changes)
+
+
+def search_specs(kind: str, options: dict[str, Any]) -> tuple[Any, TuneSpec]:
+    """(base spec, tune spec) from the parsed options; ValueError on any bad value."""
+    jk = job_kind(kind)
+    tune_spec = spec_from_options(TuneSpec, options)
+    if not tune_spec.search_id:
+        tune_spec = dataclasses.replace(tune_spec, search_id=f"tune-{kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    base_options = {k: v for k, v in options.items() if k not in {f.name for f in dataclasses.fields(TuneSpec)}}
+    base = _absolute(spec_from_options(jk.spec_cls, base_options).with_defaults())
+    check_search(kind, base, tune_spec)
+    return base, tune_spec
+
+
+def echo_summary(summary: dict[str, Any]) -> None:
+    click.echo(f"search {summary['search_id']}: {len(summary['trials'])} trials "
+               f"(Ray start {summary['ray_start_seconds']:.1f} s, search {summary['search_seconds']:.1f} s)")
+    for t in sorted(summary["trials"], key=lambda t: -(t["score"] or float("-inf"))):
+        status = (f"failed: {t['error']}" if t["error"] else
+                  f"score {t['score']:.3f} after {t['iterations']} reports"
+                  + (" (stopped early)" if t["stopped_early"] else ""))
+        click.echo(f"  {t['trial_id']}: {json.dumps(t['config'])} -> {status}")
+    best = summary["best"]
+    if best is None:
+        click.echo("no trial finished")
+    else:
+        click.echo(f"best: {best['trial_id']} {json.dumps(best['config'])} score {best['score']:.3f} "
+                   f"({summary['metric']})")
+
+
+def _command(kind: str) -> click.Command:
+    jk = job_kind(kind)
+
+    @spec_options(TuneSpec)
+    @spec_options(jk.spec_cls, skip=("run_id",))
+    @click.option("--dry-run", is_flag=True, help="print the specs and exit")
+    def command(dry_run: bool, **options: Any) -> None:
+        try:
+            base, tune_spec = search_specs(kind, options)
+        except ValueError as e:
+            fail(str(e))
+        if dry_run:
+            click.echo(json.dumps({"search": dataclasses.asdict(tune_spec), "base": dataclasses.asdict(base)},
+                                  indent=2))
+            return
+        try:
+            summary = run_search(kind, base, tune_spec)
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e))
+        echo_summary(summary)
+
+    command.__doc__ = f"Search {kind} spec fields with Ray Tune (objective: {jk.metric_doc})."
+    return click.command(name=kind)(command)
+
+
+@click.group()
+def tune() -> None:
+    """Ray Tune searches over spec fields (prune, ptq)."""
+
+
+for _kind in job_kinds():
+    tune.add_command(_command(_kind))

@@ -1,0 +1,1 @@
+"""Ray Tune searches over job-spec fields: search spaces (``space``) and trainables (``trainables``)."""

@@ -1,0 +1,268 @@
+"""Ray Tune searches that call the same job functions as the launcher.
+
+    python -m jobs.launch tune prune --space lr=loguniform:3e-4:3e-3 --space phases=choice:2,3 \
+        --num-samples 4 --max-concurrent 2 --phases 3 --epochs 2 --final-sparsity 0.8
+
+A trial builds the job's spec from the base spec plus its sampled values and calls ``run_prune`` or
+``run_ptq`` with a ``report`` callback, so its rows land in the same Parquet tables as every other
+job, tagged with ``search_id`` and ``trial_id``. The prune trial reports after every phase, so ASHA
+can stop a poor trial between phases.
+
+Ray runs on this machine by default. Inside a SLURM job (``--partition``) it is sized from the
+``SLURM_*`` variables (CPUs, GPUs, memory), keeps its temp dir in the job folder, runs without the
+dashboard, and starts workers on the other nodes of the allocation with ``srun``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.specs import check, check_choice, opt
+from sweeps.space import Dimension, apply_config, parse_space
+
+log = logging.getLogger(__name__)
+
+SEARCHERS = ("random", "grid", "optuna")
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """How to search: the space, the searcher, the scheduler, the budget and the objective."""
+
+    space: tuple[str, ...] = opt((), "a searched field, FIELD=DIST:ARGS, e.g. lr=loguniform:1e-4:1e-2", multiple=True)
+    num_samples: int = opt(4, "trials (per grid point when the space has grid dimensions)")
+    max_concurrent: int = opt(2, "trials running at once")
+    searcher: str = opt("random", "how configurations are chosen", choices=SEARCHERS)
+    scheduler: str = opt("asha", "early stopping of poor trials (asha) or none (fifo)", choices=SCHEDULERS)
+    max_drop: float = opt(1.5, "prune objective: allowed top-1 drop from the starting model, in points")
+    search_id: str = opt("", "search name; default tune-<kind>-<time>; reuse one with --resume")
+    resume: bool = opt(False, "resume the interrupted search --search-id")
+    cpus_per_trial: float = opt(0.0, "CPUs per trial (0: the CPUs Ray has / max-concurrent)")
+    gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions share a GPU)")
+
+    def __post_init__(self) -> None:
+        check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        check(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, "must be >= 1")
+        check_choice("searcher", self.searcher, SEARCHERS)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check(self.max_drop >= 0, "max_drop", self.max_drop, "must be >= 0")
+        check(self.cpus_per_trial >= 0, "cpus_per_trial", self.cpus_per_trial, "must be >= 0")
+        check(self.gpus_per_trial >= 0, "gpus_per_trial", self.gpus_per_trial, "must be >= 0")
+        check(not self.resume or bool(self.search_id), "resume", self.resume, "needs --search-id of the search")
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What a search of one job kind runs: its spec class, job function and objective."""
+
+    spec_cls: type
+    run: Callable[..., dict[str, Any]]
+    objective: Callable[[dict[str, Any], TuneSpec], float]
+    metric_doc: str
+
+
+def prune_score(row: dict[str, Any], tune_spec: TuneSpec) -> float:
+    """Highest sparsity within the allowed drop: 100 * sparsity, minus 10 per point beyond the drop.
+
+    E.g. max_drop 1.5: 93% sparse at a 1.2-point drop -> 93.0; at a 2.0-point drop -> 88.0.
+    """
+    drop = row["dense_top1"] - row["top1"]
+    return 100 * row["sparsity"] - 10 * max(0.0, drop - tune_spec.max_drop)
+
+
+def job_kinds() -> dict[str, JobKind]:
+    from jobs.specs import PruneSpec
+    from jobs.training import run_prune
+
+    kinds = {"prune": JobKind(PruneSpec, run_prune, prune_score,
+                              "100*sparsity - 10*(points of top-1 lost beyond --max-drop)")}
+    try:
+        from jobs.ptq import PTQSpec, ptq_score, run_ptq
+    except ImportError:
+        return kinds
+    kinds["ptq"] = JobKind(PTQSpec, run_ptq, ptq_score, "int8 top-1 of the trial's configuration")
+    return kinds
+
+
+def job_kind(name: str) -> JobKind:
+    kinds = job_kinds()
+    if name not in kinds:
+        raise ValueError(f"unknown search kind {name!r}; known: {', '.join(kinds)}")
+    return kinds[name]
+
+
+def check_search(kind: str, base: Any, tune_spec: TuneSpec) -> list[Dimension]:
+    """Validate everything before Ray starts: the space, and one sampled spec per dimension's bounds."""
+    jk = job_kind(kind)
+    dims = parse_space(tune_spec.space, jk.spec_cls)
+    if tune_spec.searcher == "grid":
+        bad = [d.field for d in dims if d.dist not in ("grid", "choice")]
+        check(not bad, "searcher", "grid", f"needs grid/choice dimensions, not {bad}")
+    if tune_spec.searcher == "optuna" and any(d.dist == "grid" for d in dims):
+        raise ValueError("searcher='optuna' cannot take grid dimensions; use choice")
+    for d in dims:  # each bound/value must make a valid spec (the spec's own checks)
+        values = d.args if d.dist in ("choice", "grid") else d.args[:2]
+        for v in values:
+            apply_config(base, {d.field: v})
+    return dims
+
+
+def _ray_param_space(dims: list[Dimension], searcher: str) -> dict[str, Any]:
+    if searcher == "grid":
+        dims = [dataclasses.replace(d, dist="grid") for d in dims]
+    return {d.field: d.to_ray() for d in dims}
+
+
+def trial(config: dict[str, Any], kind: str, base: Any, tune_spec: TuneSpec) -> None:
+    """One Ray Tune trial: the job function on the base spec with the sampled values."""
+    import torch
+    from ray import tune
+
+    ctx = tune.get_context()
+    trial_id = ctx.get_trial_id()
+    cpus = ctx.get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    jk = job_kind(kind)
+    spec = dataclasses.replace(apply_config(base, config), run_id=f"{tune_spec.search_id}-{trial_id}")
+
+    def report(row: dict[str, Any]) -> None:
+        metrics = {k: v for k, v in row.items() if isinstance(v, int | float) and v == v}
+        tune.report({**metrics, "score": jk.objective(row, tune_spec)})
+
+    jk.run(spec, report=report, tags={"search_id": tune_spec.search_id, "trial_id": trial_id})
+
+
+def _slurm_resources() -> dict[str, Any]:
+    """Ray's limits from the SLURM allocation of this node (Ray ignores SLURM's otherwise)."""
+    env = os.environ
+    cpus = int(env.get("SLURM_CPUS_ON_NODE") or env.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
+    gpus = len([g for g in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g])
+    res: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+    mem_mb = int(env.get("SLURM_MEM_PER_NODE") or 0) or int(env.get("SLURM_MEM_PER_CPU") or 0) * cpus
+    if mem_mb:
+        res["_memory"] = int(mem_mb * 2**20 * 0.7)
+        res["object_store_memory"] = int(mem_mb * 2**20 * 0.3)
+    return res
+
+
+def _temp_dir(folder: Path) -> str:
+    """Ray's temp dir: inside ``folder`` unless the path is too long for its unix sockets."""
+    path = folder / "ray"
+    if len(str(path)) > 60:
+        path = Path(tempfile.mkdtemp(prefix=f"ray-{os.environ.get('SLURM_JOB_ID', os.getpid())}-"))
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def start_ray(folder: Path) -> list[subprocess.Popen]:
+    """Start a Ray head here (and workers on the allocation's other nodes); returns the worker steps."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a stray ~/.ray/auth_token breaks clients
+    in_slurm = "SLURM_JOB_ID" in os.environ
+    res = _slurm_resources() if in_slurm else {"num_cpus": os.cpu_count() or 1}
+    ray.init(include_dashboard=False, _temp_dir=_temp_dir(folder), log_to_driver=False,
+             configure_logging=True, logging_level=logging.WARNING, **res)
+    workers: list[subprocess.Popen] = []
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
+    if in_slurm and nodes > 1:
+        address = ray.get_runtime_context().gcs_address
+        cmd = ["srun", f"--nodes={nodes - 1}", f"--ntasks={nodes - 1}", "--ntasks-per-node=1",
+               f"--exclude={os.uname().nodename}", "ray", "start", f"--address={address}", "--block",
+               f"--num-cpus={res['num_cpus']}", f"--num-gpus={res['num_gpus']}"]
+        workers.append(subprocess.Popen(cmd))
+        want = nodes
+        deadline = time.time() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < want and time.time() < deadline:
+            time.sleep(1)
+    log.info("ray up: %s", ray.cluster_resources())
+    return workers
+
+
+def _error_line(error: BaseException | None) -> str:
+    """``Type: message`` of the exception a trial raised (Ray wraps it; its ``cause`` is the original)."""
+    if error is None:
+        return ""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"
+
+
+def run_search(kind: str, base: Any, tune_spec: TuneSpec) -> dict[str, Any]:
+    """Run (or resume) a search to the end; returns the best trial's config and metrics.
+
+    Module-level so the launcher can run it in-process or submit it as one SLURM job.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    jk = job_kind(kind)
+    dims = check_search(kind, base, tune_spec)
+    root = Path(base.results).resolve()
+    storage = root / "tune"
+    folder = storage / tune_spec.search_id
+    t0 = time.perf_counter()
+    workers = start_ray(folder)
+    t_ray = time.perf_counter() - t0
+    try:
+        total_cpus = ray.cluster_resources().get("CPU", 1)
+        cpus = tune_spec.cpus_per_trial or max(1.0, total_cpus // tune_spec.max_concurrent)
+        fn = tune.with_resources(
+            tune.with_parameters(trial, kind=kind, base=base, tune_spec=tune_spec),
+            {"cpu": cpus, "gpu": tune_spec.gpus_per_trial})
+        max_t = getattr(base, "phases", 1)
+        if any(d.field == "phases" for d in dims):
+            max_t = max(int(v) for d in dims if d.field == "phases"
+                        for v in (d.args if d.dist in ("choice", "grid") else d.args[:2]))
+        scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max(1, max_t), grace_period=1,
+                                   reduction_factor=2)
+                     if tune_spec.scheduler == "asha" else FIFOScheduler())
+        search_alg = None
+        if tune_spec.searcher == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=base.seed)
+        run_config = tune.RunConfig(name=tune_spec.search_id, storage_path=str(storage),
+                                    failure_config=tune.FailureConfig(max_failures=0), verbose=0)
+        if tune_spec.resume:
+            if not tune.Tuner.can_restore(str(folder)):
+                raise FileNotFoundError(f"no search to resume at {folder}")
+            tuner = tune.Tuner.restore(str(folder), trainable=fn, resume_errored=True)
+        else:
+            tuner = tune.Tuner(fn, param_space=_ray_param_space(dims, tune_spec.searcher),
+                               tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=scheduler,
+                                                           search_alg=search_alg,
+                                                           num_samples=tune_spec.num_samples,
+                                                           max_concurrent_trials=tune_spec.max_concurrent),
+                               run_config=run_config)
+        t1 = time.perf_counter()
+        grid = tuner.fit()
+        t_fit = time.perf_counter() - t1
+    finally:
+        ray.shutdown()
+        for w in workers:
+            w.terminate()
+    trials = []
+    for r in grid:
+        m = r.metrics or {}
+        iterations = m.get("training_iteration", 0)
+        expected = apply_config(base, r.config).reports_expected() if hasattr(base, "reports_expected") else 1
+        trials.append({"trial_id": m.get("trial_id", r.path.rsplit("_", 1)[0] if r.path else ""),
+                       "config": r.config, "score": m.get("score"), "iterations": iterations,
+                       "stopped_early": not r.error and iterations < expected,
+                       "error": _error_line(r.error)})
+    ok = [t for t in trials if not t["error"] and t["score"] is not None]
+    best = max(ok, key=lambda t: t["score"]) if ok else None
+    return {"search_id": tune_spec.search_id, "kind": kind, "metric": jk.metric_doc, "best": best,
+            "trials": trials, "ray_start_seconds": t_ray, "search_seconds": t_fit, "folder": str(folder)}

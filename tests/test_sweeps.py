@@ -1,0 +1,118 @@
+"""Ray Tune searches: space parsing and validation (fast), and real local Ray searches (marker ``ray``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from click.testing import CliRunner
+
+from jobs.launch import cli
+from jobs.specs import PruneSpec
+from sweeps.search import TuneSpec, prune_score, run_search
+from sweeps.space import apply_config, parse_dimension, parse_space
+
+
+def test_parse_space_reads_each_distribution() -> None:
+    dims = parse_space(["lr=loguniform:1e-4:1e-2", "phases=choice:2,3", "epochs=randint:1:3",
+                        "final_sparsity=uniform:0.5:0.9", "schedule=grid:linear,cubic"], PruneSpec)
+    assert [(d.field, d.dist, d.args) for d in dims] == [
+        ("lr", "loguniform", (1e-4, 1e-2)), ("phases", "choice", (2, 3)), ("epochs", "randint", (1, 3)),
+        ("final_sparsity", "uniform", (0.5, 0.9)), ("schedule", "grid", ("linear", "cubic"))]
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("lr=loguniform:1e-2:1e-4", "not below"),
+    ("lr=loguniform:0:1e-2", "positive"),
+    ("colour=choice:1,2", "not a field"),
+    ("lr=normal:0:1", "unknown distribution"),
+    ("phases=uniform:1:4", "integer field"),
+    ("lr", "FIELD=DIST:ARGS"),
+    ("phases=choice:two", "cannot read"),
+])
+def test_parse_dimension_rejects_bad_entries(entry: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse_dimension(entry, PruneSpec)
+
+
+def test_empty_space_and_duplicates_are_errors() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        parse_space([], PruneSpec)
+    with pytest.raises(ValueError, match="twice"):
+        parse_space(["lr=choice:0.1", "lr=choice:0.2"], PruneSpec)
+
+
+def test_apply_config_wraps_tuple_fields_and_validates() -> None:
+    base = PruneSpec(run_id="x")
+    spec = apply_config(base, {"keep_dense": "conv1", "lr": 0.01})
+    assert spec.keep_dense == ("conv1",) and spec.lr == 0.01
+    with pytest.raises(ValueError, match="final_sparsity"):
+        apply_config(base, {"final_sparsity": 1.2})
+
+
+def test_prune_score_penalises_only_the_drop_beyond_the_allowance() -> None:
+    t = TuneSpec(max_drop=1.5)
+    assert prune_score({"dense_top1": 91.0, "top1": 89.8, "sparsity": 0.93}, t) == pytest.approx(93.0)
+    assert prune_score({"dense_top1": 91.0, "top1": 89.0, "sparsity": 0.93}, t) == pytest.approx(88.0)
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "empty"),
+    (["--space", "lr=loguniform:1e-2:1e-4"], "not below"),
+    (["--space", "lr=choice:0.1", "--searcher", "annealing"], "searcher"),
+    (["--space", "lr=uniform:0.1:0.2", "--searcher", "grid"], "grid"),
+    (["--space", "final_sparsity=choice:0.5,1.5"], "final_sparsity"),
+])
+def test_tune_cli_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], words: str) -> None:
+    res = CliRunner().invoke(cli, ["tune", "prune", "--results", str(tmp_path / "r"), *args])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0]
+    assert not (tmp_path / "r").exists()
+
+
+def _base(synthetic_cifar: Path, synthetic_weights: Path, results: Path, **kw) -> PruneSpec:
+    spec = PruneSpec(weights=str(synthetic_weights), data_root=str(synthetic_cifar), results=str(results),
+                     epochs=1, phases=2, final_sparsity=0.6, filter_fraction=0.0, randaugment=False,
+                     batch_size=64, eval_batch_size=100, **kw)
+    return spec.with_defaults()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_local_search_asha_stops_a_trial_and_rows_arrive(synthetic_cifar, synthetic_weights, tmp_path) -> None:
+    base = _base(synthetic_cifar, synthetic_weights, tmp_path)
+    # grid order: lr varies fastest, so the two 2-phase trials run first; the 3-phase ones then
+    # report a lower phase-1 sparsity than the recorded ones and ASHA stops them at its first rung
+    tune_spec = TuneSpec(space=("lr=grid:0.001,0.01", "phases=grid:2,3"), num_samples=1, max_concurrent=2,
+                         searcher="grid", scheduler="asha", search_id="asha-test")
+    summary = run_search("prune", base, tune_spec)
+    trials = summary["trials"]
+    assert len(trials) == 4 and not any(t["error"] for t in trials)
+    assert sum(t["stopped_early"] for t in trials) >= 1
+    rows = ds.dataset(tmp_path / "phases").to_table().to_pandas()
+    assert set(rows["search_id"]) == {"asha-test"}
+    assert set(rows["trial_id"]) == {t["trial_id"] for t in trials}
+    for t in trials:  # every report of every trial is a row (phase 0 is the starting model)
+        got = rows[rows["trial_id"] == t["trial_id"]]
+        assert sorted(got["phase"]) == list(range(t["iterations"] + 1))
+        assert (got["spec_lr"] == t["config"]["lr"]).all()
+    best = summary["best"]
+    assert best["score"] == max(t["score"] for t in trials)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_failing_trial_is_reported_and_the_search_goes_on(synthetic_cifar, synthetic_weights, tmp_path) -> None:
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"not a checkpoint")
+    base = dataclasses.replace(_base(synthetic_cifar, synthetic_weights, tmp_path / "r"), phases=1)
+    tune_spec = TuneSpec(space=(f"weights=grid:{synthetic_weights},{bad}",), num_samples=1, max_concurrent=2,
+                         searcher="grid", scheduler="fifo", search_id="fail-test")
+    summary = run_search("prune", base, tune_spec)
+    by_weights = {t["config"]["weights"]: t for t in summary["trials"]}
+    assert "WeightsError" in by_weights[str(bad)]["error"] and "cannot read" in by_weights[str(bad)]["error"]
+    assert by_weights[str(synthetic_weights)]["error"] == ""
+    assert summary["best"]["config"]["weights"] == str(synthetic_weights)
