@@ -1,0 +1,301 @@
+"""The SLURM side of a job: the requeueable wrapper it runs in, and what ``status`` shows about it.
+
+    python -m jobs.launch status                      # every job under --folder (slurm-jobs/), newest first
+    python -m jobs.launch status 1234 1240_3          # by job id (array tasks as <array>_<task>)
+    python -m jobs.launch status slurm-jobs/1234      # by job folder
+
+Preemption and timeouts: SLURM sends USR2 ``--signal-delay`` seconds before the time limit, and a
+preemption (or ``job._interrupt()``) sends SIGTERM then USR2. submitit ignores the SIGTERM, and on
+USR2 calls ``Requeueable.checkpoint``, which resubmits the same function with the same spec, then
+requeues the job (``scontrol requeue``). The job function keeps its own checkpoint: the train/prune
+job saves model, masks, optimizer, LR schedule and position (phase, epoch, the phase's epoch rows)
+atomically after every epoch (``jobs/training.py``), so the requeued job loses at most the epoch in
+flight and redoes it with the same batches: data order and augmentation are a pure function of
+(seed, phase, epoch), and nothing else draws from torch's global RNG after the model is built
+(no dropout in ResNet-20; RandAugment is seeded from the loader's generator), so no RNG state needs
+saving. Rows go out once per phase under fixed file names, written atomically: a requeue neither
+loses nor duplicates them.
+
+A cancelled (``scancel``) or failed run keeps the rows of the phases it finished (each complete)
+and has no row of the phase in flight, no ``modules`` row and no ``runs/<run_id>/summary.json``;
+``finished_runs`` lists the runs that did finish, for analyses that want only those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+log = logging.getLogger(__name__)
+
+JOB_ID = re.compile(r"^\d+(_\d+)?$")
+# SLURM job states that end a job without a result, and those of them that are errors worth showing
+STOPPED = {"CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FAILED = STOPPED - {"CANCELLED"}
+PROJECT_LOGGERS = ("compress", "jobs", "sweeps")
+
+
+def _job_logging() -> None:
+    """INFO lines of the project's loggers into the job log (submitit configures only its own)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in PROJECT_LOGGERS:
+        lg = logging.getLogger(name)
+        if not lg.handlers:
+            lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+
+
+class Requeueable(submitit.helpers.Checkpointable):
+    """Runs ``fn(*args)`` in a SLURM job; on preemption or timeout requeues it with the same arguments.
+
+    ``fn`` must resume from its own checkpoint when called again with the same arguments (the
+    train/prune job does; a PTQ task is short and simply runs again).
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __repr__(self) -> str:
+        return f"Requeueable({self.fn.__module__}.{self.fn.__qualname__})"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # set by the sbatch script: a job of its own
+            _job_logging()
+        cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)
+        torch = sys.modules.get("torch")  # imported with the job function, if it needs it
+        where = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
+        if torch is not None:
+            if cpus:
+                torch.set_num_threads(cpus)  # else one thread per core of the node, not of the job
+            where += f", torch sees {torch.cuda.device_count()} GPU(s), {torch.get_num_threads()} CPU thread(s)"
+        log.info("job %s on %s: %s, restart %s, %s", os.environ.get("SLURM_JOB_ID", "?"), socket.gethostname(),
+                 self, os.environ.get("SLURM_RESTART_COUNT", "0"), where)
+        return self.fn(*args, **kwargs)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called on USR2: the state on disk is the last finished epoch; resubmit the same call."""
+        log.warning("preempted or out of time: requeueing %s; it resumes from its last saved epoch", self)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------- watching
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """One job as ``status`` shows it."""
+
+    job_id: str
+    state: str        # SLURM's (sacct), e.g. RUNNING, COMPLETED, CANCELLED, FAILED; else from the result pickle
+    requeues: int     # times the job went back to the queue (preemption, timeout)
+    run_id: str
+    progress: str
+    log: Path
+    error: str = ""   # the exception line of a failed job (the traceback is in the log)
+
+
+def finished_runs(results: str | os.PathLike) -> set[str]:
+    """Run ids under a results root that ran to the end (``runs/<run_id>/summary.json`` exists)."""
+    return {p.parent.name for p in Path(results).glob("runs/*/summary.json")}
+
+
+def run_progress(spec: Any, workdir: Path | None = None) -> str:
+    """Where a run stands, from its own files: finished, phase/epoch of its checkpoint, or not started."""
+    if not hasattr(spec, "run_id") or not hasattr(spec, "results"):
+        return "-"
+    results = Path(spec.results)
+    if not results.is_absolute() and workdir is not None:
+        results = workdir / results
+    run = results / "runs" / spec.run_id
+    if (run / "summary.json").exists():
+        s = json.loads((run / "summary.json").read_text())
+        return f"finished: top-1 {s['top1']:.2f}%, sparsity {100 * s['sparsity']:.1f}%"
+    if (run / "state.pt").exists():
+        import torch
+
+        try:
+            state = torch.load(run / "state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # being replaced right now, or unreadable: say so, do not fail status
+            return f"checkpoint unreadable ({type(e).__name__})"
+        phases = len(spec.plan()) if hasattr(spec, "plan") else "?"
+        text = f"phase {state['phase']}/{phases}, epoch {state['epoch']}/{getattr(spec, 'epochs', '?')}"
+        rows = state.get("epoch_rows") or []
+        if rows and rows[-1]["top1"] == rows[-1]["top1"]:
+            text += f", top-1 {rows[-1]['top1']:.2f}%"
+        return text
+    if getattr(spec, "kind", None) and spec.kind() == "ptq":  # one task of a PTQ sweep: its own row file
+        from jobs.ptq import task_path
+
+        path = results / task_path(spec).relative_to(spec.results)
+        if not path.exists():
+            return f"task {spec.task_name()}: no rows yet"
+        import pyarrow.parquet as pq
+
+        return f"task {spec.task_name()}: {pq.ParquetFile(path).metadata.num_rows} rows written"
+    files = sorted(results.glob(f"*/{spec.run_id}*.parquet"))
+    return f"{len(files)} result file(s)" if files else "not started"
+
+
+def job_paths(folder: Path, job_id: str) -> submitit.core.utils.JobPaths:
+    return submitit.core.utils.JobPaths(folder / "%j", job_id=job_id, task_id=0)
+
+
+def find_jobs(targets: Sequence[str], folder: str | os.PathLike) -> list[tuple[Path, str]]:
+    """(jobs root, job id) for each target: a job id, a job's folder, or a root of job folders.
+
+    No target: every job under ``folder``. Newest first; an array id alone means all its tasks.
+    """
+    root = Path(folder).expanduser().resolve()
+    found: list[tuple[Path, str]] = []
+
+    def under(r: Path, prefix: str = "") -> list[tuple[Path, str]]:
+        # a job folder holds <id>_submitted.pkl; an array's own folder holds only its sbatch script
+        ids = [p.name for p in r.iterdir() if JOB_ID.match(p.name) and (p / f"{p.name}_submitted.pkl").exists()
+               ] if r.is_dir() else []
+        return [(r, i) for i in ids if not prefix or i == prefix or i.startswith(prefix + "_")]
+
+    for t in targets or [str(root)]:
+        p = Path(t).expanduser()
+        if JOB_ID.match(t) and not p.exists():
+            hits = under(root, t)
+            if not hits:
+                raise FileNotFoundError(f"no job {t} under {root} (pass --folder, the job folder of the launch)")
+            found += hits
+        elif p.is_dir() and JOB_ID.match(p.name) and any(p.glob(f"{p.name}_*")):
+            found.append((p.resolve().parent, p.name))
+        elif p.is_dir():
+            found += under(p.resolve())
+        else:
+            raise FileNotFoundError(f"{t} is neither a job id nor a job folder")
+    return sorted(dict.fromkeys(found), key=lambda rj: [int(x) for x in rj[1].split("_")], reverse=True)
+
+
+def sacct_records(job_ids: Iterable[str]) -> dict[str, list[dict[str, str]]]:
+    """Accounting records per job id (one per run: a requeued job has several), oldest first.
+
+    Empty when sacct is missing or fails (no accounting): callers fall back to the job's files.
+    """
+    from submitit.slurm.slurm import read_job_id
+
+    mains = sorted({j.split("_")[0] for j in job_ids})
+    if not mains or shutil.which("sacct") is None:
+        return {}
+    cmd = ["sacct", "-D", "-X", "--parsable2", "-o", "JobID,State,ExitCode,Elapsed,WorkDir,NodeList",
+           "-j", ",".join(mains)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return {}
+    if res.returncode != 0:
+        return {}
+    lines = res.stdout.splitlines()
+    out: dict[str, list[dict[str, str]]] = {}
+    if len(lines) < 2:
+        return out
+    names = lines[0].split("|")
+    for line in lines[1:]:
+        rec = dict(zip(names, line.split("|"), strict=False))
+        try:
+            parsed = read_job_id(rec["JobID"])
+        except (ValueError, KeyError):
+            continue
+        for p in parsed:
+            ids = [f"{p[0]}_{i}" for i in range(int(p[1]), int(p[2]) + 1)] if len(p) == 3 else ["_".join(p)]
+            for jid in ids:
+                out.setdefault(jid, []).append(rec)
+    return out
+
+
+def _error_line(paths: submitit.core.utils.JobPaths) -> str:
+    """The exception of a failed job: last line of the pickled traceback, else of the log."""
+    if paths.result_pickle.exists():
+        try:
+            kind, value = submitit.core.utils.pickle_load(paths.result_pickle)
+        except Exception as e:  # a result that cannot be unpickled here is itself worth showing
+            return f"result pickle unreadable: {type(e).__name__}: {e}"
+        if kind == "error":
+            return next((ln for ln in reversed(str(value).splitlines()) if ln.strip()), "")
+        return ""
+    if paths.stdout.exists():
+        lines = [ln for ln in paths.stdout.read_text(errors="replace").splitlines() if ln.strip()]
+        errs = [ln for ln in lines if re.search(r"Error|error:|Killed|CANCELLED|DUE TO", ln)]
+        return (errs or lines or [""])[-1].strip()
+    return ""
+
+
+def inspect_job(root: Path, job_id: str, records: dict[str, list[dict[str, str]]]) -> JobReport:
+    """State, requeues, progress, log and error of one job."""
+    paths = job_paths(root, job_id)
+    recs = records.get(job_id) or []
+    if recs:
+        state = recs[-1]["State"].split()[0]
+        requeues = sum(r["State"].split()[0] in ("REQUEUED", "PREEMPTED") for r in recs[:-1])
+        workdir = Path(recs[-1]["WorkDir"]) if recs[-1].get("WorkDir") else None
+    else:  # no accounting: what the job's own files say
+        requeues, workdir = 0, None
+        state = "UNKNOWN"
+        if paths.result_pickle.exists():
+            try:
+                state = {"success": "COMPLETED", "error": "FAILED"}.get(
+                    submitit.core.utils.pickle_load(paths.result_pickle)[0], "UNKNOWN")
+            except Exception:
+                state = "UNKNOWN"
+    spec, run_id = None, ""
+    if paths.submitted_pickle.exists():
+        try:
+            delayed = submitit.core.utils.DelayedSubmission.load(paths.submitted_pickle)
+            spec = delayed.args[0] if delayed.args else None
+            run_id = getattr(spec, "run_id", "")
+        except Exception as e:
+            log.debug("cannot read %s: %s", paths.submitted_pickle, e)
+    progress = run_progress(spec, workdir) if spec is not None and state != "PENDING" else "-"
+    if state in STOPPED and not progress.startswith(("finished", "-", "not started")):
+        progress = f"stopped at {progress}"
+    error = _error_line(paths) if state in FAILED else ""
+    return JobReport(job_id, state, requeues, run_id, progress, paths.stdout, error)
+
+
+def inspect_jobs(targets: Sequence[str] = (), folder: str | os.PathLike = "slurm-jobs",
+                 last: int = 0) -> list[JobReport]:
+    """``JobReport`` for each target (job ids, job folders, roots of job folders), newest first."""
+    jobs = find_jobs(targets, folder)
+    if last:
+        jobs = jobs[:last]
+    records = sacct_records(j for _, j in jobs)
+    return [inspect_job(root, jid, records) for root, jid in jobs]
+
+
+def format_reports(reports: Sequence[JobReport], cwd: Path | None = None) -> str:
+    """A table: job, state (with requeues), run, progress, log; a failed job's error under it."""
+    cwd = cwd or Path.cwd()
+
+    def rel(p: Path) -> str:
+        try:
+            return str(p.relative_to(cwd))
+        except ValueError:
+            return str(p)
+
+    rows = [("JOB", "STATE", "RUN", "PROGRESS", "LOG")]
+    for r in reports:
+        state = r.state + (f" (requeued {r.requeues}x)" if r.requeues else "")
+        rows.append((r.job_id, state, r.run_id or "-", r.progress, rel(r.log)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = []
+    for row, r in zip(rows, [None, *reports], strict=True):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        if r is not None and r.error:
+            lines.append(f"    error: {r.error}")
+    return "\n".join(lines)

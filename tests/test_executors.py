@@ -1,0 +1,254 @@
+"""The executor seam without a cluster: option checking, the rendered sbatch script, sinfo parsing,
+bad input through the CLI (one line, exit 2, nothing written), the requeueable wrapper and ``status``
+on job folders. The same paths against a real cluster are in ``test_slurm.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from jobs.executors import (
+    ExecutorError,
+    ExecutorOptions,
+    LocalExecutor,
+    build_executor,
+    check_cluster,
+    check_folder,
+    parse_sinfo,
+    parse_time,
+    render_sbatch,
+)
+from jobs.launch import cli
+from jobs.slurm_jobs import Requeueable, find_jobs, finished_runs, run_progress
+from jobs.specs import PruneSpec
+
+
+@pytest.mark.parametrize("text, minutes", [
+    ("90", 90), ("45:30", 46), ("1:30:00", 90), ("2-00:00:00", 2880), ("1-12", 2160), ("0-00:30", 30),
+    (" 5 ", 5), ("0:59", 1),
+])
+def test_parse_time_reads_slurm_formats(text, minutes):
+    assert parse_time(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["1h", "", "1:2:3:4", "-5", "1.5", "2-"])
+def test_parse_time_rejects_other_forms(text):
+    with pytest.raises(ValueError, match="use minutes, MM:SS, HH:MM:SS or D-HH:MM:SS"):
+        parse_time(text)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"gpus": -1}, "gpus=-1 is invalid: must be >= 0"),
+    ({"cpus": 0}, "cpus=0 is invalid: must be >= 1"),
+    ({"mem": "4X"}, "mem='4X' is invalid"),
+    ({"time": "0"}, "time='0' is invalid: must be at least one minute"),
+    ({"array_parallelism": 0}, "array_parallelism=0 is invalid"),
+    ({"sbatch": ("partition=other",)}, "--partition has its own option here"),
+    ({"sbatch": ("--gpus=2",)}, "--gpus has its own option here"),
+    ({"sbatch": ("not a flag",)}, "use KEY=VALUE or KEY"),
+    ({"folder": ""}, "folder='' is invalid"),
+    ({"partition": "", "gpus": 1, "time": "5"}, "SLURM option(s) --gpus, --time given without --partition"),
+])
+def test_options_name_the_bad_field(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ExecutorOptions(**{"partition": "gpu", **changes})
+
+
+def test_gres_is_not_a_managed_flag():
+    """Extra flags the options do not own pass through (``gres`` for typed GPUs, say)."""
+    opts = ExecutorOptions(partition="gpu", sbatch=("gres=gpu:a100:1", "exclusive"))
+    assert "#SBATCH --gres=gpu:a100:1" in render_sbatch(opts) and "#SBATCH --exclusive" in render_sbatch(opts)
+
+
+def test_rendered_sbatch_script():
+    """Golden: what submitit writes for a fully specified launch."""
+    opts = ExecutorOptions(partition="gpu", gpus=2, cpus=8, mem="16g", time="1-02:00:00", account="proj",
+                           qos="high", sbatch=("constraint=a100",), setup=("source /shared/venv/bin/activate",),
+                           folder="/shared/jobs", signal_delay=120, array_parallelism=4)
+    assert render_sbatch(opts, command="PY -u -m submitit.core._submit F") == """#!/bin/bash
+
+# Parameters
+#SBATCH --account=proj
+#SBATCH --constraint=a100
+#SBATCH --cpus-per-task=8
+#SBATCH --gpus-per-node=2
+#SBATCH --job-name=compress
+#SBATCH --mem=16G
+#SBATCH --nodes=1
+#SBATCH --open-mode=append
+#SBATCH --output=/shared/jobs/%j/%j_0_log.out
+#SBATCH --partition=gpu
+#SBATCH --qos=high
+#SBATCH --signal=USR2@120
+#SBATCH --time=1560
+#SBATCH --wckey=submitit
+
+# setup
+source /shared/venv/bin/activate
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /shared/jobs/%j/%j_%t_log.out PY -u -m submitit.core._submit F
+"""
+
+
+def test_parse_sinfo_takes_the_most_gpus_of_a_node():
+    text = "debug|(null)\ngpu|gpu:2\ngpu|gpu:4(S:0-1)\na100|gpu:a100:4(S:0-1),shard:8\nmix|gpu:a100:2,gpu:v100:1\n"
+    assert parse_sinfo(text) == {"debug": 0, "gpu": 4, "a100": 4, "mix": 3}
+
+
+def test_check_cluster_lists_what_exists():
+    parts = {"debug": 0, "gpu": 2}
+    with pytest.raises(ExecutorError, match="partition='big' is unknown; known: debug, gpu"):
+        check_cluster(ExecutorOptions(partition="big"), parts)
+    with pytest.raises(ExecutorError, match=r"gpus=3 is more than a node of partition 'gpu' has \(2\)"):
+        check_cluster(ExecutorOptions(partition="gpu", gpus=3), parts)
+    with pytest.raises(ExecutorError, match=r"partition 'debug' has \(0\); partitions with GPUs: gpu \(2\)"):
+        check_cluster(ExecutorOptions(partition="debug", gpus=1), parts)
+    check_cluster(ExecutorOptions(partition="gpu", gpus=2), parts)
+
+
+def test_check_folder_creates_it_or_says_why_not(tmp_path):
+    assert check_folder(tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ExecutorError, match="folder=.*file/jobs' is not writable: Not a directory"):
+        check_folder(tmp_path / "file" / "jobs")
+
+
+def test_no_partition_runs_here_in_order():
+    ex = build_executor()
+    assert isinstance(ex, LocalExecutor)
+    jobs = ex.map_array(pow, [2, 3, 4], [2, 2, 2])
+    assert [j.result() for j in jobs] == [4, 9, 16] and all(j.state == "COMPLETED" for j in jobs)
+
+
+def test_no_sinfo_means_no_slurm(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ExecutorError, match="no SLURM here: sinfo is not on PATH"):
+        build_executor(partition="gpu")
+
+
+@pytest.fixture
+def fake_sinfo(tmp_path, monkeypatch) -> None:
+    """A ``sinfo`` that answers like a cluster with a CPU and a 2-GPU partition (nothing can be submitted)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sinfo").write_text("#!/bin/sh\nprintf 'debug|(null)\\ngpu|gpu:2\\n'\n")
+    (bin_dir / "sinfo").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (["--partition", "nope"], "error: partition='nope' is unknown; known: debug, gpu"),
+    (["--partition", "debug", "--gpus", "1"], "error: gpus=1 is more than a node of partition 'debug' has (0)"),
+    (["--partition", "gpu", "--folder", "{file}/jobs"], "is not writable: Not a directory"),
+    (["--gpus", "1"], "error: partition='' is invalid: SLURM option(s) --gpus given without --partition"),
+    (["--partition", "gpu", "--sbatch", "time=5"], "error: sbatch='time=5' is invalid: --time has its own option"),
+    (["--seeds", "0,x"], "error: seeds='0,x' is invalid"),
+])
+def test_bad_launch_is_one_line_exit_2_and_writes_nothing(fake_sinfo, synthetic_cifar, synthetic_weights, tmp_path,
+                                                          bad, expected):
+    (tmp_path / "file").write_text("")
+    bad = [b.replace("{file}", str(tmp_path / "file")) for b in bad]
+    args = ["prune", "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights),
+            "--results", str(tmp_path / "results"), "--phases", "1", "--epochs", "1"]
+    if "--folder" not in bad:
+        args += ["--folder", str(tmp_path / "jobs")]
+    res = CliRunner().invoke(cli, args + bad)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.count("\n") == 1 and expected in res.stderr
+    assert not (tmp_path / "jobs").exists() and not (tmp_path / "results").exists()
+
+
+def test_dry_run_shows_each_seed_and_the_sbatch_script(synthetic_cifar, tmp_path):
+    res = CliRunner().invoke(cli, ["prune", "--data-root", str(synthetic_cifar), "--run-id", "x", "--seeds", "3,4",
+                                   "--partition", "gpu", "--gpus", "1", "--folder", str(tmp_path / "jobs"),
+                                   "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert '"run_id": "x-s3"' in res.output and '"run_id": "x-s4"' in res.output
+    assert '"seed": 3' in res.output and '"seed": 4' in res.output
+    assert "#SBATCH --gpus-per-node=1" in res.output and "#SBATCH --partition=gpu" in res.output
+    assert not (tmp_path / "jobs").exists()
+
+
+def test_seeds_run_one_after_another_here(synthetic_cifar, synthetic_weights, tmp_path):
+    from compress.results import read_table
+
+    res = CliRunner().invoke(cli, ["prune", "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights),
+                                   "--results", str(tmp_path), "--run-id", "s", "--seeds", "0,1", "--phases", "1",
+                                   "--epochs", "1", "--test-size", "20", "--train-size", "50", "--batch-size", "50",
+                                   "--no-randaugment", "--no-eval-every-epoch"])
+    assert res.exit_code == 0, res.output
+    phases = read_table(tmp_path, "phases").to_pandas()
+    assert sorted(zip(phases["run_id"], phases["spec_seed"], phases["phase"], strict=True)) == [
+        ("s-s0", 0, 0), ("s-s0", 0, 1), ("s-s1", 1, 0), ("s-s1", 1, 1)]
+    assert finished_runs(tmp_path) == {"s-s0", "s-s1"}
+
+
+def twice(x: int) -> int:
+    return 2 * x
+
+
+def test_requeueable_resubmits_the_same_call():
+    import cloudpickle
+
+    wrapped = pickle.loads(cloudpickle.dumps(Requeueable(twice)))
+    assert wrapped(21) == 42 and repr(wrapped) == "Requeueable(tests.test_executors.twice)"
+    again = wrapped.checkpoint(21)
+    assert again.function is wrapped and again.args == (21,) and again.result() == 42
+
+
+def _job_folder(root: Path, job_id: str, spec: PruneSpec, result: tuple | None) -> None:
+    from submitit.core.utils import DelayedSubmission, cloudpickle_dump
+
+    folder = root / job_id
+    folder.mkdir(parents=True)
+    DelayedSubmission(Requeueable(twice), spec).dump(folder / f"{job_id}_submitted.pkl")
+    (folder / f"{job_id}_0_log.out").write_text("some output\n")
+    if result is not None:
+        cloudpickle_dump(result, folder / f"{job_id}_0_result.pkl")
+
+
+def test_status_shows_a_failed_jobs_error_from_its_pickle(tmp_path, monkeypatch):
+    """Without accounting (no sacct here) the state comes from the job's result pickle."""
+    jobs = tmp_path / "jobs"
+    spec = PruneSpec(results=str(tmp_path / "results"), run_id="r1")
+    tb = 'Traceback (most recent call last):\n  File "x.py", line 1\ncompress.data.DataError: no CIFAR-10 under /x\n'
+    _job_folder(jobs, "900001", spec, ("error", tb))
+    _job_folder(jobs, "900002_0", spec, ("success", {}))
+    _job_folder(jobs, "900002_1", spec, None)
+    (jobs / "900002").mkdir()  # an array's own folder: only its sbatch script
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sacct
+    res = CliRunner().invoke(cli, ["status", "--folder", str(jobs), "--json"])
+    assert res.exit_code == 0, res.output
+    reports = {r["job_id"]: r for r in map(json.loads, res.output.splitlines())}
+    assert list(reports) == ["900002_1", "900002_0", "900001"]  # newest first
+    assert reports["900001"]["state"] == "FAILED"
+    assert reports["900001"]["error"] == "compress.data.DataError: no CIFAR-10 under /x"
+    assert reports["900002_0"]["state"] == "COMPLETED" and reports["900002_1"]["state"] == "UNKNOWN"
+    assert reports["900001"]["log"] == str(jobs / "900001" / "900001_0_log.out")
+    table = CliRunner().invoke(cli, ["status", "900001", "--folder", str(jobs)]).output
+    assert "FAILED" in table and "    error: compress.data.DataError: no CIFAR-10 under /x" in table
+    assert [j for _, j in find_jobs(["900002"], jobs)] == ["900002_1", "900002_0"]
+    assert [j for _, j in find_jobs([str(jobs / "900001")], jobs)] == ["900001"]
+    res = CliRunner().invoke(cli, ["status", "123", "--folder", str(jobs)])
+    assert res.exit_code == 2 and "no job 123 under" in res.stderr
+
+
+def test_run_progress_reads_the_runs_own_files(tmp_path):
+    spec = PruneSpec(results=str(tmp_path), run_id="p", phases=3, epochs=4)
+    assert run_progress(spec) == "not started"
+    run = tmp_path / "runs" / "p"
+    run.mkdir(parents=True)
+    torch.save({"phase": 2, "epoch": 1, "epoch_rows": [{"top1": 61.5}]}, run / "state.pt")
+    assert run_progress(spec) == "phase 2/3, epoch 1/4, top-1 61.50%"
+    (run / "summary.json").write_text(json.dumps({"top1": 88.25, "sparsity": 0.5}))
+    assert run_progress(spec) == "finished: top-1 88.25%, sparsity 50.0%"
+    assert finished_runs(tmp_path) == {"p"}

@@ -1,0 +1,314 @@
+"""Against a real SLURM cluster (the dev cluster: ``bash slurm/dev-cluster.sh start``).
+
+Submission to the ``gpu`` partition with a (fake) GPU, job arrays (multi-seed prune, a PTQ sweep),
+a preempted and a timed-out prune job that requeue and resume with rows identical to an
+uninterrupted run's, ``scancel``, and bad input that submits nothing. Everything runs on the tiny
+synthetic CIFAR-10 with one CPU per job; the whole file takes a few minutes. Every test skips,
+saying why, when no SLURM (with accounting, partitions ``debug`` and ``gpu``) is reachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from compress.results import read_table
+from jobs.executors import ExecutorError, build_executor, cluster_partitions
+from jobs.launch import cli
+from jobs.slurm_jobs import finished_runs, inspect_jobs
+from jobs.specs import PruneSpec
+from jobs.training import run_dir, run_prune
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+# columns that differ between two runs of one spec by design: ids, timings, provenance
+VOLATILE = {"run_id", "spec_run_id", "spec_results", "train_seconds", "wall_seconds", "images_per_second",
+            "seconds", "git_commit", "git_dirty", "job_id", "host", "python_version", "torch_version",
+            "torchvision_version", "device_name", "written_at", "search_id", "trial_id"}
+PHASES, EPOCHS = 2, 4   # the interrupted runs: 2 phases of 4 epochs (~3 s each on one CPU)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, int]:
+    """The reachable cluster's partitions (GPUs per node); skips when there is none to test against."""
+    try:
+        partitions = cluster_partitions()
+    except ExecutorError as e:
+        pytest.skip(f"no SLURM reachable ({e}); start the dev cluster: bash slurm/dev-cluster.sh start")
+    if not {"debug", "gpu"} <= set(partitions) or partitions["gpu"] < 1:
+        pytest.skip(f"needs partitions debug and gpu with a GPU (the dev cluster); found {partitions}")
+    if subprocess.run(["sacct", "-n", "-X", "-j", "1"], capture_output=True).returncode != 0:
+        pytest.skip("SLURM accounting (sacct) is not available: job states cannot be read")
+    return partitions
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("slurm")
+
+
+@pytest.fixture(scope="module")
+def tiny(synthetic_cifar: Path, synthetic_weights: Path, work: Path) -> Callable[..., PruneSpec]:
+    """A prune spec on the synthetic set: 250 training images in 10 batches, 100 test images."""
+
+    def make(run_id: str, **changes: Any) -> PruneSpec:
+        fields = dict(data_root=str(synthetic_cifar), weights=str(synthetic_weights), results=str(work / "results"),
+                      run_id=run_id, phases=PHASES, epochs=EPOCHS, final_sparsity=0.5, batch_size=25,
+                      test_size=100, eval_batch_size=100, lr=2e-3)
+        fields.update(changes)
+        return PruneSpec(**fields)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def reference(cluster: dict[str, int], tiny: Callable[..., PruneSpec], work: Path) -> Any:
+    """An uninterrupted run of the spec the preemption and timeout tests interrupt (submitted once)."""
+    ex = build_executor(partition="debug", folder=str(work / "jobs"), time="10")
+    return ex.submit(run_prune, tiny("reference"))
+
+
+def rows(spec: PruneSpec, table: str) -> pd.DataFrame:
+    df = read_table(spec.results, table).to_pandas()
+    df = df[df["run_id"] == spec.run_id]
+    keys = ["phase", "epoch"] if table == "epochs" else ["phase"]
+    return df.drop(columns=sorted(VOLATILE & set(df.columns))).sort_values(keys).reset_index(drop=True)
+
+
+def assert_same_rows(spec: PruneSpec, ref: PruneSpec) -> None:
+    """Exactly one row per phase and per epoch, each equal to the uninterrupted run's."""
+    for table, n in (("phases", PHASES + 1), ("epochs", PHASES * EPOCHS)):
+        got, want = rows(spec, table), rows(ref, table)
+        assert len(got) == n
+        assert not got.duplicated(subset=[c for c in ("phase", "epoch") if c in got]).any()
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
+def wait_until(what: str, cond: Callable[[], Any], timeout: float = 120.0, every: float = 0.2) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def mid_phase(spec: PruneSpec) -> Callable[[], dict | None]:
+    """A condition: the run's checkpoint is inside a phase (pruned, 1 <= epoch < epochs)."""
+    path = run_dir(spec) / "state.pt"
+
+    def check() -> dict | None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except (FileNotFoundError, EOFError, RuntimeError):
+            return None
+        inside = state["pruned"] and 1 <= state["epoch"] < spec.epochs
+        return state if inside else None
+
+    return check
+
+
+def settled(job_id: str, folder: Path) -> Any:
+    """The job's report once SLURM has recorded its end (the result pickle comes a moment before)."""
+
+    def ended() -> Any:
+        (r,) = inspect_jobs([job_id], folder)
+        return r if r.state not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING") else None
+
+    return wait_until(f"job {job_id} to end", ended, 60, 0.5)
+
+
+def report(job: Any, work: Path) -> Any:
+    return settled(job.job_id, work / "jobs")
+
+
+def scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
+
+
+def launch(*args: str) -> Any:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_prune_on_gpu_partition_writes_its_rows(cluster, synthetic_cifar, synthetic_weights, work):
+    results, folder = work / "gpu-results", work / "gpu-jobs"
+    res = launch("prune", "--partition", "gpu", "--gpus", "1", "--wait", "--folder", str(folder),
+                 "--results", str(results), "--run-id", "on-gpu", "--data-root", str(synthetic_cifar),
+                 "--weights", str(synthetic_weights), "--phases", "1", "--epochs", "1", "--final-sparsity", "0.5",
+                 "--test-size", "100", "--batch-size", "50", "--no-randaugment")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "final: top-1" in res.output
+    phases = read_table(results, "phases").to_pandas()
+    assert sorted(phases["phase"]) == [0, 1] and set(phases["run_id"]) == {"on-gpu"}
+    assert len(read_table(results, "modules")) > 0
+    (r,) = inspect_jobs([], folder)
+    r = settled(r.job_id, folder)
+    assert r.state == "COMPLETED" and r.progress.startswith("finished") and r.log.exists()
+    assert phases["job_id"].iloc[0] == r.job_id  # provenance names the SLURM job
+    tres = subprocess.run(["sacct", "-n", "-X", "-P", "-j", r.job_id, "-o", "AllocTRES"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "gres/gpu=1" in tres, tres  # SLURM allocated one GPU; torch sees none on the dev cluster, ran on CPU
+
+
+def test_seeds_go_out_as_one_array(cluster, synthetic_cifar, synthetic_weights, work):
+    results, folder = work / "seed-results", work / "seed-jobs"
+    res = launch("prune", "--seeds", "0,1,2", "--partition", "debug", "--array-parallelism", "2", "--wait",
+                 "--folder", str(folder), "--results", str(results), "--run-id", "seeds",
+                 "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights), "--phases", "1",
+                 "--epochs", "1", "--test-size", "100", "--batch-size", "50", "--no-randaugment")
+    assert res.exit_code == 0, res.output + res.stderr
+    reports = [settled(r.job_id, folder) for r in inspect_jobs([], folder)]
+    arrays = {r.job_id.split("_")[0] for r in reports}
+    assert len(arrays) == 1 and sorted(r.job_id.split("_")[1] for r in reports) == ["0", "1", "2"]
+    assert all(r.state == "COMPLETED" for r in reports)
+    phases = read_table(results, "phases").to_pandas()
+    assert sorted(phases.groupby("run_id")["spec_seed"].first().items()) == [
+        ("seeds-s0", 0), ("seeds-s1", 1), ("seeds-s2", 2)]
+    assert len(phases) == 3 * 2  # phase 0 and 1 of each seed, once
+    array = arrays.pop()
+    assert "#SBATCH --array=0-2%2" in (folder / array / f"{array}_submission.sh").read_text()
+
+
+def test_ptq_sweep_goes_out_as_one_array(cluster, synthetic_cifar, synthetic_weights, work):
+    results, folder = work / "ptq-results", work / "ptq-jobs"
+    res = launch("ptq", "--partition", "debug", "--array-parallelism", "2", "--wait", "--folder", str(folder),
+                 "--results", str(results), "--run-id", "sweep", "--data-root", str(synthetic_cifar),
+                 "--weights", str(synthetic_weights), "--methods", "manual", "--observers", "minmax,histogram",
+                 "--calib-sizes", "50,100", "--alphas", "0.9,1.0", "--centers", "min,zero", "--test-size", "100",
+                 "--eval-batch-size", "100", "--calib-batch-size", "50")
+    assert res.exit_code == 0, res.output + res.stderr
+    reports = [settled(r.job_id, folder) for r in inspect_jobs([], folder)]
+    assert len({r.job_id.split("_")[0] for r in reports}) == 1 and len(reports) == 4  # one array, 4 tasks
+    assert all(r.state == "COMPLETED" and r.progress.startswith("task ") for r in reports)
+    table = read_table(results, "ptq").to_pandas()
+    assert len(table) == 16  # 2 observers x 2 calibration sizes x 2 alphas x 2 centers, each once
+    assert not table[["observer", "calib_size", "alpha", "center"]].duplicated().any()
+    assert set(table["job_id"]) == {r.job_id for r in reports}  # each task wrote its own rows
+
+
+def test_preempted_prune_resumes_with_identical_rows(reference, tiny, work):
+    spec = tiny("preempted")
+    job = build_executor(partition="debug", folder=str(work / "jobs"), time="10").submit(run_prune, spec)
+    wait_until("the job to be inside a phase", mid_phase(spec))
+    job._interrupt()  # SIGTERM then USR2: what SLURM sends on preemption
+    summary = job.result()
+    r = report(job, work)
+    assert r.state == "COMPLETED" and r.requeues >= 1
+    log = r.log.read_text()
+    assert "resuming preempted at phase" in log and "restart 1," in log
+    reference.result()
+    assert summary["top1"] == json.loads((run_dir(tiny("reference")) / "summary.json").read_text())["top1"]
+    assert_same_rows(spec, tiny("reference"))
+
+
+def job_python(job_id: str) -> int:
+    """The pid of the job's Python process (the submitit runner) on this node."""
+    for line in scontrol("listpids", job_id).splitlines()[1:]:
+        pid = line.split()[0]
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if cmdline.exists() and b"submitit.core._submit" in cmdline.read_bytes():
+            return int(pid)
+    raise AssertionError(f"no Python process in job {job_id}")
+
+
+def usr2_arrived(pid: int) -> bool:
+    """SIGUSR2 waits in the stopped process's pending masks, or the process already handled it and left
+    (SLURM sends SIGCONT with the signal, which wakes a stopped task)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(m & (1 << (signal.SIGUSR2 - 1)) for m in masks)
+
+
+def test_timed_out_prune_requeues_and_resumes(reference, tiny, work):
+    spec = tiny("timed-out")
+    job = build_executor(partition="debug", folder=str(work / "jobs"), time="10").submit(run_prune, spec)
+    wait_until("the job to be inside a phase", mid_phase(spec))
+    # the time limit drops to 1 minute, so SLURM's own time-limit check (every 30 s) sends USR2
+    # (--signal-delay 90 s > what is left). The job is held (SIGSTOP) until the signal comes, so it
+    # cannot finish first on a fast machine; it keeps its state and goes on exactly where it was.
+    pid = job_python(job.job_id)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        scontrol("update", f"JobId={job.job_id}", "TimeLimit=1")
+        wait_until("SLURM's time-limit signal", lambda: usr2_arrived(pid), 45, 0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    wait_until("the requeue", lambda: "Restarts=0" not in scontrol("show", "job", "-o", job.job_id), 30, 0.5)
+    scontrol("update", f"JobId={job.job_id}", "TimeLimit=10")
+    job.result()
+    r = report(job, work)
+    assert r.state == "COMPLETED" and r.requeues >= 1
+    assert "this job is timed-out" in r.log.read_text()
+    reference.result()
+    assert_same_rows(spec, tiny("reference"))
+
+
+def test_cancelled_job_shows_cancelled_and_no_partial_rows(cluster, tiny, work):
+    spec = tiny("cancelled")
+    job = build_executor(partition="debug", folder=str(work / "jobs"), time="10").submit(run_prune, spec)
+    wait_until("the job to be inside a phase", mid_phase(spec))
+    subprocess.run(["scancel", job.job_id], check=True)
+    assert report(job, work).state == "CANCELLED"
+    wait_until("the job's processes to end", lambda: job.job_id not in subprocess.run(
+        ["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout, 30, 0.5)
+    res = launch("status", job.job_id, "--folder", str(work / "jobs"))
+    assert "CANCELLED" in res.output and "stopped at phase" in res.output
+    stopped = torch.load(run_dir(spec) / "state.pt", map_location="cpu", weights_only=False)
+    assert not (run_dir(spec) / "summary.json").exists() and spec.run_id not in finished_runs(spec.results)
+    # rows exist only for phases that finished before the cancel; the phase in flight has none
+    assert set(rows(spec, "phases")["phase"]) == set(range(stopped["phase"]))
+    assert set(rows(spec, "epochs")["phase"]) <= set(range(1, stopped["phase"]))
+    modules = read_table(spec.results, "modules").to_pandas() if (Path(spec.results) / "modules").exists() else None
+    assert modules is None or spec.run_id not in set(modules["run_id"])
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (["--partition", "nope"], "partition='nope' is unknown; known: "),
+    (["--partition", "gpu", "--gpus", "99"], "gpus=99 is more than a node of partition 'gpu' has"),
+    (["--partition", "gpu", "--folder", "{file}/jobs"], "is not writable"),
+    (["--partition", "gpu", "--time", "2h"], "time='2h' is invalid"),
+])
+def test_bad_input_is_one_line_and_submits_nothing(cluster, synthetic_cifar, synthetic_weights, tmp_path, bad,
+                                                   expected):
+    (tmp_path / "file").write_text("")
+    bad = [b.replace("{file}", str(tmp_path / "file")) for b in bad]
+    folder = tmp_path / "jobs"
+    args = ["prune", "--results", str(tmp_path / "results"), "--data-root", str(synthetic_cifar),
+            "--weights", str(synthetic_weights), "--phases", "1", "--epochs", "1"]
+    if "--folder" not in bad:
+        args += ["--folder", str(folder)]
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    res = launch(*args, *bad)
+    assert res.exit_code == 2
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and expected in res.stderr
+    assert not folder.exists() and not (tmp_path / "results").exists()
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def test_failed_job_shows_its_error(cluster, tiny, work):
+    spec = dataclasses.replace(tiny("broken"), data_root=str(work / "no-such-data"))
+    job = build_executor(partition="debug", folder=str(work / "jobs"), time="5").submit(run_prune, spec)
+    with pytest.raises(Exception, match="CIFAR-10 not found"):
+        job.result()
+    r = report(job, work)
+    assert r.state == "FAILED" and r.error.startswith("compress.data.DataError: CIFAR-10 not found")
+    res = launch("status", job.job_id, "--folder", str(work / "jobs"))
+    assert "FAILED" in res.output and "error: compress.data.DataError: CIFAR-10 not found" in res.output
