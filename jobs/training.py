@@ -112,7 +112,7 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
     done_path = run.dir / "summary.json"
     if done_path.exists():
         summary = json.loads(done_path.read_text())
-        if summary.get("spec") != dataclasses.asdict(spec):
+        if summary.get("spec") != json.loads(json.dumps(dataclasses.asdict(spec))):  # as stored: tuples are lists
             raise SpecMismatch(f"{run.dir} holds a finished run with another spec; choose another --run-id")
         log.info("run %s already finished", spec.run_id)
         return summary

@@ -1,0 +1,258 @@
+"""CIFAR-10 readers (binary and python layouts), subsets, batch augmentation and the batch loader."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compress.data import (
+    BIN_DIR,
+    PY_DIR,
+    BatchLoader,
+    DataError,
+    load_cifar10,
+    one_cpu_thread,
+    random_crop_flip,
+    subset_indices,
+)
+from tests.conftest import TEST_IMAGES, TRAIN_PER_FILE, synthetic_records
+
+
+def _hand_decode(path: Path, record: int) -> tuple[int, torch.Tensor]:
+    """One record decoded byte by byte: label, then R, G, B planes of 32 rows of 32 pixels."""
+    raw = path.read_bytes()
+    base = record * 3073
+    label = raw[base]
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    for c in range(3):
+        for y in range(32):
+            for x in range(32):
+                img[c, y, x] = raw[base + 1 + c * 1024 + y * 32 + x]
+    return label, img
+
+
+def test_binary_reader_matches_hand_decoded_records(synthetic_cifar: Path) -> None:
+    data = load_cifar10(synthetic_cifar)
+    assert data.train_x.shape == (5 * TRAIN_PER_FILE, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.test_x.shape == (TEST_IMAGES, 3, 32, 32)
+    assert data.train_y.dtype == torch.int64
+    folder = synthetic_cifar / BIN_DIR
+    label, img = _hand_decode(folder / "data_batch_3.bin", 7)
+    assert data.train_y[2 * TRAIN_PER_FILE + 7] == label
+    assert torch.equal(data.train_x[2 * TRAIN_PER_FILE + 7], img)
+    label, img = _hand_decode(folder / "test_batch.bin", TEST_IMAGES - 1)
+    assert data.test_y[-1] == label
+    assert torch.equal(data.test_x[-1], img)
+
+
+def test_layout_folder_itself_is_a_valid_root(synthetic_cifar: Path) -> None:
+    a, b = load_cifar10(synthetic_cifar), load_cifar10(synthetic_cifar / BIN_DIR)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+
+
+def test_root_from_environment(synthetic_cifar: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COMPRESS_DATA", str(synthetic_cifar))
+    assert len(load_cifar10().test_y) == TEST_IMAGES
+
+
+def test_missing_root_says_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"not found under {tmp_path / 'nowhere'}.*{BIN_DIR}.*{PY_DIR}"):
+        load_cifar10(tmp_path / "nowhere")
+    with pytest.raises(DataError, match="COMPRESS_DATA"):
+        load_cifar10(None)
+
+
+def test_incomplete_or_damaged_binary_folder(synthetic_cifar: Path, tmp_path: Path) -> None:
+    folder = tmp_path / BIN_DIR
+    shutil.copytree(synthetic_cifar / BIN_DIR, folder)
+    (folder / "test_batch.bin").unlink()
+    with pytest.raises(DataError, match="test_batch.bin is missing"):
+        load_cifar10(tmp_path)
+    (folder / "data_batch_5.bin").write_bytes((folder / "data_batch_5.bin").read_bytes()[:-1])
+    with pytest.raises(DataError, match="data_batch_5.bin: 153649 bytes is not a whole number of 3,073-byte"):
+        load_cifar10(tmp_path)
+
+
+# --- the python layout, through torchvision --------------------------------------------------------
+
+def _write_py_layout(root: Path) -> dict[str, str]:
+    """The pickles torchvision's CIFAR10 reads (same images as the synthetic binary set); name -> md5."""
+    folder = root / PY_DIR
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        images, labels = synthetic_records(TEST_IMAGES if name == "test_batch" else TRAIN_PER_FILE,
+                                           seed=0 if name == "test_batch" else i + 1)
+        entry = {"batch_label": name, "labels": labels.tolist(), "data": images.reshape(len(images), -1),
+                 "filenames": [f"{name}_{j}.png" for j in range(len(images))]}
+        (folder / name).write_bytes(pickle.dumps(entry))
+    meta = {"label_names": [f"class{c}" for c in range(10)], "num_cases_per_batch": TRAIN_PER_FILE, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    return {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in folder.iterdir()}
+
+
+def test_python_layout_reads_through_torchvision(synthetic_cifar: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision checks every pickle against the official md5s; point those at our files.
+
+    Only the expected checksums change: torchvision's own integrity check, unpickling and
+    HWC layout run as they do on the real download.
+    """
+    from torchvision.datasets import CIFAR10
+
+    md5 = _write_py_layout(tmp_path)
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
+    py = load_cifar10(tmp_path)
+    assert py.source.endswith(PY_DIR)
+    binary = load_cifar10(synthetic_cifar)
+    for a, b in [(py.train_x, binary.train_x), (py.train_y, binary.train_y),
+                 (py.test_x, binary.test_x), (py.test_y, binary.test_y)]:
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(load_cifar10(tmp_path / PY_DIR).test_x, binary.test_x)
+
+
+def test_python_layout_failing_torchvision_integrity_is_a_data_error(tmp_path: Path) -> None:
+    _write_py_layout(tmp_path)  # not the official bytes: torchvision's md5 check rejects them
+    with pytest.raises(DataError, match=f"cannot read CIFAR-10 python version under {tmp_path}"):
+        load_cifar10(tmp_path)
+
+
+# --- subsets -----------------------------------------------------------------------------------
+
+def test_subset_indices_are_deterministic_nested_and_distinct() -> None:
+    a = subset_indices(50_000, 5_000, seed=3)
+    assert torch.equal(a, subset_indices(50_000, 5_000, seed=3))
+    assert torch.equal(subset_indices(50_000, 1_000, seed=3), a[:1_000])
+    assert not torch.equal(subset_indices(50_000, 1_000, seed=4), a[:1_000])
+    assert len(set(a.tolist())) == 5_000 and int(a.min()) >= 0 and int(a.max()) < 50_000
+    assert torch.equal(subset_indices(100, 7, seed=0, how="first"), torch.arange(7))
+    assert sorted(subset_indices(10, 10, seed=1).tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("size", [0, -1, 101])
+def test_subset_size_out_of_bounds(size: int) -> None:
+    with pytest.raises(ValueError, match=r"subset size must be in \[1, 100\]"):
+        subset_indices(100, size, seed=0)
+
+
+def test_subset_unknown_selection() -> None:
+    with pytest.raises(ValueError, match="known: first, random"):
+        subset_indices(100, 10, seed=0, how="last")
+
+
+# --- augmentation ----------------------------------------------------------------------------------
+
+def _crop_flip_reference(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
+    """Per image: zero-pad, cut the 32x32 window at the drawn offset, mirror when drawn."""
+    n, _, h, w = x.shape
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = []
+    for i in range(n):
+        img = F.pad(x[i], (pad, pad, pad, pad))[:, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out.append(img.flip(-1) if flip[i] else img)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("pad", [1, 4])
+def test_random_crop_flip_equals_per_image_reference(pad: int) -> None:
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = random_crop_flip(x, pad, torch.Generator().manual_seed(11))
+    ref = _crop_flip_reference(x, pad, torch.Generator().manual_seed(11))
+    assert got.dtype == torch.uint8 and torch.equal(got, ref)
+    assert not torch.equal(got, x)
+
+
+def test_random_crop_flip_of_a_constant_image_fills_the_border_with_zeros() -> None:
+    x = torch.full((200, 1, 32, 32), 7, dtype=torch.uint8)
+    out = random_crop_flip(x, 4, torch.Generator().manual_seed(0))
+    assert set(out.unique().tolist()) == {0, 7}
+    assert int((out == 7).sum(dim=(1, 2, 3)).min()) >= 28 * 28  # at most 4 rows and 4 columns of padding
+
+
+# --- the loader --------------------------------------------------------------------------------
+
+def _batches(loader: BatchLoader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def _same(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("randaugment", [False, True])
+def test_batch_loader_is_a_function_of_seed_and_epoch(synthetic_cifar: Path, device: torch.device,
+                                                      randaugment: bool) -> None:
+    data = load_cifar10(synthetic_cifar)
+    x, y = data.train_x[:100], data.train_y[:100]
+
+    def loader(seed: int, epoch: int) -> BatchLoader:
+        ld = BatchLoader(x, y, 32, device, train=True, randaugment=randaugment, seed=seed)
+        ld.set_epoch(epoch)
+        return ld
+
+    first = _batches(loader(1, 3))
+    assert [len(b[1]) for b in first] == [32, 32, 32, 4]
+    assert _same(first, _batches(loader(1, 3)))
+    assert not _same(first, _batches(loader(1, 4)))
+    assert not _same(first, _batches(loader(2, 3)))
+    again = loader(1, 3)
+    _batches(again)
+    assert _same(first, _batches(again)), "a second pass over the same epoch differs"
+    labels = torch.cat([b[1] for b in first]).cpu()
+    assert sorted(labels.tolist()) == sorted(y.tolist())  # a permutation: every image once
+
+
+def test_eval_loader_keeps_order_and_scales_to_unit_range(synthetic_cifar: Path, device: torch.device) -> None:
+    data = load_cifar10(synthetic_cifar)
+    batches = list(BatchLoader(data.test_x, data.test_y, 30, device))
+    assert len(batches) == len(BatchLoader(data.test_x, data.test_y, 30)) == 4
+    x = torch.cat([b[0] for b in batches]).cpu()
+    assert x.dtype == torch.float32 and batches[0][0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x, data.test_x.float() / 255)
+    assert torch.equal(torch.cat([b[1] for b in batches]).cpu(), data.test_y)
+
+
+def test_loader_rejects_mismatched_lengths() -> None:
+    with pytest.raises(ValueError, match="10 images but 9 labels"):
+        BatchLoader(torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.zeros(9, dtype=torch.int64), 4)
+
+
+def test_synthetic_set_has_every_class_with_its_own_colour(synthetic_cifar: Path) -> None:
+    data = load_cifar10(synthetic_cifar)
+    assert torch.bincount(data.train_y, minlength=10).tolist() == [25] * 10
+    means = torch.stack([data.train_x[data.train_y == c].float().mean(dim=(0, 2, 3)) for c in range(10)])
+    assert torch.cdist(means, means).add(torch.eye(10) * 1e3).min() > 50
+    assert np.array_equal(data.test_y.numpy(), synthetic_records(TEST_IMAGES, seed=0)[1])
+
+
+def test_batch_preparation_runs_on_one_thread_and_restores_the_count(synthetic_cifar: Path) -> None:
+    data = load_cifar10(synthetic_cifar)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_cpu_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        seen = []
+        loader = BatchLoader(data.train_x, data.train_y, 100, train=True, randaugment=False)
+        for _ in loader:
+            seen.append(torch.get_num_threads())  # the training step between batches keeps its threads
+        assert seen == [2, 2, 2]
+        with pytest.raises(RuntimeError), one_cpu_thread(torch.device("cpu")):
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

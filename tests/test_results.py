@@ -1,0 +1,135 @@
+"""Parquet result tables: atomic writes, one schema per table, spec and provenance on every row."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from compress.results import (
+    PROJECT_DIR,
+    PROVENANCE_FIELDS,
+    atomic_write_bytes,
+    job_id,
+    make_schema,
+    provenance,
+    read_table,
+    spec_row,
+    write_rows,
+)
+from jobs import tables
+from jobs.specs import PruneSpec, TrainSpec
+
+SCHEMA = make_schema({"run_id": pa.string(), "phase": pa.int64(), "top1": pa.float64()}, PruneSpec)
+
+
+def _row(**kw) -> dict:
+    return {"run_id": "r", "phase": 1, "top1": 50.0, **kw}
+
+
+def test_write_rows_leaves_no_temporary_files_and_reads_back(tmp_path: Path) -> None:
+    path = write_rows(tmp_path / "phases" / "r-p01.parquet", [_row(), _row(phase=2)], SCHEMA)
+    assert [p.name for p in path.parent.iterdir()] == ["r-p01.parquet"]
+    table = pq.read_table(path)
+    assert table.schema == SCHEMA
+    assert table.column("phase").to_pylist() == [1, 2]
+
+
+def test_missing_columns_are_null(tmp_path: Path) -> None:
+    path = write_rows(tmp_path / "a.parquet", [{"run_id": "r"}], SCHEMA)
+    row = pq.read_table(path).to_pylist()[0]
+    assert row["phase"] is None and row["top1"] is None and row["git_commit"] is None and row["spec_seed"] is None
+
+
+def test_unknown_column_is_a_key_error_and_writes_nothing(tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="not_a_column"):
+        write_rows(tmp_path / "t" / "a.parquet", [_row(not_a_column=1)], SCHEMA)
+    assert not (tmp_path / "t").exists()
+
+
+def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "a.parquet"
+    write_rows(path, [_row()], SCHEMA)
+    old = path.read_bytes()
+    with pytest.raises(TypeError):
+        atomic_write_bytes(path, "not bytes")  # type: ignore[arg-type]
+    assert path.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["a.parquet"]
+
+
+def test_rewriting_a_unit_of_work_replaces_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "phases" / "r-p01.parquet"
+    write_rows(path, [_row(top1=10.0)], SCHEMA)
+    write_rows(path, [_row(top1=20.0)], SCHEMA)
+    assert read_table(tmp_path, "phases").column("top1").to_pylist() == [20.0]
+
+
+def test_every_file_of_a_table_has_the_one_schema(tmp_path: Path) -> None:
+    folder = tmp_path / "phases"
+    prune = PruneSpec(run_id="p", keep_dense=("conv1", "linear"))
+    train = TrainSpec(run_id="t")
+    write_rows(folder / "p-p00.parquet", [{"run_id": "p", "phase": 0, **spec_row(prune), **provenance("cpu")}],
+               tables.PHASES)
+    write_rows(folder / "t-p01.parquet", [{"run_id": "t", "top1": 1.0, **spec_row(train)}], tables.PHASES)
+    write_rows(folder / "x-p01.parquet", [], tables.PHASES)
+    for f in folder.iterdir():
+        assert pq.read_schema(f).remove_metadata() == tables.PHASES.remove_metadata(), f.name
+    table = ds.dataset(folder, format="parquet").to_table()
+    assert table.num_rows == 2
+    rows = {r["run_id"]: r for r in table.to_pylist()}
+    assert rows["p"]["spec_keep_dense"] == "conv1,linear" and rows["p"]["spec_phases"] == 12
+    assert rows["t"]["spec_phases"] is None and rows["t"]["spec_epochs"] == 30
+
+
+def test_schema_columns_are_table_then_spec_then_provenance() -> None:
+    names = SCHEMA.names
+    spec_cols = [f"spec_{f.name}" for f in dataclasses.fields(PruneSpec)]
+    assert names == ["run_id", "phase", "top1", *spec_cols, *PROVENANCE_FIELDS]
+    assert SCHEMA.field("spec_final_sparsity").type == pa.float64()
+    assert SCHEMA.field("spec_keep_dense").type == pa.string()
+    assert SCHEMA.field("spec_randaugment").type == pa.bool_()
+
+
+def test_read_table_of_a_missing_table() -> None:
+    with pytest.raises(FileNotFoundError, match="no ptq results under"):
+        read_table("/nonexistent-results", "ptq")
+
+
+def test_provenance_names_commit_versions_host_and_time() -> None:
+    p = provenance("cpu")
+    assert set(PROVENANCE_FIELDS) == set(p)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", p["git_commit"]) and p["git_commit"] == head
+    assert isinstance(p["git_dirty"], bool)
+    import torch
+    import torchvision
+
+    assert p["torch_version"] == torch.__version__ and p["torchvision_version"] == torchvision.__version__
+    assert p["device_name"] == "cpu" and p["host"]
+    assert p["written_at"].tzinfo is not None and abs(dt.datetime.now(dt.UTC) - p["written_at"]).total_seconds() < 60
+    assert p["job_id"] == f"local-{os.getpid()}"
+
+
+def test_job_id_from_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    assert job_id() == "4242"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert job_id() == "4240_3"
+
+
+def test_spec_row_flattens_every_field() -> None:
+    spec = PruneSpec(run_id="x", keep_dense=("conv1", "linear"), seed=3)
+    row = spec_row(spec)
+    assert row["spec_keep_dense"] == "conv1,linear" and row["spec_seed"] == 3 and row["spec_run_id"] == "x"
+    assert len(row) == len(dataclasses.fields(PruneSpec))

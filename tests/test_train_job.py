@@ -1,0 +1,311 @@
+"""The prune and train jobs through ``python -m jobs.launch``: results, checkpoint, resume, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+import jobs.training
+from compress.data import BatchLoader, load_cifar10
+from compress.loops import evaluate
+from compress.models import count_prunable, load_model
+from compress.prune import global_sparsity, is_close_to, phase_targets
+from compress.results import PROVENANCE_FIELDS
+from jobs.launch import cli
+from jobs.specs import PruneSpec
+from jobs.training import run_prune
+from tests.conftest import REPO
+
+N = 268_336  # resnet20a conv+linear weights
+# columns that legitimately differ between two runs of one spec: timing, where and when it ran
+RUN_LOCAL = {"train_seconds", "wall_seconds", "seconds", "images_per_second", "spec_results", *PROVENANCE_FIELDS}
+
+
+def _prune_args(data: Path, weights: Path, results: Path, run_id: str = "t", *extra: str) -> list[str]:
+    return ["prune", "--data-root", str(data), "--weights", str(weights), "--results", str(results),
+            "--run-id", run_id, "--phases", "2", "--epochs", "1", "--final-sparsity", "0.5",
+            "--batch-size", "50", "--eval-batch-size", "100", *extra]
+
+
+def _invoke(args: list[str]) -> Result:
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def _table(results: Path, name: str) -> pd.DataFrame:
+    return ds.dataset(results / name, format="parquet").to_table().to_pandas()
+
+
+@pytest.fixture(scope="module")
+def prune_run(synthetic_cifar: Path, synthetic_weights: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One finished two-phase prune run through the CLI: (click result, results root)."""
+    results = tmp_path_factory.mktemp("prune") / "results"
+    result = _invoke(_prune_args(synthetic_cifar, synthetic_weights, results))
+    return result, results
+
+
+@pytest.mark.slow  # shares one prune run (~7 s)
+def test_prune_exits_0_and_prints_the_module_table(prune_run) -> None:
+    result, _ = prune_run
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split()[:2] == ["module", "params"])
+    body = lines[head + 2:head + 2 + 20]  # 19 convs + the classifier
+    assert [ln.split()[0] for ln in body][:2] == ["conv1", "layer1.0.conv1"] and body[-1].split()[0] == "linear"
+    total = next(ln for ln in lines if ln.startswith("total")).split()
+    assert total[1] == "268,336" and total[3] == f"{N - round(0.5 * N):,}" and total[5] == "50.00%"
+    assert "final: top-1" in result.stdout
+
+
+@pytest.mark.slow  # shares one prune run (~7 s)
+def test_prune_phase_rows_hit_the_targets(prune_run) -> None:
+    _, results = prune_run
+    phases = _table(results, "phases").sort_values("phase")
+    assert phases["phase"].tolist() == [0, 1, 2]
+    targets = [0.0, *phase_targets(0.5, 2, "geometric")]
+    for (_, row), target in zip(phases.iterrows(), targets, strict=True):
+        assert row["target_sparsity"] == pytest.approx(target)
+        assert is_close_to(row["sparsity"], target, N), (row["phase"], row["sparsity"])
+        assert row["prunable"] == N and row["nonzero"] == N - round(target * N)
+        assert 0.0 <= row["top1"] <= 100.0
+    assert phases["spec_final_sparsity"].eq(0.5).all() and phases["spec_phases"].eq(2).all()
+    assert phases["spec_run_id"].eq("t").all() and phases["kind"].eq("prune").all()
+    assert phases["git_commit"].str.fullmatch(r"[0-9a-f]{40}").all()
+    assert phases["torch_version"].eq(torch.__version__).all() and phases["job_id"].str.len().gt(0).all()
+    epochs = _table(results, "epochs")
+    assert sorted(zip(epochs["phase"], epochs["epoch"], strict=True)) == [(1, 1), (2, 1)]
+    modules = _table(results, "modules")
+    assert len(modules) == 20 and modules["params"].sum() == N
+    assert modules["nonzero_after"].sum() == phases["nonzero"].iloc[-1]
+
+
+@pytest.mark.slow  # shares one prune run (~7 s)
+def test_prune_final_checkpoint_loads_and_scores_the_reported_top1(prune_run, synthetic_cifar: Path,
+                                                                   device: torch.device) -> None:
+    _, results = prune_run
+    run = results / "runs" / "t"
+    assert (run / "final.pt").is_file() and (run / "summary.json").is_file() and not (run / "state.pt").exists()
+    model = load_model("resnet20a", run / "final.pt").to(device)
+    assert is_close_to(global_sparsity(model), 0.5, count_prunable(model))
+    data = load_cifar10(synthetic_cifar)
+    st = evaluate(model, BatchLoader(data.test_x, data.test_y, 100, device), device, progress=False)
+    last = _table(results, "phases").sort_values("phase").iloc[-1]
+    assert st.top1 == last["top1"]
+
+
+@pytest.mark.slow  # shares one prune run (~7 s)
+def test_finished_run_started_again_returns_its_summary(prune_run, synthetic_cifar: Path, synthetic_weights: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    _, results = prune_run
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    monkeypatch.setattr(jobs.training, "train_one_epoch", _fail_if_called)
+    again = _invoke(_prune_args(synthetic_cifar, synthetic_weights, results))
+    assert again.exit_code == 0, again.output
+    assert "total" in again.stdout and "final: top-1" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+
+
+def _fail_if_called(*args, **kwargs):
+    raise AssertionError("a finished run trained again")
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+class Interrupted(Exception):
+    """Stands in for a kill of the job."""
+
+
+def _spec(results: Path, data: Path, weights: Path) -> PruneSpec:
+    """Two phases of one epoch with RandAugment and filter pruning on: every piece of state a resume needs."""
+    return PruneSpec(model="resnet20a", weights=str(weights), data_root=str(data), results=str(results),
+                     run_id="r", seed=1, phases=2, epochs=1, final_sparsity=0.5, batch_size=50,
+                     eval_batch_size=100).with_defaults()
+
+
+@pytest.fixture(scope="module")
+def straight_run(synthetic_cifar: Path, synthetic_weights: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The uninterrupted run that resumed runs must reproduce: (summary, results root)."""
+    results = tmp_path_factory.mktemp("straight")
+    return run_prune(_spec(results, synthetic_cifar, synthetic_weights)), results
+
+
+@pytest.fixture
+def trained(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ``desc`` of every epoch the job trains, in order."""
+    calls: list[str] = []
+    real_train = jobs.training.train_one_epoch
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["desc"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.training, "train_one_epoch", counting)
+    return calls
+
+
+def _compare(a: Path, b: Path, table: str, keys: list[str]) -> None:
+    ta, tb = _table(a, table), _table(b, table)
+    assert not ta.duplicated(subset=keys).any(), f"duplicated {table} rows"
+    cols = [c for c in ta.columns if c not in RUN_LOCAL]
+    ta = ta[cols].sort_values(keys).reset_index(drop=True)
+    tb = tb[cols].sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(ta, tb, check_exact=True)
+
+
+def _same_as_straight(results: Path, straight: Path) -> None:
+    _compare(results, straight, "phases", ["phase"])
+    _compare(results, straight, "epochs", ["phase", "epoch"])
+    _compare(results, straight, "modules", ["module"])
+    assert len(_table(results, "phases")) == 3 and len(_table(results, "epochs")) == 2
+    final = torch.load(results / "runs" / "r" / "final.pt", weights_only=True)["model"]
+    reference = torch.load(straight / "runs" / "r" / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+@pytest.mark.slow  # two short runs and the shared reference (~12 s)
+def test_run_stopped_after_phase_1_resumes_without_retraining_it(synthetic_cifar: Path, synthetic_weights: Path,
+                                                                 tmp_path: Path, trained: list[str],
+                                                                 straight_run) -> None:
+    def stop_after_phase_1(row: dict) -> None:
+        if row["phase"] == 1:
+            raise Interrupted
+
+    spec = _spec(tmp_path, synthetic_cifar, synthetic_weights)
+    with pytest.raises(Interrupted):
+        run_prune(spec, report=stop_after_phase_1)
+    assert trained == ["phase 1 epoch 1/1"]
+    assert (tmp_path / "runs" / "r" / "state.pt").is_file() and not (tmp_path / "runs" / "r" / "summary.json").exists()
+
+    resumed = run_prune(spec)
+    assert trained == ["phase 1 epoch 1/1", "phase 2 epoch 1/1"], "phase 1 was trained again"
+    straight, straight_results = straight_run
+    _same_as_straight(tmp_path, straight_results)
+    assert resumed["top1"] == straight["top1"] and resumed["sparsity"] == straight["sparsity"]
+
+    again = run_prune(spec)
+    assert len(trained) == 2, "a finished run trained again"
+    assert again == {**resumed, "spec": again["spec"]} and again["spec"] == _json_like(dataclasses.asdict(spec))
+
+
+@pytest.mark.slow  # two short runs and the shared reference (~10 s)
+def test_run_killed_inside_phase_2_resumes_from_its_pruning_step(synthetic_cifar: Path, synthetic_weights: Path,
+                                                                 tmp_path: Path, trained: list[str],
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 straight_run) -> None:
+    counting = jobs.training.train_one_epoch
+
+    def killed_in_phase_2(*args, **kwargs):
+        if kwargs["desc"].startswith("phase 2"):
+            raise Interrupted
+        return counting(*args, **kwargs)
+
+    spec = _spec(tmp_path, synthetic_cifar, synthetic_weights)
+    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    with pytest.raises(Interrupted):
+        run_prune(spec)
+    state = torch.load(tmp_path / "runs" / "r" / "state.pt", weights_only=False)
+    assert (state["phase"], state["epoch"], state["pruned"]) == (2, 0, True)
+
+    monkeypatch.setattr(jobs.training, "train_one_epoch", counting)
+    run_prune(spec)
+    assert trained == ["phase 1 epoch 1/1", "phase 2 epoch 1/1"]
+    _same_as_straight(tmp_path, straight_run[1])
+
+
+def _json_like(obj):
+    """What a value looks like after a JSON round trip (tuples become lists)."""
+    if isinstance(obj, dict):
+        return {k: _json_like(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_like(v) for v in obj]
+    return obj
+
+
+@pytest.mark.slow  # shares one prune run (~7 s)
+def test_run_folder_of_another_spec_is_refused(prune_run, synthetic_cifar: Path, synthetic_weights: Path) -> None:
+    _, results = prune_run
+    before = sorted(results.rglob("*"))
+    out = _invoke(_prune_args(synthetic_cifar, synthetic_weights, results, "t", "--seed", "7"))
+    assert out.exit_code == 2
+    assert out.stderr.startswith("error: ") and "another spec" in out.stderr
+    assert sorted(results.rglob("*")) == before
+
+
+# --- dense training --------------------------------------------------------------------------------
+
+def test_train_command_trains_from_scratch(synthetic_cifar: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    out = _invoke(["train", "--data-root", str(synthetic_cifar), "--results", str(results), "--run-id", "d",
+                   "--epochs", "1", "--batch-size", "50", "--no-randaugment", "--eval-batch-size", "100"])
+    assert out.exit_code == 0, out.output
+    phases = _table(results, "phases").sort_values("phase")
+    assert phases["phase"].tolist() == [0, 1] and phases["kind"].eq("train").all()
+    assert phases["sparsity"].eq(0.0).all() and phases["spec_weights"].eq("").all()
+    assert phases["train_loss"].iloc[1] > 0 and 0 <= phases["top1"].iloc[1] <= 100
+    model = load_model("resnet20a", results / "runs" / "d" / "final.pt")
+    assert global_sparsity(model) == 0.0
+
+
+# --- bad input: one line, exit code 2, nothing written ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corrupt_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bad") / "corrupt.th"
+    path.write_bytes(b"PK\x03\x04 not really a zip archive" * 10)
+    return path
+
+
+BAD_INPUT = {
+    "sparsity 1.0": (["--final-sparsity", "1.0"], "final_sparsity=1.0 is invalid"),
+    "sparsity -0.1": (["--final-sparsity", "-0.1"], "final_sparsity=-0.1 is invalid"),
+    "zero phases": (["--phases", "0"], "phases=0 is invalid"),
+    "unknown model": (["--model", "resnet18"], "model='resnet18' is unknown; known: resnet20a, resnet20b"),
+    "unknown optimizer": (["--optimizer", "lamb"], "optimizer='lamb' is unknown; known: adamw, sgd"),
+    "missing data root": (["--data-root", "/nonexistent/cifar"], "CIFAR-10 not found under /nonexistent/cifar"),
+    "corrupt weights": (["--weights", "CORRUPT"], "cannot read weights file"),
+    "unknown keep-dense module": (["--keep-dense", "conv1,nope"], "unknown module(s) ['nope']"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, synthetic_cifar: Path, synthetic_weights: Path,
+                                                         corrupt_weights: Path, tmp_path: Path) -> None:
+    extra, message = BAD_INPUT[case]
+    extra = [str(corrupt_weights) if a == "CORRUPT" else a for a in extra]
+    results = tmp_path / "results"
+    out = CliRunner().invoke(cli, _prune_args(synthetic_cifar, synthetic_weights, results, "bad", *extra))
+    assert out.exit_code == 2, out.output
+    assert out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert message in lines[0]
+    assert not results.exists()
+
+
+def test_prune_without_starting_weights_is_refused(synthetic_cifar: Path, tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    out = CliRunner().invoke(cli, ["prune", "--data-root", str(synthetic_cifar), "--results", str(results)])
+    assert out.exit_code == 2
+    assert out.stderr.startswith("error: prune needs starting weights") and len(out.stderr.splitlines()) == 1
+    assert not results.exists()
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch (~5 s)
+def test_bad_input_in_a_real_process(synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path) -> None:
+    """The same contract from a shell: ``python -m jobs.launch`` with its real logging and stderr."""
+    results = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPRESS_")}
+    proc = subprocess.run([sys.executable, "-m", "jobs.launch",
+                           *_prune_args(synthetic_cifar, synthetic_weights, results, "bad", "--phases", "0")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: phases=0 is invalid: must be >= 1"]
+    assert proc.stdout == "" and not results.exists()
