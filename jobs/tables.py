@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from compress.results import make_schema
+from jobs.ptq import PTQSpec
 from jobs.specs import PruneSpec, TrainSpec
 
 SEARCH_COLUMNS = {"search_id": pa.string(), "trial_id": pa.string()}
@@ -29,3 +30,15 @@ MODULES = make_schema({
     "nonzero_before": pa.int64(), "nonzero_after": pa.int64(), "removed": pa.int64(),
     "sparsity": pa.float64(), **SEARCH_COLUMNS,
 }, PruneSpec, TrainSpec)
+
+# one row per PTQ configuration; FX rows have no alpha/center (null)
+PTQ = make_schema({
+    "run_id": pa.string(), "kind": pa.string(), "task": pa.string(), "method": pa.string(),
+    "observer": pa.string(), "weight_observer": pa.string(), "engine": pa.string(), "activation_bits": pa.int64(),
+    "calib_size": pa.int64(), "alpha": pa.float64(), "center": pa.string(),
+    "float_top1": pa.float64(), "int8_top1": pa.float64(), "test_images": pa.int64(),
+    "float_bytes": pa.int64(), "int8_bytes": pa.int64(), "int8_packed_bytes": pa.int64(),
+    "sparsity": pa.float64(), "int8_sparsity": pa.float64(),
+    "calib_seconds": pa.float64(), "convert_seconds": pa.float64(), "eval_seconds": pa.float64(),
+    **SEARCH_COLUMNS,
+}, PTQSpec)

@@ -1,0 +1,325 @@
+"""The PTQ job: calibrate once per (model, observer, calibration size), quantize every variant, write Parquet.
+
+    python -m jobs.launch ptq --weights W --data-root D --methods fx,manual \\
+        --observers minmax,histogram,moving_average --calib-sizes 100,1000,5000,10000,25000,50000
+    python -m jobs.launch ptq --weights W --data-root D --methods manual \\
+        --calib-sizes 10000 --alphas 0.95:1.0:0.01 --centers min,zero          # 12 variants, 1 calibration
+
+A sweep (``PTQSpec``) is a grid: methods x observers x weight observers x calibration sizes x
+alphas x centers. ``plan_tasks`` cuts it into tasks, one per (observer, calibration size): one SLURM
+array task each, or one after another in this process. ``run_ptq`` runs one task: it calibrates
+once (per method), derives every weight-scheme / alpha / center variant from those statistics,
+evaluates each int8 model, and writes the task's rows to ``<results>/ptq/<run_id>-<task>.parquet``
+in one atomic write. A task whose file already holds its rows returns them without running again.
+
+Methods: ``manual`` is the hand-written path (``compress.quant``: own statistics, pure qparams,
+int8 model from ``torch.ao.nn.quantized`` modules); ``fx`` is FX graph mode
+(``compress.quant.fx``). Alphas and centers shrink the activation ranges of the manual path; FX
+rows use FX's own qparams and have no alpha/center (null).
+
+Where it runs: loading, calibration and the float evaluation on ``spec.device`` (CUDA when the
+job has one, else the CPU, float32); building/converting and evaluating the int8 models on the CPU,
+with the quantized engine of ``spec.engine``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.data import TRAIN_SIZE, BatchLoader, load_cifar10, subset_indices
+from compress.loops import evaluate, pick_device
+from compress.models import build_model, load_model, load_state
+from compress.prune import MaskSet, global_sparsity, make_permanent
+from compress.quant import quiet
+from compress.quant.int8 import ENGINES, WEIGHT_SCHEMES
+from compress.quant.observe import OBSERVERS
+from compress.quant.qparams import CENTERS
+from compress.results import provenance, spec_row, write_rows
+from jobs.specs import RunFields, check, check_choice, opt
+
+log = logging.getLogger(__name__)
+
+METHODS = ("fx", "manual")
+SELECTIONS = ("random", "first")
+
+
+def _known(name: str, values: tuple, known: tuple | dict) -> None:
+    check(len(values) > 0, name, ",".join(map(str, values)), "give at least one value")
+    for v in values:
+        check_choice(name, v, known)
+    check(len(set(values)) == len(values), name, ",".join(map(str, values)), "values must be distinct")
+
+
+@dataclass(frozen=True)
+class PTQSpec(RunFields):
+    """A post-training int8 sweep; lists expand into a grid, one array task per (observer, calibration size)."""
+
+    methods: tuple[str, ...] = opt(("fx", "manual"), "PTQ paths: fx (FX graph mode), manual (hand-written int8)")
+    observers: tuple[str, ...] = opt(("minmax",), "activation observers: minmax, histogram, moving_average "
+                                                  "(one task each)")
+    weight_observers: tuple[str, ...] = opt(("per_channel",), "symmetric int8 weights: per_channel, per_tensor")
+    engine: str = opt("x86", "quantized kernels (x86, fbgemm: Intel/AMD; qnnpack: Arm)", choices=ENGINES)
+    reduce_range: bool = opt(True, "7-bit activations on x86/fbgemm (no int16 overflow on CPUs without VNNI); "
+                                   "qnnpack always uses 8 bits")
+    calib_sizes: tuple[int, ...] = opt((1000,), "calibration images from the training set (one task each)")
+    calib_selection: str = opt("random", "calibration subset: random (seeded; sizes nested) or first",
+                               choices=SELECTIONS)
+    calib_batch_size: int = opt(100, "calibration batch size")
+    alphas: tuple[float, ...] = opt((1.0,), "activation range factors in (0, 1.5], e.g. 0.95,1.0 or a range "
+                                            "start:stop:step like 0.95:1.0:0.01 (manual path)")
+    centers: tuple[str, ...] = opt(("min",), "what alpha keeps fixed: min, zero (manual path)")
+    test_size: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
+    eval_batch_size: int = opt(500, "evaluation batch size (float and int8)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _known("methods", self.methods, METHODS)
+        _known("observers", self.observers, OBSERVERS)
+        _known("weight_observers", self.weight_observers, WEIGHT_SCHEMES)
+        check_choice("engine", self.engine, ENGINES)
+        _known("centers", self.centers, CENTERS)
+        check_choice("calib_selection", self.calib_selection, SELECTIONS)
+        check(len(self.calib_sizes) > 0, "calib_sizes", "", "give at least one size")
+        for n in self.calib_sizes:
+            check(1 <= n <= TRAIN_SIZE, "calib_sizes", n, f"each size must be in [1, {TRAIN_SIZE}] "
+                                                          "(images of the training set)")
+        check(len(set(self.calib_sizes)) == len(self.calib_sizes), "calib_sizes",
+              ",".join(map(str, self.calib_sizes)), "values must be distinct")
+        check(len(self.alphas) > 0, "alphas", "", "give at least one alpha")
+        for a in self.alphas:
+            check(0.0 < a <= 1.5, "alphas", a, "each alpha must be in (0, 1.5]")
+        check(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size, "must be >= 1")
+        check(0 <= self.test_size <= 10_000, "test_size", self.test_size, "must be in [0, 10000]")
+        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+
+    def kind(self) -> str:
+        return "ptq"
+
+    def task_name(self) -> str:
+        """``<observer>-<calibration size>`` of a one-task spec, e.g. ``minmax-10000``."""
+        if len(self.observers) != 1 or len(self.calib_sizes) != 1:
+            raise ValueError("a PTQ task has one observer and one calibration size: split the sweep with plan_tasks")
+        return f"{self.observers[0]}-{self.calib_sizes[0]}"
+
+
+def expand_ranges(text: str) -> str:
+    """Comma-separated values where ``start:stop:step`` stands for an inclusive range.
+
+    E.g. ``"0.95:1.0:0.01"`` -> ``"0.95,0.96,0.97,0.98,0.99,1.0"``; ``"0.9,0.98:1.0:0.01"`` ->
+    ``"0.9,0.98,0.99,1.0"``. Values are rounded to 10 decimals so 0.95 + 3 * 0.01 is 0.98, not 0.9799999.
+    """
+    out: list[str] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if ":" not in part:
+            if part:
+                out.append(part)
+            continue
+        bits = part.split(":")
+        try:
+            start, stop, step = (float(b) for b in bits) if len(bits) == 3 else (None, None, None)
+        except ValueError:
+            start = None
+        if start is None or step <= 0 or stop < start:
+            raise ValueError(f"range {part!r} is invalid: use start:stop:step with step > 0 and stop >= start, "
+                             f"e.g. 0.95:1.0:0.01")
+        n = math.floor((stop - start) / step + 1e-9) + 1
+        if n > 1000:
+            raise ValueError(f"range {part!r} has {n} values; at most 1000")
+        out.extend(repr(round(start + i * step, 10)) for i in range(n))
+    return ",".join(out)
+
+
+def plan_tasks(spec: PTQSpec) -> list[PTQSpec]:
+    """One spec per (observer, calibration size), all other lists kept: the units of a job array."""
+    return [dataclasses.replace(spec, observers=(obs,), calib_sizes=(n,))
+            for obs in spec.observers for n in spec.calib_sizes]
+
+
+def task_path(spec: PTQSpec) -> Path:
+    return Path(spec.results) / "ptq" / f"{spec.run_id}-{spec.task_name()}.parquet"
+
+
+def load_float_model(name: str, weights: str) -> nn.Module:
+    """The float model to quantize, with any pruning masks made permanent first.
+
+    Reads plain state dicts, published weights, project checkpoints (``{"model": ...}``; a prune
+    run's ``state.pt`` also carries ``masks``, which are applied and dropped) and
+    ``torch.nn.utils.prune`` state dicts (``weight_orig`` x ``weight_mask`` becomes ``weight``).
+    """
+    obj = None
+    path = Path(weights) if weights and weights != "pretrained" else None
+    if path is not None and path.is_file():
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # unreadable here: load_model reports it as a WeightsError
+            obj = None
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if isinstance(state, dict) and any(k.endswith("_orig") for k in state):
+        merged = {k: v for k, v in state.items() if not k.endswith(("_orig", "_mask"))}
+        for k, v in state.items():
+            if k.endswith("_orig"):
+                base = k.removesuffix("_orig")
+                mask = state.get(base + "_mask")
+                merged[base] = v * mask if mask is not None else v
+        model = build_model(name)
+        load_state(model, merged, source=str(path))
+    else:
+        model = load_model(name, weights or None)
+    if isinstance(obj, dict) and isinstance(obj.get("masks"), dict) and obj["masks"]:
+        make_permanent(model, MaskSet.from_state_dict(obj["masks"]))
+    return model.eval()
+
+
+def preflight(spec: PTQSpec, train_images: int) -> None:
+    """What the spec alone cannot check: the dataset's size and this machine's quantized engines."""
+    for n in spec.calib_sizes:
+        check(n <= train_images, "calib_sizes", n, f"larger than the training set ({train_images} images)")
+    available = torch.backends.quantized.supported_engines
+    check(spec.engine in available, "engine", spec.engine,
+          f"not available on this machine; available: {', '.join(e for e in available if e != 'none')}")
+
+
+def _done_rows(path: Path, spec: PTQSpec) -> list[dict[str, Any]] | None:
+    """The rows of a task already written by the same spec (a requeued array task); None if absent."""
+    if not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    from jobs.training import SpecMismatch
+
+    rows = pq.read_table(path).to_pylist()
+    want = spec_row(spec)
+    if not rows or any(rows[0].get(k) != v for k, v in want.items()):
+        raise SpecMismatch(f"{path} holds PTQ results of another spec; choose another --run-id")
+    return rows
+
+
+def _summary(spec: PTQSpec, path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keep = ("method", "observer", "weight_observer", "calib_size", "alpha", "center", "float_top1", "int8_top1",
+            "float_bytes", "int8_bytes", "int8_packed_bytes", "sparsity", "calib_seconds", "eval_seconds")
+    return {"run_id": spec.run_id, "task": spec.task_name(), "path": str(path),
+            "rows": [{k: r[k] for k in keep} for r in rows]}
+
+
+def run_ptq(spec: PTQSpec) -> dict[str, Any]:
+    """Run one task of a PTQ sweep (see the module docstring); returns its rows in short.
+
+    Module-level and picklable: the same call runs here, in a SLURM array task and in a Ray trial.
+    """
+    if not spec.run_id:
+        raise ValueError("spec.run_id is empty: call spec.with_defaults() first")
+    path = task_path(spec)
+    done = _done_rows(path, spec)
+    if done is not None:
+        log.info("task %s of %s already written: %s", spec.task_name(), spec.run_id, path)
+        return _summary(spec, path, done)
+    with quiet():
+        rows = _quantize_all(spec)
+    from jobs import tables
+
+    write_rows(path, rows, tables.PTQ)
+    log.info("task %s: %d rows -> %s", spec.task_name(), len(rows), path)
+    return _summary(spec, path, rows)
+
+
+def _quantize_all(spec: PTQSpec) -> list[dict[str, Any]]:
+    from compress.quant import fx
+    from compress.quant.fold import fold_model
+    from compress.quant.int8 import build_int8, derive_qparams, effective_reduce_range, set_engine
+    from compress.quant.observe import calibrate, full_float32, quant_sites
+    from compress.quant.qparams import activation_range
+    from compress.quant.size import float_bytes, int8_size
+
+    set_engine(spec.engine)
+    device = pick_device(spec.device)
+    cpu = torch.device("cpu")
+    prov = provenance(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    observer, n_calib = spec.observers[0], spec.calib_sizes[0]
+    reduce = effective_reduce_range(spec.engine, spec.reduce_range)
+    qr = activation_range(reduce)
+
+    torch.manual_seed(spec.seed)
+    data = load_cifar10(spec.data_root or None)
+    preflight(spec, len(data.train_x))
+    model = load_float_model(spec.model, spec.weights)
+    idx = subset_indices(len(data.train_x), n_calib, spec.seed, spec.calib_selection)
+    calib = BatchLoader(data.train_x[idx], data.train_y[idx], spec.calib_batch_size, device)
+    n_test = spec.test_size or len(data.test_x)
+    test_x, test_y = data.test_x[:n_test], data.test_y[:n_test]
+    with full_float32():
+        float_ev = evaluate(model.to(device), BatchLoader(test_x, test_y, spec.eval_batch_size, device), device,
+                            amp=False, desc="float eval")
+    test_cpu = BatchLoader(test_x, test_y, spec.eval_batch_size, cpu)
+    base = {"run_id": spec.run_id, "kind": spec.kind(), "task": spec.task_name(), "observer": observer,
+            "engine": spec.engine, "activation_bits": 7 if reduce else 8, "calib_size": n_calib,
+            "float_top1": float_ev.top1, "test_images": float_ev.images, "float_bytes": float_bytes(model),
+            "sparsity": global_sparsity(model), "search_id": "", "trial_id": "", **spec_row(spec), **prov}
+    log.info("task %s: float top-1 %.2f%% on %d test images (%s), sparsity %.4f", spec.task_name(),
+             float_ev.top1, float_ev.images, device, base["sparsity"])
+    rows: list[dict[str, Any]] = []
+
+    def add_row(int8_model: nn.Module, convert_s: float, **fields: Any) -> None:
+        ev = evaluate(int8_model, test_cpu, cpu, desc="int8 eval")
+        size = int8_size(int8_model)
+        rows.append({**base, **fields, "int8_top1": ev.top1, "int8_bytes": size.dense,
+                     "int8_packed_bytes": size.packed, "int8_sparsity": size.sparsity,
+                     "convert_seconds": convert_s, "eval_seconds": ev.seconds})
+        log.info("%s %s %s alpha %s center %s: int8 top-1 %.2f%% (float %.2f%%)", fields["method"], observer,
+                 fields["weight_observer"], fields.get("alpha"), fields.get("center"), ev.top1, float_ev.top1)
+
+    if "manual" in spec.methods:
+        folded = fold_model(model)
+        t0 = time.perf_counter()
+        cal = calibrate(folded, calib, device, observer, quant_sites(folded))
+        ranges = cal.ranges(qr)  # the one set of statistics every variant below is derived from
+        calib_s = time.perf_counter() - t0
+        folded.cpu()
+        for wobs in spec.weight_observers:
+            for alpha in spec.alphas:
+                for center in spec.centers:
+                    t0 = time.perf_counter()
+                    q = build_int8(folded, derive_qparams(ranges, alpha, center, qr), wobs)
+                    add_row(q, time.perf_counter() - t0, method="manual", weight_observer=wobs, alpha=alpha,
+                            center=center, calib_seconds=calib_s)
+
+    if "fx" in spec.methods:
+        calibrated = None
+        calib_s = 0.0
+        for wobs in spec.weight_observers:
+            t0 = time.perf_counter()
+            prepared = fx.prepare(model, observer, wobs, reduce, spec.engine)
+            if calibrated is None:
+                fx.calibrate(prepared, calib, device)
+                calibrated = prepared
+                calib_s = time.perf_counter() - t0
+            else:
+                fx.copy_statistics(calibrated, prepared)
+            t0 = time.perf_counter()
+            q = fx.convert(prepared)
+            add_row(q, time.perf_counter() - t0, method="fx", weight_observer=wobs, alpha=None, center=None,
+                    calib_seconds=calib_s)
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """The rows of one or more tasks as a fixed-width table, as the ``ptq`` command prints them."""
+    head = (f"{'method':<7} {'observer':<15} {'weights':<12} {'calib':>6} {'alpha':>6} {'center':<6} "
+            f"{'float':>7} {'int8':>7} {'delta':>6} {'int8 KB':>8} {'packed KB':>9} {'calib s':>8} {'eval s':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        alpha = f"{r['alpha']:g}" if r["alpha"] is not None else "-"
+        lines.append(
+            f"{r['method']:<7} {r['observer']:<15} {r['weight_observer']:<12} {r['calib_size']:>6} {alpha:>6} "
+            f"{r['center'] or '-':<6} {r['float_top1']:>7.2f} {r['int8_top1']:>7.2f} "
+            f"{r['int8_top1'] - r['float_top1']:>+6.2f} {r['int8_bytes'] / 1000:>8.1f} "
+            f"{r['int8_packed_bytes'] / 1000:>9.1f} {r['calib_seconds']:>8.1f} {r['eval_seconds']:>7.1f}")
+    return "\n".join(lines)
