@@ -3,10 +3,16 @@
     python -m jobs.launch prune --weights W --data-root D --phases 2 --epochs 1 --final-sparsity 0.5
     python -m jobs.launch train --data-root D --epochs 30
     python -m jobs.launch prune ... --dry-run          # print the spec, run nothing
+    python -m jobs.launch prune ... --partition gpu --gpus 1 --time 2:00:00   # one SLURM job
+    python -m jobs.launch prune ... --seeds 0,1,2 --partition gpu             # one SLURM job array
+    python -m jobs.launch status [JOB_ID|JOB_FOLDER ...]                      # state, progress, log
+    python -m jobs.launch ptq --weights W --calib-sizes 1000,10000 --alphas 0.95:1.0:0.01  # int8 sweep
+    python -m jobs.launch report results --out results/report                # tables and plots, offline
 
-Without ``--partition`` the job runs in this process on this machine. Every option maps onto one
-field of the job's spec (``jobs/specs.py``); a bad value is one line on stderr and exit code 2,
-before anything is submitted or written.
+Without ``--partition`` the job runs in this process on this machine; with it, it goes to SLURM
+through submitit (``jobs/executors.py``, ``slurm/README.md``) and requeues itself on preemption.
+Every option maps onto one field of the job's spec (``jobs/specs.py``) or of ``ExecutorOptions``;
+a bad value is one line on stderr and exit code 2, before anything is submitted or written.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import click
@@ -21,7 +28,8 @@ import click
 from compress.data import DataError
 from compress.models import WeightsError
 from jobs.cli import fail, spec_from_options, spec_options
-from jobs.executors import build_executor
+from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, executor_options, open_executor, render_sbatch
+from jobs.ptq import PTQSpec, run_ptq
 from jobs.specs import PruneSpec, TrainSpec
 from jobs.training import SpecMismatch, run_prune, run_train
 from jobs.tune_cmd import tune
@@ -59,21 +67,64 @@ def _preflight(spec: Any) -> None:
         fail(str(e))
 
 
-def _run(spec: Any, fn: Any, dry_run: bool) -> None:
-    if dry_run:
-        click.echo(json.dumps(dataclasses.asdict(spec), indent=2))
-        return
-    _preflight(spec)
-    executor = build_executor()
-    click.echo(f"run {spec.run_id}: results under {spec.results}/")
+def _seed_specs(cls: type, options: dict[str, Any], seeds: str) -> list[Any]:
+    """One spec per seed of ``--seeds 0,1,2`` (a given ``--run-id`` gets ``-s<seed>``), else one spec."""
+    if not seeds:
+        return [_build_spec(cls, options)]
     try:
-        job = executor.submit(fn, spec)
-        summary = job.result()
-    except USER_ERRORS as e:
-        fail(str(e))
+        values = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        fail(f"seeds={seeds!r} is invalid: use comma-separated integers, e.g. 0,1,2")
+    if not values or len(set(values)) != len(values):
+        fail(f"seeds={seeds!r} is invalid: give distinct seeds, e.g. 0,1,2")
+    run_id = options.get("run_id") or ""
+    return [_build_spec(cls, {**options, "seed": s, "run_id": f"{run_id}-s{s}" if run_id else ""}) for s in values]
+
+
+def _echo_summary(summary: dict[str, Any]) -> None:
     click.echo(summary["table"])
     click.echo(f"final: top-1 {summary['top1']:.2f}% (start {summary['dense_top1']:.2f}%), "
                f"sparsity {100 * summary['sparsity']:.2f}%, checkpoint {summary['checkpoint']}")
+
+
+def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions) -> None:
+    if dry_run:
+        for spec in specs:
+            click.echo(json.dumps(dataclasses.asdict(spec), indent=2))
+        if not executor.local:
+            click.echo(render_sbatch(executor))
+        return
+    _preflight(specs[0])
+    ex = open_executor(executor)
+    if ex.local:
+        for spec in specs:
+            click.echo(f"run {spec.run_id}: results under {spec.results}/")
+            try:
+                summary = ex.submit(fn, spec).result()
+            except USER_ERRORS as e:
+                fail(str(e))
+            _echo_summary(summary)
+        return
+    jobs = ex.map_array(fn, specs) if len(specs) > 1 else [ex.submit(fn, specs[0])]
+    for job, spec in zip(jobs, specs, strict=True):
+        click.echo(f"submitted job {job.job_id}: run {spec.run_id}, log {job.paths.stdout}")
+    click.echo(f"watch: python -m jobs.launch status {jobs[0].job_id.split('_')[0]} --folder {executor.folder}")
+    if executor.wait:
+        wait_for(jobs, _echo_summary)
+
+
+def wait_for(jobs: list[Any], echo: Any) -> None:
+    """Wait for submitted jobs; echo each result, a failed job's error; exit 1 if any failed."""
+    failed = 0
+    for job in jobs:
+        try:
+            echo(job.result())
+        except Exception as e:  # submitit raises FailedJobError/UncompletedJobError with the job's traceback
+            failed += 1
+            last = next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
+            click.echo(f"job {job.job_id} {job.state}: {last.strip()} (log {job.paths.stdout})", err=True)
+    if failed:
+        raise click.exceptions.Exit(1)
 
 
 @click.group()
@@ -83,20 +134,136 @@ def cli(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+SEEDS_HELP = "comma-separated seeds: one run per seed (one job array on SLURM); overrides --seed"
+
+
 @cli.command()
 @spec_options(PruneSpec)
-@click.option("--dry-run", is_flag=True, help="print the spec and exit")
-def prune(dry_run: bool, **options: Any) -> None:
+@click.option("--seeds", default="", help=SEEDS_HELP)
+@executor_options
+@click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit")
+def prune(dry_run: bool, seeds: str, executor: ExecutorOptions, **options: Any) -> None:
     """Run a prune/retrain schedule (BN-gamma filters once, then global L1 magnitude phases)."""
-    _run(_build_spec(PruneSpec, options), run_prune, dry_run)
+    _run(_seed_specs(PruneSpec, options, seeds), run_prune, dry_run, executor)
 
 
 @cli.command()
 @spec_options(TrainSpec)
-@click.option("--dry-run", is_flag=True, help="print the spec and exit")
-def train(dry_run: bool, **options: Any) -> None:
+@click.option("--seeds", default="", help=SEEDS_HELP)
+@executor_options
+@click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit")
+def train(dry_run: bool, seeds: str, executor: ExecutorOptions, **options: Any) -> None:
     """Train a dense model (from scratch, or fine-tune --weights)."""
-    _run(_build_spec(TrainSpec, options), run_train, dry_run)
+    _run(_seed_specs(TrainSpec, options, seeds), run_train, dry_run, executor)
+
+
+@cli.command()
+@click.argument("targets", nargs=-1)
+@click.option("--folder", default=DEFAULT_FOLDER, show_default=True, help="the --folder the jobs were launched with")
+@click.option("--last", default=20, show_default=True, help="without targets: show the newest N jobs (0: all)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per job instead of the table")
+def status(targets: tuple[str, ...], folder: str, last: int, as_json: bool) -> None:
+    """State, progress and log of SLURM jobs, by job id or job folder (default: the newest under --folder).
+
+    A failed job's error line is shown under it; its full traceback is in its log.
+    """
+    from jobs.slurm_jobs import format_reports, inspect_jobs
+
+    try:
+        reports = inspect_jobs(targets, folder, 0 if targets else last)
+    except FileNotFoundError as e:
+        fail(str(e))
+    if not reports:
+        click.echo(f"no jobs under {folder}")
+    elif as_json:
+        for r in reports:
+            click.echo(json.dumps({**dataclasses.asdict(r), "log": str(r.log)}))
+    else:
+        click.echo(format_reports(reports))
+
+
+@cli.command()
+@click.argument("results", required=False, default="")
+@click.option("--out", default="", help="report folder (report.md + PNGs) [default: RESULTS/report]")
+@click.option("--run", "runs", multiple=True, help="run id or shell pattern, e.g. 'prune-2025*' (repeatable)")
+@click.option("--search", "searches", multiple=True, help="search id or shell pattern (repeatable)")
+@click.option("--model", "models", multiple=True, help="model name, e.g. resnet20a (repeatable)")
+@click.option("--kind", "kinds", multiple=True, help="row kind: prune, train, ptq (repeatable)")
+@click.option("--max-drop", default=1.5, show_default=True,
+              help="the prune searches' --max-drop, to rank their trials by the same objective")
+def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, ...], models: tuple[str, ...],
+           kinds: tuple[str, ...], max_drop: float) -> None:
+    """Markdown report with PNG plots from the Parquet results under RESULTS (default $COMPRESS_RESULTS or results).
+
+    Reads only the tables, so a results folder copied off the cluster is enough.
+    """
+    from compress.report import Filters, ReportError, build_report
+    from compress.results import default_root
+
+    results = results or default_root()
+    if max_drop < 0:
+        fail(f"max_drop={max_drop!r} is invalid: must be >= 0")
+    try:
+        written = build_report(results, out or str(Path(results) / "report"),
+                               Filters(runs=runs, searches=searches, models=models, kinds=kinds), max_drop)
+    except ReportError as e:
+        fail(str(e))
+    for line in written.summary:
+        click.echo(line)
+
+@cli.command()
+@spec_options(PTQSpec)
+@executor_options
+@click.option("--dry-run", is_flag=True, help="print the spec and its tasks (and the sbatch script) and exit")
+def ptq(dry_run: bool, executor: ExecutorOptions, **options: Any) -> None:
+    """Post-training int8 sweep (FX graph mode and hand-written): one task per (observer, calibration size).
+
+    Each task calibrates once and evaluates every weight-scheme/alpha/center variant from those
+    statistics; on SLURM the tasks go out as one job array. Rows: <results>/ptq/<run_id>-<task>.parquet.
+    """
+    from compress.data import load_cifar10
+    from jobs.ptq import expand_ranges, format_rows, load_float_model, plan_tasks, preflight
+
+    try:
+        options["alphas"] = expand_ranges(options["alphas"])
+    except ValueError as e:
+        fail(str(e))
+    spec = _build_spec(PTQSpec, options)
+    tasks = plan_tasks(spec)
+    if dry_run:
+        click.echo(json.dumps(dataclasses.asdict(spec), indent=2))
+        click.echo(f"{len(tasks)} task(s): {', '.join(t.task_name() for t in tasks)}")
+        if not executor.local:
+            click.echo(render_sbatch(executor))
+        return
+    try:
+        if not spec.weights:
+            raise WeightsError("ptq needs weights to quantize: pass --weights FILE or set COMPRESS_WEIGHTS")
+        preflight(spec, len(load_cifar10(spec.data_root or None).train_x))
+        load_float_model(spec.model, spec.weights)
+    except USER_ERRORS as e:
+        fail(str(e))
+    ex = open_executor(executor)
+    click.echo(f"run {spec.run_id}: {len(tasks)} task(s), results under {spec.results}/ptq/")
+
+    def echo(summary: dict[str, Any]) -> None:
+        click.echo(f"task {summary['task']} -> {summary['path']}")
+        click.echo(format_rows(summary["rows"]))
+
+    if ex.local:
+        try:
+            jobs = ex.map_array(run_ptq, tasks)
+        except USER_ERRORS as e:
+            fail(str(e))
+        for job in jobs:
+            echo(job.result())
+        return
+    jobs = ex.map_array(run_ptq, tasks)
+    for job, task in zip(jobs, tasks, strict=True):
+        click.echo(f"submitted job {job.job_id}: task {task.task_name()}, log {job.paths.stdout}")
+    click.echo(f"watch: python -m jobs.launch status {jobs[0].job_id.split('_')[0]} --folder {executor.folder}")
+    if executor.wait:
+        wait_for(jobs, echo)
 
 
 cli.add_command(tune)

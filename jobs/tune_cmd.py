@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from jobs.cli import fail, spec_from_options, spec_options
+from jobs.executors import ExecutorOptions, executor_options, open_executor, render_sbatch
 from sweeps.search import TuneSpec, check_search, job_kind, job_kinds, run_search
 
 
@@ -62,8 +63,9 @@ def _command(kind: str) -> click.Command:
 
     @spec_options(TuneSpec)
     @spec_options(jk.spec_cls, skip=("run_id",))
-    @click.option("--dry-run", is_flag=True, help="print the specs and exit")
-    def command(dry_run: bool, **options: Any) -> None:
+    @executor_options
+    @click.option("--dry-run", is_flag=True, help="print the specs (and the sbatch script) and exit")
+    def command(dry_run: bool, executor: ExecutorOptions, **options: Any) -> None:
         try:
             base, tune_spec = search_specs(kind, options)
         except ValueError as e:
@@ -71,12 +73,25 @@ def _command(kind: str) -> click.Command:
         if dry_run:
             click.echo(json.dumps({"search": dataclasses.asdict(tune_spec), "base": dataclasses.asdict(base)},
                                   indent=2))
+            if not executor.local:
+                click.echo(render_sbatch(executor))
             return
-        try:
-            summary = run_search(kind, base, tune_spec)
-        except (ValueError, FileNotFoundError) as e:
-            fail(str(e))
-        echo_summary(summary)
+        ex = open_executor(executor)
+        if ex.local:
+            try:
+                summary = run_search(kind, base, tune_spec)
+            except (ValueError, FileNotFoundError) as e:
+                fail(str(e))
+            echo_summary(summary)
+            return
+        job = ex.submit(run_search, kind, base, tune_spec)
+        click.echo(f"submitted job {job.job_id}: search {tune_spec.search_id} (Ray inside the allocation), "
+                   f"log {job.paths.stdout}")
+        click.echo(f"watch: python -m jobs.launch status {job.job_id} --folder {executor.folder}")
+        if executor.wait:
+            from jobs.launch import wait_for
+
+            wait_for([job], echo_summary)
 
     command.__doc__ = f"Search {kind} spec fields with Ray Tune (objective: {jk.metric_doc})."
     return click.command(name=kind)(command)

@@ -235,7 +235,9 @@ def run_search(kind: str, base: Any, tune_spec: TuneSpec) -> dict[str, Any]:
             search_alg = OptunaSearch(seed=base.seed)
         run_config = tune.RunConfig(name=tune_spec.search_id, storage_path=str(storage),
                                     failure_config=tune.FailureConfig(max_failures=0), verbose=0)
-        if tune_spec.resume:
+        # a requeued SLURM job (preemption, time limit) carries on with the search it started
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+        if tune_spec.resume or (requeued and tune.Tuner.can_restore(str(folder))):
             if not tune.Tuner.can_restore(str(folder)):
                 raise FileNotFoundError(f"no search to resume at {folder}")
             tuner = tune.Tuner.restore(str(folder), trainable=fn, resume_errored=True)
