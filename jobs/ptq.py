@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,10 +211,11 @@ def _summary(spec: PTQSpec, path: Path, rows: list[dict[str, Any]]) -> dict[str,
             "rows": [{k: r[k] for k in keep} for r in rows]}
 
 
-def run_ptq(spec: PTQSpec) -> dict[str, Any]:
+def run_ptq(spec: PTQSpec, tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one task of a PTQ sweep (see the module docstring); returns its rows in short.
 
-    Module-level and picklable: the same call runs here, in a SLURM array task and in a Ray trial.
+    Module-level and picklable: the same call runs here, in a SLURM array task and in a Ray trial;
+    ``tags`` (``search_id``, ``trial_id``) are added to every row.
     """
     if not spec.run_id:
         raise ValueError("spec.run_id is empty: call spec.with_defaults() first")
@@ -223,7 +225,7 @@ def run_ptq(spec: PTQSpec) -> dict[str, Any]:
         log.info("task %s of %s already written: %s", spec.task_name(), spec.run_id, path)
         return _summary(spec, path, done)
     with quiet():
-        rows = _quantize_all(spec)
+        rows = [{**r, **(tags or {})} for r in _quantize_all(spec)]
     from jobs import tables
 
     write_rows(path, rows, tables.PTQ)
@@ -308,6 +310,21 @@ def _quantize_all(spec: PTQSpec) -> list[dict[str, Any]]:
             add_row(q, time.perf_counter() - t0, method="fx", weight_observer=wobs, alpha=None, center=None,
                     calib_seconds=calib_s)
     return rows
+
+
+def run_ptq_sweep(spec: PTQSpec, report: Callable[[dict[str, Any]], None] | None = None,
+                  tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Every task of ``spec`` in this process, then ``report`` of the best int8 row (a Ray trial's result)."""
+    rows = [r for task in plan_tasks(spec) for r in run_ptq(task, tags)["rows"]]
+    best = max(rows, key=lambda r: r["int8_top1"])
+    if report is not None:
+        report({k: v for k, v in best.items() if v is not None})
+    return {"run_id": spec.run_id, "rows": rows, "best": best}
+
+
+def ptq_score(row: dict[str, Any], tune_spec: Any) -> float:
+    """A PTQ trial's objective: int8 top-1 of its best configuration, in percent."""
+    return float(row["int8_top1"])
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

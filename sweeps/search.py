@@ -81,17 +81,15 @@ def prune_score(row: dict[str, Any], tune_spec: TuneSpec) -> float:
 
 
 def job_kinds() -> dict[str, JobKind]:
+    from jobs.ptq import PTQSpec, ptq_score, run_ptq_sweep
     from jobs.specs import PruneSpec
     from jobs.training import run_prune
 
-    kinds = {"prune": JobKind(PruneSpec, run_prune, prune_score,
-                              "100*sparsity - 10*(points of top-1 lost beyond --max-drop)")}
-    try:
-        from jobs.ptq import PTQSpec, ptq_score, run_ptq
-    except ImportError:
-        return kinds
-    kinds["ptq"] = JobKind(PTQSpec, run_ptq, ptq_score, "int8 top-1 of the trial's configuration")
-    return kinds
+    return {
+        "prune": JobKind(PruneSpec, run_prune, prune_score,
+                         "100*sparsity - 10*(points of top-1 lost beyond --max-drop)"),
+        "ptq": JobKind(PTQSpec, run_ptq_sweep, ptq_score, "int8 top-1 of the trial's best configuration"),
+    }
 
 
 def job_kind(name: str) -> JobKind:
@@ -155,13 +153,37 @@ def _slurm_resources() -> dict[str, Any]:
     return res
 
 
+# Ray puts unix sockets at <temp>/session_<date>_<time>_<pid>/sockets/plasma_store (62 characters
+# below <temp>), and a socket path may not exceed 107 bytes
+_MAX_TEMP_DIR = 107 - 62
+
+
+def _job_folder(default: Path) -> Path:
+    """The submitit job folder when running as a SLURM job, else ``default``."""
+    if "SLURM_JOB_ID" in os.environ:
+        try:
+            import submitit
+
+            return Path(submitit.JobEnvironment().paths.folder)
+        except RuntimeError:  # a SLURM job not started by submitit
+            pass
+    return default
+
+
 def _temp_dir(folder: Path) -> str:
-    """Ray's temp dir: inside ``folder`` unless the path is too long for its unix sockets."""
+    """Ray's temp dir ``<folder>/ray``; where that path is too long for Ray's sockets, a short
+    private directory under /tmp, linked from ``<folder>/ray`` so it is still found from the job."""
     path = folder / "ray"
-    if len(str(path)) > 60:
-        path = Path(tempfile.mkdtemp(prefix=f"ray-{os.environ.get('SLURM_JOB_ID', os.getpid())}-"))
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(str(path)) <= _MAX_TEMP_DIR:
+        path.mkdir(exist_ok=True)
+        return str(path)
+    short = Path(tempfile.mkdtemp(prefix=f"ray-{os.environ.get('SLURM_JOB_ID', os.getpid())}-"))
+    if path.is_symlink() or not path.exists():
+        path.unlink(missing_ok=True)
+        path.symlink_to(short, target_is_directory=True)
+    log.info("Ray temp dir %s (linked from %s: the job folder's path is too long for Ray's sockets)", short, path)
+    return str(short)
 
 
 def start_ray(folder: Path) -> list[subprocess.Popen]:
@@ -213,7 +235,7 @@ def run_search(kind: str, base: Any, tune_spec: TuneSpec) -> dict[str, Any]:
     storage = root / "tune"
     folder = storage / tune_spec.search_id
     t0 = time.perf_counter()
-    workers = start_ray(folder)
+    workers = start_ray(_job_folder(folder))
     t_ray = time.perf_counter() - t0
     try:
         total_cpus = ray.cluster_resources().get("CPU", 1)

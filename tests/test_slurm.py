@@ -312,3 +312,28 @@ def test_failed_job_shows_its_error(cluster, tiny, work):
     assert r.state == "FAILED" and r.error.startswith("compress.data.DataError: CIFAR-10 not found")
     res = launch("status", job.job_id, "--folder", str(work / "jobs"))
     assert "FAILED" in res.output and "error: compress.data.DataError: CIFAR-10 not found" in res.output
+
+
+def test_two_ptq_searches_run_inside_slurm_jobs_at_once(cluster, synthetic_cifar: Path, synthetic_weights: Path,
+                                                        work: Path) -> None:
+    """``tune ptq --partition debug`` twice: each search starts its own Ray inside its job; rows of both arrive."""
+    results = work / "tune-results"
+    args = ["tune", "ptq", "--weights", str(synthetic_weights), "--data-root", str(synthetic_cifar),
+            "--results", str(results), "--methods", "manual", "--calib-sizes", "50", "--calib-batch-size", "50",
+            "--eval-batch-size", "100", "--space", "alphas=grid:0.95,1.0", "--searcher", "grid",
+            "--scheduler", "fifo", "--num-samples", "1", "--max-concurrent", "2", "--partition", "debug", "--cpus", "1",
+            "--folder", str(work / "tune-jobs")]
+    runner = CliRunner()
+    submitted = [runner.invoke(cli, [*args, "--search-id", f"slurm-search-{i}"]) for i in (1, 2)]
+    for res in submitted:
+        assert res.exit_code == 0, res.output
+    job_ids = [res.output.split("submitted job ", 1)[1].split(":", 1)[0] for res in submitted]
+    ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
+    jobs = wait_until("both searches to end", lambda: (lambda rs: rs if all(r.state in ended for r in rs) else None)(
+        inspect_jobs(job_ids, str(work / "tune-jobs"), 0)), timeout=300, every=2)
+    assert [(r.state, r.error) for r in jobs] == [("COMPLETED", "")] * 2
+    rows = read_table(results, "ptq").to_pandas()
+    for i in (1, 2):
+        mine = rows[rows["search_id"] == f"slurm-search-{i}"]
+        assert sorted(mine["alpha"]) == [0.95, 1.0]
+        assert mine["job_id"].nunique() == 1 and mine["job_id"].iloc[0] == job_ids[i - 1]

@@ -116,3 +116,22 @@ def test_a_failing_trial_is_reported_and_the_search_goes_on(synthetic_cifar, syn
     assert "WeightsError" in by_weights[str(bad)]["error"] and "cannot read" in by_weights[str(bad)]["error"]
     assert by_weights[str(synthetic_weights)]["error"] == ""
     assert summary["best"]["config"]["weights"] == str(synthetic_weights)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ptq_search_with_optuna_tags_its_rows(synthetic_cifar, synthetic_weights, tmp_path) -> None:
+    from jobs.ptq import PTQSpec
+
+    base = PTQSpec(weights=str(synthetic_weights), data_root=str(synthetic_cifar), results=str(tmp_path),
+                   methods=("manual",), calib_sizes=(50,), calib_batch_size=50, eval_batch_size=100).with_defaults()
+    tune_spec = TuneSpec(space=("alphas=uniform:0.9:1.0", "centers=choice:min,zero"), num_samples=3,
+                         max_concurrent=2, searcher="optuna", scheduler="fifo", search_id="ptq-search")
+    summary = run_search("ptq", base, tune_spec)
+    assert len(summary["trials"]) == 3 and not any(t["error"] for t in summary["trials"])
+    rows = ds.dataset(tmp_path / "ptq").to_table().to_pandas()
+    assert len(rows) == 3 and set(rows["search_id"]) == {"ptq-search"}
+    for t in summary["trials"]:  # each trial's reported score is the int8 top-1 of its own row
+        row = rows[rows["trial_id"] == t["trial_id"]].iloc[0]
+        assert row["alpha"] == pytest.approx(t["config"]["alphas"]) and row["center"] == t["config"]["centers"]
+        assert t["score"] == pytest.approx(row["int8_top1"])
