@@ -103,8 +103,7 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = False) 
     if base.name == PY_DIR:
         return _load_py(base.parent, download)
     raise DataError(f"CIFAR-10 not found under {base} (looked for {BIN_DIR}/ and {PY_DIR}/); pass "
-                    f"--data-root DIR or set {ENV_DATA}=DIR to the folder that holds one, or add "
-                    f"--download to fetch the python version")
+                    f"--data-root DIR or set {ENV_DATA}=DIR to the folder that holds one")
 
 
 def subset_indices(n: int, size: int, seed: int, how: str = "random") -> torch.Tensor:

@@ -225,9 +225,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError as e:
         raise WeightsError(f"weights file not found: {path}") from e
     except Exception as e:  # torch raises many types for a damaged file (pickle, zip, EOF)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise WeightsError(f"cannot read weights file {path}: not a PyTorch checkpoint "
-                           f"({type(e).__name__}: {first[:120]})") from e
+        raise WeightsError(f"cannot read weights file {path}: not a PyTorch checkpoint, or damaged "
+                           f"({type(e).__name__})") from e
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
