@@ -225,6 +225,14 @@ def job_python(job_id: str) -> int:
     raise AssertionError(f"no Python process in job {job_id}")
 
 
+def run_seconds(job_id: str) -> int:
+    """How long the job has run (scontrol's RunTime, [D-]HH:MM:SS), in seconds."""
+    text = scontrol("show", "job", "-o", job_id).split("RunTime=", 1)[1].split()[0]
+    days, _, hms = text.rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
 def usr2_arrived(pid: int) -> bool:
     """SIGUSR2 waits in the stopped process's pending masks, or the process already handled it and left
     (SLURM sends SIGCONT with the signal, which wakes a stopped task)."""
@@ -240,18 +248,20 @@ def test_timed_out_prune_requeues_and_resumes(reference, tiny, work):
     spec = tiny("timed-out")
     job = build_executor(partition="debug", folder=str(work / "jobs"), time="10").submit(run_prune, spec)
     wait_until("the job to be inside a phase", mid_phase(spec))
-    # the time limit drops to 1 minute, so SLURM's own time-limit check (every 30 s) sends USR2
-    # (--signal-delay 90 s > what is left). The job is held (SIGSTOP) until the signal comes, so it
-    # cannot finish first on a fast machine; it keeps its state and goes on exactly where it was.
+    # the time limit drops to 1-2 minutes past what the job has run, so SLURM's own time-limit check
+    # (every 30 s) sends USR2 (--signal-delay 90 s > what is left) while the hard limit is still a
+    # minute or so away: time for the checkpoint and the requeue. The job is held (SIGSTOP) until the
+    # signal comes, so it cannot finish first on a fast machine; it goes on exactly where it was.
     pid = job_python(job.job_id)
     os.kill(pid, signal.SIGSTOP)
     try:
-        scontrol("update", f"JobId={job.job_id}", "TimeLimit=1")
-        wait_until("SLURM's time-limit signal", lambda: usr2_arrived(pid), 45, 0.2)
+        ran = run_seconds(job.job_id)
+        scontrol("update", f"JobId={job.job_id}", f"TimeLimit={ran // 60 + 2}")
+        wait_until("SLURM's time-limit signal", lambda: usr2_arrived(pid), 90, 0.2)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-    wait_until("the requeue", lambda: "Restarts=0" not in scontrol("show", "job", "-o", job.job_id), 30, 0.5)
+    wait_until("the requeue", lambda: "Restarts=0" not in scontrol("show", "job", "-o", job.job_id), 60, 0.5)
     scontrol("update", f"JobId={job.job_id}", "TimeLimit=10")
     job.result()
     r = report(job, work)
