@@ -93,6 +93,8 @@ class TrainFields(RunFields):
     eval_batch_size: int = opt(500, "evaluation batch size")
     eval_every_epoch: bool = opt(True, "evaluate the test set after every epoch (else once per phase)")
     amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    cpu_bf16: bool = opt(False, "bf16 autocast for training on the CPU too (~1.6x faster where the CPU has "
+                                "AVX512-BF16/AMX); evaluation stays float32")
 
     def __post_init__(self) -> None:
         super().__post_init__()

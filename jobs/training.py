@@ -184,6 +184,7 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
                                  after_step=functools.partial(masks.apply, model) if len(masks) else None,
                                  teacher=teacher, kd_weight=getattr(spec, "kd_weight", 0.0),
                                  kd_temperature=getattr(spec, "kd_temperature", 4.0), amp=spec.amp,
+                                 cpu_amp=spec.cpu_bf16,
                                  desc=f"phase {ph.index} epoch {epoch + 1}/{ph.epochs}")
             last = epoch == ph.epochs - 1
             ev = (evaluate(model, test_loader, run.device, amp=spec.amp)

@@ -125,6 +125,23 @@ def test_train_one_epoch_with_a_teacher_runs_the_distillation_loss(device: torch
     assert with_kd.loss == pytest.approx(float(expected), rel=1e-4)
 
 
+def test_cpu_amp_runs_the_forward_in_bf16_and_keeps_float32_weights() -> None:
+    torch.manual_seed(5)
+    cpu = torch.device("cpu")
+    model = build_model("resnet20a")
+    seen: list[torch.dtype] = []
+    model.layer1[0].conv1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    opt = build_optimizer("sgd", model.parameters(), lr=0.05, weight_decay=0.0)
+    train_one_epoch(model, [(x, y)], opt, None, cpu, progress=False)
+    first = train_one_epoch(model, [(x, y)], opt, None, cpu, cpu_amp=True, progress=False)
+    for _ in range(10):
+        last = train_one_epoch(model, [(x, y)], opt, None, cpu, cpu_amp=True, progress=False)
+    assert seen[0] == torch.float32 and set(seen[1:]) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert last.loss < first.loss
+
+
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_real_option_a_weights_score_91_73_on_the_real_test_set(real_data_root: Path, real_weights: Path,
