@@ -63,17 +63,25 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tupl
 
 @torch.no_grad()
 def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[str] = ()) -> MaskSet:
-    """Masks that zero the ``round(sparsity * N)`` smallest-|w| weights over all prunable layers.
+    """Masks that zero the smallest-|w| weights so that ``round(sparsity * N)`` of all N prunable weights are zero.
 
-    Ranks by exact order (not a threshold), so the achieved sparsity is the target to within one
-    weight even with ties; weights already zero rank first, so earlier pruning is kept.
-    E.g. 268,336 weights at 0.5 -> exactly 134,168 zeros.
+    ``sparsity`` is global over every conv/linear weight, kept-dense layers (``exclude``) included:
+    those are never pruned, so the others make up for them. E.g. resnet20a's 268,336 weights at 0.5
+    -> exactly 134,168 zeros; with conv1 and linear (1,072 weights) kept dense, still 134,168 zeros,
+    all outside them. Ranks by exact order (not a threshold), so ties don't change the count;
+    weights already zero rank first, so earlier pruning is kept.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     weights = prunable_weights(model, exclude)
+    kept = [w for n, w in prunable_weights(model) if n not in {name for name, _ in weights}]
+    n_all = sum(w.numel() for _, w in prunable_weights(model))
     flat = torch.cat([w.detach().abs().flatten().float().cpu() for _, w in weights])
-    k = round(sparsity * flat.numel())
+    k = round(sparsity * n_all) - sum(int((w == 0).sum()) for w in kept)
+    if k >= flat.numel():
+        raise ValueError(f"sparsity {sparsity} needs {k:,} zeros but only {flat.numel():,} weights are outside "
+                         f"the kept-dense layers {sorted(set(exclude))}")
+    k = max(k, 0)
     keep = torch.ones_like(flat, dtype=torch.bool)
     if k:
         keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False

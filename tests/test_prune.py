@@ -89,8 +89,20 @@ def test_keep_dense_layers_are_untouched() -> None:
     masks.apply(model)
     for n in skip:
         assert torch.equal(model.get_submodule(n).weight, before[n]), n
-    n_rest = N_A - sum(w.numel() for w in before.values())
-    assert _zeros(model, skip) == round(0.8 * n_rest)
+    assert _zeros(model, skip) == round(0.8 * N_A)  # the target is global: the other layers make up for them
+    assert _zeros(model) == round(0.8 * N_A)
+
+
+def test_keep_dense_counts_zeros_already_in_the_kept_layers_and_refuses_an_unreachable_target() -> None:
+    model = _model()
+    with torch.no_grad():
+        model.conv1.weight[:4] = 0  # e.g. filters removed by BN-gamma pruning
+    zeros_conv1 = 4 * model.conv1.weight[0].numel()
+    global_magnitude_masks(model, 0.5, exclude=("conv1",)).apply(model)
+    assert _zeros(model) == round(0.5 * N_A) and _zeros(model, ("conv1",)) == round(0.5 * N_A) - zeros_conv1
+    big = ("layer3.0.conv1", "layer3.0.conv2", "layer3.1.conv1", "layer3.1.conv2", "layer3.2.conv1", "layer3.2.conv2")
+    with pytest.raises(ValueError, match="only .* weights are outside the kept-dense layers"):
+        global_magnitude_masks(_model(), 0.5, exclude=big)
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, 1.5])
