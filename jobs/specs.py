@@ -164,6 +164,11 @@ class PruneSpec(TrainFields):
             check(not unknown, "keep_dense", ",".join(self.keep_dense),
                   f"unknown module(s) {unknown}; conv/linear modules are e.g. conv1, layer1.0.conv1, "
                   f"{model.classifier_name}")
+            n_all = sum(m.weight.numel() for _, m in prunable(model))
+            n_rest = sum(m.weight.numel() for n, m in prunable(model) if n not in self.keep_dense)
+            check(round(self.final_sparsity * n_all) < n_rest, "final_sparsity", self.final_sparsity,
+                  f"unreachable with {','.join(self.keep_dense)} dense: only {n_rest:,} of {n_all:,} weights "
+                  f"can be pruned")
 
     def kind(self) -> str:
         return "prune"

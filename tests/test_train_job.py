@@ -272,6 +272,9 @@ BAD_INPUT = {
     "missing data root": (["--data-root", "/nonexistent/cifar"], "CIFAR-10 not found under /nonexistent/cifar"),
     "corrupt weights": (["--weights", "CORRUPT"], "cannot read weights file"),
     "unknown keep-dense module": (["--keep-dense", "conv1,nope"], "unknown module(s) ['nope']"),
+    "unreachable with kept-dense layers": (
+        ["--keep-dense", "layer3.1.conv1,layer3.1.conv2,layer3.2.conv1,layer3.2.conv2,layer3.0.conv2",
+         "--final-sparsity", "0.5"], "final_sparsity=0.5 is invalid: unreachable with layer3.1.conv1"),
 }
 
 
