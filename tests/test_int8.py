@@ -19,7 +19,15 @@ from compress.quant.int8 import (
 )
 from compress.quant.observe import calibrate, quant_sites
 from compress.quant.qparams import UINT7, activation_range
-from compress.quant.size import _packed_bytes, float_bytes, int8_size
+from compress.quant.size import (
+    bitmask_bytes,
+    float_bytes,
+    int8_size,
+    pack_relative,
+    packed_weight_bytes,
+    relative_bytes,
+    unpack_relative,
+)
 from tests.test_fold import randomise_bn
 
 CPU = torch.device("cpu")
@@ -135,7 +143,28 @@ def test_set_engine_rejects_unknown_engine() -> None:
 
 def test_sizes() -> None:
     assert float_bytes(build_model("resnet20a")) == 1_084_416
-    assert _packed_bytes(1000, 100) == 225
+    assert bitmask_bytes(1000, 100) == 225
+    every_10th = torch.zeros(1000, dtype=torch.bool)
+    every_10th[9::10] = True
+    assert relative_bytes(every_10th, 4) == 150 and relative_bytes(every_10th, 8) == 200
+    assert packed_weight_bytes(every_10th) == 150
+    one_far = torch.zeros(1000, dtype=torch.bool)
+    one_far[999] = True  # gap 1000: 63 entries of 4-bit gaps (62 fillers), 4 of 8-bit gaps
+    assert relative_bytes(one_far, 4) == (63 * 12 + 7) // 8 and relative_bytes(one_far, 8) == 8
+    dense = torch.ones(1000, dtype=torch.bool)
+    assert packed_weight_bytes(dense) == 1000 + 125
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.07, 0.5, 1.0])
+def test_relative_format_round_trips_exactly(bits: int, density: float) -> None:
+    g = torch.Generator().manual_seed(int(density * 100) + bits)
+    q = torch.randint(-127, 128, (64, 32, 3, 3), generator=g, dtype=torch.int8)
+    q[torch.rand(q.shape, generator=g) >= density] = 0
+    codes, stored = pack_relative(q, bits)
+    assert len(codes) == 0 or int(codes.max()) < 2 ** bits
+    assert len(codes) * (bits + 8) <= relative_bytes(q != 0, bits) * 8 < len(codes) * (bits + 8) + 8
+    assert torch.equal(unpack_relative(codes, stored, q.shape), q)
     assert effective_reduce_range("qnnpack", True) is False and effective_reduce_range("x86", True) is True
 
 
