@@ -216,11 +216,17 @@ def test_preempted_prune_resumes_with_identical_rows(reference, tiny, work):
 
 
 def job_python(job_id: str) -> int:
-    """The pid of the job's Python process (the submitit runner) on this node."""
+    """The pid of the job's Python process (the submitit runner) on this node.
+
+    Not the ``srun`` that launched it: its command line names ``submitit.core._submit`` as well.
+    """
     for line in scontrol("listpids", job_id).splitlines()[1:]:
         pid = line.split()[0]
-        cmdline = Path(f"/proc/{pid}/cmdline")
-        if cmdline.exists() and b"submitit.core._submit" in cmdline.read_bytes():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if b"submitit.core._submit" in argv and Path(argv[0].decode()).name.startswith("python"):
             return int(pid)
     raise AssertionError(f"no Python process in job {job_id}")
 
