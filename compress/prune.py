@@ -73,11 +73,11 @@ def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    weights = prunable_weights(model, exclude)
-    kept = [w for n, w in prunable_weights(model) if n not in {name for name, _ in weights}]
-    n_all = sum(w.numel() for _, w in prunable_weights(model))
+    every = prunable_weights(model)
+    skip = {f"{n}.weight" for n in exclude}
+    weights = [(n, w) for n, w in every if n not in skip]
     flat = torch.cat([w.detach().abs().flatten().float().cpu() for _, w in weights])
-    k = round(sparsity * n_all) - sum(int((w == 0).sum()) for w in kept)
+    k = round(sparsity * sum(w.numel() for _, w in every)) - sum(int((w == 0).sum()) for n, w in every if n in skip)
     if k >= flat.numel():
         raise ValueError(f"sparsity {sparsity} needs {k:,} zeros but only {flat.numel():,} weights are outside "
                          f"the kept-dense layers {sorted(set(exclude))}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compress.models import MODELS, build_model, prunable
-from compress.prune import SCHEDULES, phase_targets
+from compress.prune import SCHEDULES, global_magnitude_masks, phase_targets
 
 OPTIMIZERS = ("adamw", "sgd")
 ENV_WEIGHTS = "COMPRESS_WEIGHTS"
@@ -164,11 +164,10 @@ class PruneSpec(TrainFields):
             check(not unknown, "keep_dense", ",".join(self.keep_dense),
                   f"unknown module(s) {unknown}; conv/linear modules are e.g. conv1, layer1.0.conv1, "
                   f"{model.classifier_name}")
-            n_all = sum(m.weight.numel() for _, m in prunable(model))
-            n_rest = sum(m.weight.numel() for n, m in prunable(model) if n not in self.keep_dense)
-            check(round(self.final_sparsity * n_all) < n_rest, "final_sparsity", self.final_sparsity,
-                  f"unreachable with {','.join(self.keep_dense)} dense: only {n_rest:,} of {n_all:,} weights "
-                  f"can be pruned")
+            try:  # the masks of the last phase, on a fresh model: cheap, and the same rule the job applies
+                global_magnitude_masks(model, self.final_sparsity, self.keep_dense)
+            except ValueError as e:
+                raise ValueError(f"final_sparsity={self.final_sparsity!r} is invalid: {e}") from None
 
     def kind(self) -> str:
         return "prune"

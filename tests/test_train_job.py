@@ -274,7 +274,8 @@ BAD_INPUT = {
     "unknown keep-dense module": (["--keep-dense", "conv1,nope"], "unknown module(s) ['nope']"),
     "unreachable with kept-dense layers": (
         ["--keep-dense", "layer3.1.conv1,layer3.1.conv2,layer3.2.conv1,layer3.2.conv2,layer3.0.conv2",
-         "--final-sparsity", "0.5"], "final_sparsity=0.5 is invalid: unreachable with layer3.1.conv1"),
+         "--final-sparsity", "0.5"],
+        "final_sparsity=0.5 is invalid: sparsity 0.5 needs 134,168 zeros but only 84,016 weights are outside"),
 }
 
 
