@@ -142,6 +142,7 @@ class PruneSpec(TrainFields):
 
     epochs: int = opt(10, "retraining epochs per phase (the reference lab ran up to 150)")
     phases: int = opt(12, "number of prune/retrain phases")
+    final_epochs: int = opt(-1, "epochs of the last phase, the fine-tune at the final sparsity (-1: same as --epochs)")
     final_sparsity: float = opt(0.92, "global sparsity over conv+linear weights after the last phase")
     schedule: str = opt("geometric", "how per-phase targets grow", choices=tuple(SCHEDULES))
     filter_fraction: float = opt(0.05, "fraction of conv filters removed by smallest |BN gamma|, phase 1 only")
@@ -153,6 +154,7 @@ class PruneSpec(TrainFields):
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.phases >= 1, "phases", self.phases, "must be >= 1")
+        check(self.final_epochs >= -1, "final_epochs", self.final_epochs, "must be >= 0 (or -1: same as epochs)")
         check(0.0 <= self.final_sparsity < 1.0, "final_sparsity", self.final_sparsity, "must be in [0, 1)")
         check_choice("schedule", self.schedule, SCHEDULES)
         check(0.0 <= self.filter_fraction < 1.0, "filter_fraction", self.filter_fraction, "must be in [0, 1)")
@@ -178,4 +180,10 @@ class PruneSpec(TrainFields):
 
     def plan(self) -> list[Phase]:
         targets = phase_targets(self.final_sparsity, self.phases, self.schedule)
-        return [Phase(i + 1, t, self.epochs, self.filter_fraction if i == 0 else 0.0) for i, t in enumerate(targets)]
+        last = self.epochs if self.final_epochs < 0 else self.final_epochs
+        return [Phase(i + 1, t, last if i == self.phases - 1 else self.epochs,
+                      self.filter_fraction if i == 0 else 0.0) for i, t in enumerate(targets)]
+
+    def total_epochs(self) -> int:
+        """Training epochs of the whole schedule."""
+        return sum(ph.epochs for ph in self.plan())

@@ -254,6 +254,26 @@ def test_train_command_trains_from_scratch(synthetic_cifar: Path, tmp_path: Path
     assert global_sparsity(model) == 0.0
 
 
+def test_final_epochs_lengthen_only_the_last_phase() -> None:
+    spec = PruneSpec(phases=4, epochs=3, final_epochs=10, final_sparsity=0.9, schedule="cubic")
+    assert [ph.epochs for ph in spec.plan()] == [3, 3, 3, 10] and spec.total_epochs() == 19
+    assert [ph.target for ph in spec.plan()] == phase_targets(0.9, 4, "cubic")
+    assert [ph.epochs for ph in PruneSpec(phases=3, epochs=2).plan()] == [2, 2, 2]
+    assert [ph.epochs for ph in PruneSpec(phases=1, epochs=2, final_epochs=5).plan()] == [5]
+
+
+@pytest.mark.slow  # one two-phase run (~8 s)
+def test_final_epochs_run_trains_the_last_phase_longer(synthetic_cifar: Path, synthetic_weights: Path,
+                                                       tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    out = _invoke(_prune_args(synthetic_cifar, synthetic_weights, results, "fe", "--final-epochs", "2"))
+    assert out.exit_code == 0, out.output
+    epochs = _table(results, "epochs")
+    assert sorted(zip(epochs["phase"], epochs["epoch"], strict=True)) == [(1, 1), (2, 1), (2, 2)]
+    phases = _table(results, "phases").sort_values("phase")
+    assert phases["epochs"].tolist() == [0, 1, 2] and phases["spec_final_epochs"].eq(2).all()
+
+
 # --- bad input: one line, exit code 2, nothing written ------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -267,6 +287,7 @@ BAD_INPUT = {
     "sparsity 1.0": (["--final-sparsity", "1.0"], "final_sparsity=1.0 is invalid"),
     "sparsity -0.1": (["--final-sparsity", "-0.1"], "final_sparsity=-0.1 is invalid"),
     "zero phases": (["--phases", "0"], "phases=0 is invalid"),
+    "final epochs -2": (["--final-epochs", "-2"], "final_epochs=-2 is invalid"),
     "unknown model": (["--model", "resnet18"], "model='resnet18' is unknown; known: resnet20a, resnet20b"),
     "unknown optimizer": (["--optimizer", "lamb"], "optimizer='lamb' is unknown; known: adamw, sgd"),
     "missing data root": (["--data-root", "/nonexistent/cifar"], "CIFAR-10 not found under /nonexistent/cifar"),
