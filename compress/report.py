@@ -351,6 +351,54 @@ def _run_table(phases: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# spec fields that do not change what a run computes, or differ per run by construction: not part of a configuration
+NOT_CONFIGURATION = (*NOT_SEARCHED, "spec_seed", "spec_data_root", "spec_device", "spec_eval_every_epoch",
+                     "spec_eval_batch_size")
+
+
+def configuration_table(phases: pd.DataFrame) -> pd.DataFrame:
+    """Finished prune runs grouped by their spec less the seed: one line per configuration, best first.
+
+    A configuration is named by the spec fields that differ between configurations. Its top-1 is the
+    mean over its runs (seeds), with the min, max and spread; the drop is from the starting (phase 0)
+    top-1. Best first: the highest final sparsity (to 0.01%), then the highest mean top-1.
+    """
+    prune = phases[phases["kind"] == "prune"]
+    finals = []
+    for _run_id, g in prune.groupby("run_id", sort=True):
+        g = g.sort_values("phase")
+        last = g.iloc[-1]
+        if pd.isna(last.get("spec_phases")) or int(last["phase"]) != int(last["spec_phases"]):
+            continue  # unfinished: it would compare an intermediate sparsity
+        start = g.iloc[0]["top1"] if g.iloc[0]["phase"] == 0 else float("nan")
+        finals.append({**last.to_dict(), "start_top1": start, "total_epochs": int(g["epochs"].sum()),
+                       "total_train_seconds": float(g["train_seconds"].sum())})
+    if not finals:
+        return pd.DataFrame()
+    runs = pd.DataFrame(finals)
+    if "spec_weights" in runs:
+        runs["spec_weights"] = runs["spec_weights"].map(_weights_name)
+    keys = [c for c in runs.columns if c.startswith("spec_") and c not in NOT_CONFIGURATION]
+    runs["_key"] = runs[keys].apply(lambda r: tuple("" if pd.isna(v) else str(v) for v in r), axis=1)
+    named = [c for c in keys if runs.groupby("_key")[c].first().map(str).nunique() > 1]
+    out = []
+    for _key, g in runs.groupby("_key", sort=False):
+        first = g.iloc[0]
+        top = g["top1"]
+        out.append({
+            "configuration": ", ".join(f"{c[5:]}={first[c]}" for c in named) or "(all runs share one spec)",
+            "runs": len(g), "seeds": ",".join(str(int(v)) for v in sorted(g["spec_seed"])),
+            "epochs": int(first["total_epochs"]), "sparsity (%)": 100 * g["sparsity"].mean(),
+            "top-1 mean (%)": top.mean(), "top-1 min (%)": top.min(), "top-1 max (%)": top.max(),
+            "spread (pp)": top.max() - top.min(), "drop (pp)": (g["start_top1"] - top).mean(),
+            "train time (min)": g["total_train_seconds"].mean() / 60,
+        })
+    table = pd.DataFrame(out)
+    order = table.assign(_s=table["sparsity (%)"].round(2)).sort_values(["_s", "top-1 mean (%)"],
+                                                                         ascending=False, kind="stable")
+    return order.drop(columns="_s").reset_index(drop=True)
+
+
 def _curve(run_phases: pd.DataFrame, run_epochs: pd.DataFrame | None) -> pd.DataFrame:
     """Per-epoch points of one run on one x axis: epochs counted across phases, phase 0 at x = 0.
 
@@ -555,6 +603,11 @@ def _prune_section(w: _Writer, tables: dict[str, pd.DataFrame], summary: list[st
     w.text("## Pruning and training")
     runs = _run_table(phases)
     w.table("runs", runs, {"train time (min)": ".1f"}, note="One line per run (its last phase so far):")
+    configs = configuration_table(phases)
+    if len(configs):
+        w.table("configurations", configs, {"train time (min)": ".1f"},
+                note="Finished prune runs by configuration (the spec less the seed), best first: highest "
+                     "sparsity, then highest mean top-1 over the seeds:")
     _sparsity_section(w, phases)
     # details for runs outside searches, and for each search's best trial (picked in the search section)
     detail = sorted(phases.loc[phases["search_id"] == "", "run_id"].unique())

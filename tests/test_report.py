@@ -22,6 +22,7 @@ from compress.report import (
     Filters,
     build_report,
     load_tables,
+    configuration_table,
     markdown_table,
     pareto_front,
     reference_variant,
@@ -97,6 +98,37 @@ def test_varying_spec_columns_are_the_searched_fields() -> None:
     df = pd.DataFrame({"spec_lr": [0.1, 0.2], "spec_seed": [0, 0], "spec_run_id": ["a", "b"], "top1": [1.0, 2.0],
                        "spec_keep_dense": [None, "conv1"]})
     assert varying_spec_columns(df) == ["spec_lr", "spec_keep_dense"]
+
+
+def _phase_rows(run: str, seed: int, lr: float, tops: list[float], planned: int | None = None) -> list[dict]:
+    n = len(tops) - 1
+    return [{"run_id": run, "kind": "prune", "phase": p, "top1": t, "sparsity": 0.9 * p / n, "epochs": 0 if p == 0 else 5,
+             "train_seconds": 0.0 if p == 0 else 60.0, "spec_phases": planned or n, "spec_seed": seed, "spec_lr": lr,
+             "spec_run_id": run, "spec_results": f"/r/{run}", "spec_weights": "/a/w.th", "spec_epochs": 5}
+            for p, t in enumerate(tops)]
+
+
+def test_configuration_table_groups_seeds_and_puts_the_best_first() -> None:
+    phases = pd.DataFrame([
+        *_phase_rows("a0", 0, 0.03, [91.7, 91.0, 90.0]), *_phase_rows("a1", 1, 0.03, [91.7, 91.2, 89.6]),
+        *_phase_rows("b0", 0, 0.05, [91.7, 91.1, 90.3]),
+        *_phase_rows("c0", 0, 0.10, [91.7, 95.0], planned=2),  # unfinished (1 of 2 phases): left out
+        *[{**r, "spec_weights": "/elsewhere/w.th"} for r in _phase_rows("d0", 0, 0.03, [91.7, 90.9, 89.0])],
+    ])
+    table = configuration_table(phases)
+    assert table["configuration"].tolist() == ["lr=0.05", "lr=0.03"]  # same weights file name: one configuration
+    best, second = table.iloc[0], table.iloc[1]
+    assert (best["runs"], best["seeds"], best["epochs"]) == (1, "0", 10) and best["top-1 mean (%)"] == 90.3
+    assert (second["runs"], second["seeds"]) == (3, "0,0,1")
+    assert second["top-1 mean (%)"] == pytest.approx((90.0 + 89.6 + 89.0) / 3)
+    assert (second["top-1 min (%)"], second["top-1 max (%)"]) == (89.0, 90.0)
+    assert second["spread (pp)"] == pytest.approx(1.0) and second["drop (pp)"] == pytest.approx(91.7 - (90.0 + 89.6 + 89.0) / 3)
+    assert second["sparsity (%)"] == pytest.approx(90.0) and second["train time (min)"] == pytest.approx(2.0)
+    # a sparser configuration ranks first whatever its top-1
+    sparser = pd.DataFrame([*phases.to_dict("records"),
+                            *[{**r, "sparsity": r["sparsity"] * 1.05} for r in _phase_rows("e0", 0, 0.2, [91.7, 80, 70])]])
+    assert configuration_table(sparser)["configuration"].tolist() == ["lr=0.2", "lr=0.05", "lr=0.03"]
+    assert configuration_table(phases[phases["run_id"] == "c0"]).empty
 
 
 def test_reference_variant_keeps_unshrunk_ranges() -> None:
@@ -283,6 +315,16 @@ def test_report_tables_equal_the_rows(results: Path, cli_report: tuple[Path, str
         assert line["phases done"] == "2/2"
         assert line["search"] == last["search_id"]
 
+    # solo and trial t0 differ only in run id: one configuration of two runs; t1's lr makes another
+    configs = tables["Pruning and training"][1].set_index("configuration")
+    finals = phases.loc[phases.groupby("run_id")["phase"].idxmax()].set_index("run_id")["top1"]
+    shared = (finals["solo"] + finals[f"{SEARCH}-t0"]) / 2
+    assert configs.loc["lr=0.001", "runs"] == "2" and configs.loc["lr=0.003", "runs"] == "1"
+    assert configs.loc["lr=0.001", "top-1 mean (%)"] == f"{shared:.2f}"
+    assert configs.loc["lr=0.003", "top-1 mean (%)"] == f"{finals[f'{SEARCH}-t1']:.2f}"
+    means = [num(v) for v in configs["top-1 mean (%)"]]
+    assert means == sorted(means, reverse=True)
+
     phase_table, module_table = tables["Run solo"]
     solo = phases[phases["run_id"] == "solo"].sort_values("phase")
     assert phase_table["phase"].astype(int).tolist() == solo["phase"].tolist()
@@ -360,6 +402,7 @@ def test_library_tables_hold_the_row_values(results: Path, tmp_path: Path) -> No
     phases = rows(results, "phases")
     solo = phases[phases["run_id"] == "solo"].sort_values("phase")
     assert list(rep.tables["runs"]["run"]) == ["solo"]
+    assert rep.tables["configurations"]["top-1 mean (%)"].tolist() == [solo["top1"].iloc[-1]]
     assert rep.tables["runs"]["final top-1 (%)"].iloc[0] == solo["top1"].iloc[-1]
     assert rep.tables["phases:solo"]["test loss"].tolist() == solo["test_loss"].tolist()
     assert "search:srch" not in rep.tables
