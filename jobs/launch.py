@@ -63,6 +63,8 @@ def _preflight(spec: Any) -> None:
             if not spec.weights:
                 raise WeightsError(f"{spec.kind()} needs starting weights: pass --weights FILE or set COMPRESS_WEIGHTS")
             load_model(spec.model, spec.weights)
+        if getattr(spec, "teacher", ""):
+            load_model(spec.model, spec.teacher)
     except USER_ERRORS as e:
         fail(str(e))
 

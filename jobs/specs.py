@@ -150,6 +150,8 @@ class PruneSpec(TrainFields):
     bn_reestimate: bool = opt(False, "recompute BN statistics on training batches right after each pruning step")
     kd_weight: float = opt(0.0, "weight of distillation from the starting (dense) model during retraining")
     kd_temperature: float = opt(4.0, "distillation temperature")
+    teacher: str = opt("", "weights of the distillation teacher (default: the starting weights), e.g. the dense "
+                           "model when continuing from a pruned checkpoint")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -124,7 +124,8 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
     is_prune = isinstance(spec, PruneSpec)
     teacher = None
     if is_prune and spec.kd_weight > 0:
-        teacher = load_model(spec.model, spec.weights or None).to(run.device, memory_format=torch.channels_last)
+        teacher = load_model(spec.model, spec.teacher or spec.weights or None)
+        teacher = teacher.to(run.device, memory_format=torch.channels_last)
         teacher.eval().requires_grad_(False)
 
     state: dict[str, Any] | None = None

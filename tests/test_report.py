@@ -21,8 +21,8 @@ from PIL import Image
 from compress.report import (
     Filters,
     build_report,
-    load_tables,
     configuration_table,
+    load_tables,
     markdown_table,
     pareto_front,
     reference_variant,
@@ -102,7 +102,8 @@ def test_varying_spec_columns_are_the_searched_fields() -> None:
 
 def _phase_rows(run: str, seed: int, lr: float, tops: list[float], planned: int | None = None) -> list[dict]:
     n = len(tops) - 1
-    return [{"run_id": run, "kind": "prune", "phase": p, "top1": t, "sparsity": 0.9 * p / n, "epochs": 0 if p == 0 else 5,
+    return [{"run_id": run, "kind": "prune", "phase": p, "top1": t, "sparsity": 0.9 * p / n,
+             "epochs": 0 if p == 0 else 5,
              "train_seconds": 0.0 if p == 0 else 60.0, "spec_phases": planned or n, "spec_seed": seed, "spec_lr": lr,
              "spec_run_id": run, "spec_results": f"/r/{run}", "spec_weights": "/a/w.th", "spec_epochs": 5}
             for p, t in enumerate(tops)]
@@ -122,11 +123,13 @@ def test_configuration_table_groups_seeds_and_puts_the_best_first() -> None:
     assert (second["runs"], second["seeds"]) == (3, "0,0,1")
     assert second["top-1 mean (%)"] == pytest.approx((90.0 + 89.6 + 89.0) / 3)
     assert (second["top-1 min (%)"], second["top-1 max (%)"]) == (89.0, 90.0)
-    assert second["spread (pp)"] == pytest.approx(1.0) and second["drop (pp)"] == pytest.approx(91.7 - (90.0 + 89.6 + 89.0) / 3)
+    assert second["spread (pp)"] == pytest.approx(1.0)
+    assert second["drop (pp)"] == pytest.approx(91.7 - (90.0 + 89.6 + 89.0) / 3)
     assert second["sparsity (%)"] == pytest.approx(90.0) and second["train time (min)"] == pytest.approx(2.0)
     # a sparser configuration ranks first whatever its top-1
     sparser = pd.DataFrame([*phases.to_dict("records"),
-                            *[{**r, "sparsity": r["sparsity"] * 1.05} for r in _phase_rows("e0", 0, 0.2, [91.7, 80, 70])]])
+                            *[{**r, "sparsity": r["sparsity"] * 1.05}
+                              for r in _phase_rows("e0", 0, 0.2, [91.7, 80, 70])]])
     assert configuration_table(sparser)["configuration"].tolist() == ["lr=0.2", "lr=0.05", "lr=0.03"]
     assert configuration_table(phases[phases["run_id"] == "c0"]).empty
 

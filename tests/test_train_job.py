@@ -274,6 +274,23 @@ def test_final_epochs_run_trains_the_last_phase_longer(synthetic_cifar: Path, sy
     assert phases["epochs"].tolist() == [0, 1, 2] and phases["spec_final_epochs"].eq(2).all()
 
 
+@pytest.mark.slow  # one one-phase run (~5 s)
+def test_teacher_is_loaded_from_its_own_file(synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    teacher = tmp_path / "teacher.th"
+    teacher.write_bytes(synthetic_weights.read_bytes())
+    loaded: list[str] = []
+    real = jobs.training.load_model
+    monkeypatch.setattr(jobs.training, "load_model",
+                        lambda name, path=None: loaded.append(str(path)) or real(name, path))
+    results = tmp_path / "results"
+    out = _invoke([*_prune_args(synthetic_cifar, synthetic_weights, results, "kd"), "--phases", "1",
+                   "--kd-weight", "0.5", "--teacher", str(teacher)])
+    assert out.exit_code == 0, out.output
+    assert loaded == [str(synthetic_weights), str(teacher)]
+    assert _table(results, "phases")["spec_teacher"].eq(str(teacher)).all()
+
+
 # --- bad input: one line, exit code 2, nothing written ------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -292,6 +309,7 @@ BAD_INPUT = {
     "unknown optimizer": (["--optimizer", "lamb"], "optimizer='lamb' is unknown; known: adamw, sgd"),
     "missing data root": (["--data-root", "/nonexistent/cifar"], "CIFAR-10 not found under /nonexistent/cifar"),
     "corrupt weights": (["--weights", "CORRUPT"], "cannot read weights file"),
+    "corrupt teacher": (["--kd-weight", "0.5", "--teacher", "CORRUPT"], "cannot read weights file"),
     "unknown keep-dense module": (["--keep-dense", "conv1,nope"], "unknown module(s) ['nope']"),
     "unreachable with kept-dense layers": (
         ["--keep-dense", "layer3.1.conv1,layer3.1.conv2,layer3.2.conv1,layer3.2.conv2,layer3.0.conv2",
