@@ -376,8 +376,11 @@ def configuration_table(phases: pd.DataFrame) -> pd.DataFrame:
     if not finals:
         return pd.DataFrame()
     runs = pd.DataFrame(finals)
+    # weights by file name (one file copied elsewhere is one configuration); no teacher given: "-"
     if "spec_weights" in runs:
-        runs["spec_weights"] = runs["spec_weights"].map(_weights_name)
+        runs["spec_weights"] = runs["spec_weights"].map(lambda v: _weights_name("" if pd.isna(v) else v))
+    if "spec_teacher" in runs:
+        runs["spec_teacher"] = runs["spec_teacher"].map(lambda v: _weights_name(v) if isinstance(v, str) and v else "-")
     keys = [c for c in runs.columns if c.startswith("spec_") and c not in NOT_CONFIGURATION]
     runs["_key"] = runs[keys].apply(lambda r: tuple("" if pd.isna(v) else str(v) for v in r), axis=1)
     named = [c for c in keys if runs.groupby("_key")[c].first().map(str).nunique() > 1]
