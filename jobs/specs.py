@@ -148,7 +148,8 @@ class PruneSpec(TrainFields):
     filter_fraction: float = opt(0.05, "fraction of conv filters removed by smallest |BN gamma|, phase 1 only")
     keep_dense: tuple[str, ...] = opt((), "comma-separated modules left out of magnitude pruning, e.g. conv1,linear")
     bn_reestimate: bool = opt(False, "recompute BN statistics on training batches right after each pruning step")
-    kd_weight: float = opt(0.0, "weight of distillation from the starting (dense) model during retraining")
+    kd_weight: float = opt(0.0, "weight of distillation from the teacher (the starting model unless --teacher) "
+                                "during retraining")
     kd_temperature: float = opt(4.0, "distillation temperature")
     teacher: str = opt("", "weights of the distillation teacher (default: the starting weights), e.g. the dense "
                            "model when continuing from a pruned checkpoint")
@@ -162,6 +163,8 @@ class PruneSpec(TrainFields):
         check(0.0 <= self.filter_fraction < 1.0, "filter_fraction", self.filter_fraction, "must be in [0, 1)")
         check(0.0 <= self.kd_weight <= 1.0, "kd_weight", self.kd_weight, "must be in [0, 1]")
         check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "must be > 0")
+        check(not self.teacher or self.kd_weight > 0, "teacher", self.teacher,
+              "is only used for distillation: give --kd-weight > 0 too")
         if self.keep_dense:
             model = build_model(self.model)
             unknown = sorted(set(self.keep_dense) - {n for n, _ in prunable(model)})
@@ -186,6 +189,3 @@ class PruneSpec(TrainFields):
         return [Phase(i + 1, t, last if i == self.phases - 1 else self.epochs,
                       self.filter_fraction if i == 0 else 0.0) for i, t in enumerate(targets)]
 
-    def total_epochs(self) -> int:
-        """Training epochs of the whole schedule."""
-        return sum(ph.epochs for ph in self.plan())
