@@ -62,7 +62,8 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tupl
 
 
 @torch.no_grad()
-def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[str] = ()) -> MaskSet:
+def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[str] = (),
+                           max_layer_sparsity: float = 1.0) -> MaskSet:
     """Masks that zero the smallest-|w| weights so that ``round(sparsity * N)`` of all N prunable weights are zero.
 
     ``sparsity`` is global over every conv/linear weight, kept-dense layers (``exclude``) included:
@@ -70,6 +71,11 @@ def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[
     -> exactly 134,168 zeros; with conv1 and linear (1,072 weights) kept dense, still 134,168 zeros,
     all outside them. Ranks by exact order (not a threshold), so ties don't change the count;
     weights already zero rank first, so earlier pruning is kept.
+
+    ``max_layer_sparsity`` caps each pruned layer at ``floor(cap * n)`` zeros (layers already past it
+    keep their zeros and take no more); the global count is then filled from the smallest weights of
+    the layers under the cap (water-filling). E.g. at 0.93 global magnitude alone leaves resnet20a's
+    layer3.2.conv2 about 98.8% sparse; a 0.97 cap stops it at 35,758 of 36,864 zeros.
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -82,9 +88,42 @@ def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[
         raise ValueError(f"sparsity {sparsity} needs {k:,} zeros but only {flat.numel():,} weights are outside "
                          f"the kept-dense layers {sorted(set(exclude))}")
     k = max(k, 0)
+    if not 0.0 < max_layer_sparsity <= 1.0:
+        raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity}")
+    if max_layer_sparsity == 1.0:
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        if k:
+            keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False
+        return _split(keep, weights)
+    caps = [max(math.floor(max_layer_sparsity * w.numel()), int((w == 0).sum())) for _, w in weights]
+    if k > sum(caps):
+        raise ValueError(f"sparsity {sparsity} needs {k:,} zeros but a per-layer cap of {max_layer_sparsity} "
+                         f"allows only {sum(caps):,}")
+    layer = torch.cat([torch.full((w.numel(),), i) for i, (_, w) in enumerate(weights)])
     keep = torch.ones_like(flat, dtype=torch.bool)
-    if k:
-        keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False
+    capped: set[int] = set()
+    while True:  # prune globally over the uncapped layers; any layer past its cap is fixed at it; repeat
+        left = k - sum(caps[i] for i in capped)
+        free = ~torch.isin(layer, torch.tensor(sorted(capped), dtype=layer.dtype))
+        idx = free.nonzero().flatten()
+        chosen = idx[torch.topk(flat[idx], left, largest=False, sorted=False).indices] if left else idx[:0]
+        counts = torch.bincount(layer[chosen], minlength=len(weights))
+        over = {i for i in range(len(weights)) if i not in capped and counts[i] > caps[i]}
+        if not over:
+            break
+        capped |= over
+    keep[chosen] = False
+    start = 0
+    for i, (_, w) in enumerate(weights):
+        if i in capped:
+            seg = flat[start:start + w.numel()]
+            keep[start + torch.topk(seg, caps[i], largest=False, sorted=False).indices] = False
+        start += w.numel()
+    return _split(keep, weights)
+
+
+def _split(keep: torch.Tensor, weights: list[tuple[str, torch.Tensor]]) -> MaskSet:
+    """A flat keep-vector cut back into one mask per weight."""
     masks, start = {}, 0
     for name, w in weights:
         masks[name] = keep[start:start + w.numel()].view_as(w).to(w.device)

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,10 +102,13 @@ class Report:
 # reading
 
 
-def load_tables(root: str | os.PathLike, filters: Filters = Filters()) -> dict[str, pd.DataFrame]:
+def load_tables(root: str | os.PathLike, filters: Filters = Filters(),
+                spec_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
     """Every table under ``root`` that has rows passing ``filters`` (absent tables are left out).
 
-    Raises ``ReportError`` when the folder is missing, holds no results, or no row passes.
+    ``spec_defaults`` (kind -> ``spec_<field>`` -> default) fills the spec columns of rows written
+    before that field existed, so an old run and a new one with the same settings are one
+    configuration. Raises ``ReportError`` when the folder is missing, holds no results, or no row passes.
     """
     root = Path(root)
     if not root.is_dir():
@@ -125,6 +128,12 @@ def load_tables(root: str | os.PathLike, filters: Filters = Filters()) -> dict[s
             if column not in df:
                 df[column] = ""
             df[column] = df[column].fillna("")
+        for kind, defaults in (spec_defaults or {}).items():
+            rows = df["kind"] == kind
+            for column, value in defaults.items():
+                if column in df and (missing := rows & df[column].isna()).any():
+                    df[column] = df[column].astype(object)
+                    df.loc[missing, column] = value
         if "written_at" in df and set(ROW_KEYS[name]) <= set(df.columns):
             df = df.sort_values("written_at", kind="stable").drop_duplicates(list(ROW_KEYS[name]), keep="last")
         found[name] = df.reset_index(drop=True)
@@ -992,13 +1001,13 @@ def _provenance(w: _Writer, tables: dict[str, pd.DataFrame]) -> None:
 
 
 def build_report(root: str | os.PathLike, out: str | os.PathLike, filters: Filters = Filters(),
-                 max_drop: float = 1.5) -> Report:
+                 max_drop: float = 1.5, spec_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> Report:
     """Read the tables under ``root``, write ``out/report.md`` and its PNGs; returns what was written.
 
     ``max_drop`` is the allowed top-1 drop (points) of the prune searches' objective, as given to the
-    search (``--max-drop``), used to rank their trials.
+    search (``--max-drop``), used to rank their trials. ``spec_defaults``: see ``load_tables``.
     """
-    tables = load_tables(root, filters)
+    tables = load_tables(root, filters, spec_defaults)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file, not a folder")

@@ -161,13 +161,20 @@ def write_rows(path: Path, rows: Iterable[Mapping[str, Any]], schema: pa.Schema)
 
 
 def read_table(root: str | os.PathLike, table: str) -> pa.Table:
-    """All rows of one table under a results root (every file shares the schema)."""
+    """All rows of one table under a results root.
+
+    Files written before a spec field existed lack its column: the schema is the union of the files'
+    schemas, and their rows read null there (not dropped, as a schema taken from one file would).
+    """
     import pyarrow.dataset as ds
 
     folder = Path(root) / table
-    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+    found = folder.glob("*.parquet") if folder.is_dir() else []
+    files = sorted(str(f) for f in found if not f.name.startswith((".", "_")))  # not a write in progress
+    if not files:
         raise FileNotFoundError(f"no {table} results under {Path(root)}")
-    return ds.dataset(folder, format="parquet").to_table()
+    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
+    return ds.dataset(files, format="parquet", schema=schema).to_table()
 
 
 def torch_save_atomic(obj: Any, path: Path) -> None:

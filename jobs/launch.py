@@ -201,13 +201,15 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
     """
     from compress.report import Filters, ReportError, build_report
     from compress.results import default_root
+    from jobs.specs import spec_defaults
 
     results = results or default_root()
     if max_drop < 0:
         fail(f"max_drop={max_drop!r} is invalid: must be >= 0")
     try:
         written = build_report(results, out or str(Path(results) / "report"),
-                               Filters(runs=runs, searches=searches, models=models, kinds=kinds), max_drop)
+                               Filters(runs=runs, searches=searches, models=models, kinds=kinds), max_drop,
+                               spec_defaults())
     except ReportError as e:
         fail(str(e))
     for line in written.summary:

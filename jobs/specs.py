@@ -147,6 +147,8 @@ class PruneSpec(TrainFields):
     schedule: str = opt("geometric", "how per-phase targets grow", choices=tuple(SCHEDULES))
     filter_fraction: float = opt(0.05, "fraction of conv filters removed by smallest |BN gamma|, phase 1 only")
     keep_dense: tuple[str, ...] = opt((), "comma-separated modules left out of magnitude pruning, e.g. conv1,linear")
+    max_layer_sparsity: float = opt(1.0, "cap on any one layer's sparsity in magnitude pruning; the others make up "
+                                         "the global target (1.0: no cap)")
     bn_reestimate: bool = opt(False, "recompute BN statistics on training batches right after each pruning step")
     kd_weight: float = opt(0.0, "weight of distillation from the teacher (the starting model unless --teacher) "
                                 "during retraining")
@@ -161,18 +163,19 @@ class PruneSpec(TrainFields):
         check(0.0 <= self.final_sparsity < 1.0, "final_sparsity", self.final_sparsity, "must be in [0, 1)")
         check_choice("schedule", self.schedule, SCHEDULES)
         check(0.0 <= self.filter_fraction < 1.0, "filter_fraction", self.filter_fraction, "must be in [0, 1)")
+        check(0.0 < self.max_layer_sparsity <= 1.0, "max_layer_sparsity", self.max_layer_sparsity, "must be in (0, 1]")
         check(0.0 <= self.kd_weight <= 1.0, "kd_weight", self.kd_weight, "must be in [0, 1]")
         check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "must be > 0")
         check(not self.teacher or self.kd_weight > 0, "teacher", self.teacher,
               "is only used for distillation: give --kd-weight > 0 too")
-        if self.keep_dense:
+        if self.keep_dense or self.max_layer_sparsity < 1.0:
             model = build_model(self.model)
             unknown = sorted(set(self.keep_dense) - {n for n, _ in prunable(model)})
             check(not unknown, "keep_dense", ",".join(self.keep_dense),
                   f"unknown module(s) {unknown}; conv/linear modules are e.g. conv1, layer1.0.conv1, "
                   f"{model.classifier_name}")
             try:  # the masks of the last phase, on a fresh model: cheap, and the same rule the job applies
-                global_magnitude_masks(model, self.final_sparsity, self.keep_dense)
+                global_magnitude_masks(model, self.final_sparsity, self.keep_dense, self.max_layer_sparsity)
             except ValueError as e:
                 raise ValueError(f"final_sparsity={self.final_sparsity!r} is invalid: {e}") from None
 
@@ -189,3 +192,17 @@ class PruneSpec(TrainFields):
         return [Phase(i + 1, t, last if i == self.phases - 1 else self.epochs,
                       self.filter_fraction if i == 0 else 0.0) for i, t in enumerate(targets)]
 
+
+
+def spec_defaults() -> dict[str, dict[str, Any]]:
+    """kind -> ``spec_<field>`` -> default, for every job spec: what a row written before a field existed ran with."""
+    from jobs.ptq import PTQSpec
+
+    out: dict[str, dict[str, Any]] = {}
+    for cls in (TrainSpec, PruneSpec, PTQSpec):
+        row = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                row[f"spec_{f.name}"] = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        out[cls.kind(cls)] = row
+    return out

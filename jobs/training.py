@@ -168,7 +168,7 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
                 masks = masks.merge(bn_gamma_filter_masks(model, ph.filter_fraction))
                 masks.apply(model)
             if ph.target is not None:
-                masks = masks.merge(global_magnitude_masks(model, ph.target, spec.keep_dense))
+                masks = masks.merge(global_magnitude_masks(model, ph.target, spec.keep_dense, spec.max_layer_sparsity))
                 masks.apply(model)
                 if spec.bn_reestimate:
                     reestimate_bn(model, train_loader, run.device)

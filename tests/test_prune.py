@@ -285,3 +285,41 @@ def test_module_table_counts_and_total_line() -> None:
     text = format_table(rows)
     total = text.splitlines()[-1].split()
     assert total[:5] == ["total", "268,336", "268,336", "134,168", "134,168"] and total[5] == "50.00%"
+
+
+def test_layer_cap_holds_and_the_other_layers_make_up_the_global_count() -> None:
+    model = _model()
+    sizes = {f"{n}.weight": m.weight.numel() for n, m in prunable(model)}
+    uncapped = global_magnitude_masks(model, 0.9)
+    assert max(1 - int(k.sum()) / k.numel() for k in uncapped.masks.values()) > 0.93  # the cap below binds
+    masks = global_magnitude_masks(model, 0.9, max_layer_sparsity=0.93)
+    zeros = {n: int((~k).sum()) for n, k in masks.masks.items()}
+    assert sum(zeros.values()) == round(0.9 * N_A)
+    assert all(zeros[n] <= math.floor(0.93 * sizes[n]) for n in zeros)
+    # water-filling: a layer under its cap loses exactly its smallest weights, below one global threshold
+    # that every capped layer's kept weights also pass
+    under = [n for n in zeros if zeros[n] < math.floor(0.93 * sizes[n])]
+    capped = [n for n in zeros if zeros[n] == math.floor(0.93 * sizes[n])]
+    assert under and capped
+    w = dict((f"{n}.weight", m.weight.detach().abs()) for n, m in prunable(model))
+    cut = max(float(w[n][~masks.masks[n]].max()) for n in under)
+    assert all(float(w[n][masks.masks[n]].min()) >= cut for n in under)
+    assert all(float(w[n][~masks.masks[n]].max()) <= float(w[n][masks.masks[n]].min()) for n in capped)
+    # with the cap off, the same call is plain global magnitude pruning
+    off = global_magnitude_masks(model, 0.9, max_layer_sparsity=1.0)
+    assert all(torch.equal(off.masks[n], uncapped.masks[n]) for n in off.masks)
+
+
+def test_layer_cap_keeps_earlier_zeros_and_refuses_a_target_it_cannot_reach() -> None:
+    model = _model()
+    with torch.no_grad():
+        model.get_submodule("layer1.0.conv1").weight[:15] = 0  # 15 of 16 filters: past a 0.9 cap already
+    masks = global_magnitude_masks(model, 0.5, max_layer_sparsity=0.9)
+    first = masks.masks["layer1.0.conv1.weight"]
+    assert not bool(first[:15].any()) and bool(first[15:].all())  # kept its zeros, took no more
+    assert sum(int((~k).sum()) for k in masks.masks.values()) == round(0.5 * N_A)
+    with pytest.raises(ValueError, match="per-layer cap of 0.5 allows only"):
+        global_magnitude_masks(_model(), 0.6, max_layer_sparsity=0.5)
+    for bad in (0.0, 1.2):
+        with pytest.raises(ValueError, match=r"max_layer_sparsity must be in \(0, 1\]"):
+            global_magnitude_masks(_model(), 0.5, max_layer_sparsity=bad)

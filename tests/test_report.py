@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 from click.testing import CliRunner
@@ -28,9 +29,11 @@ from compress.report import (
     reference_variant,
     varying_spec_columns,
 )
+from compress.results import write_rows
+from jobs import tables as job_tables
 from jobs.launch import cli
 from jobs.ptq import PTQSpec, plan_tasks, run_ptq
-from jobs.specs import PruneSpec
+from jobs.specs import PruneSpec, spec_defaults
 from jobs.training import run_prune
 from sweeps.search import TuneSpec, prune_score
 
@@ -107,6 +110,24 @@ def _phase_rows(run: str, seed: int, lr: float, tops: list[float], planned: int 
              "train_seconds": 0.0 if p == 0 else 60.0, "spec_phases": planned or n, "spec_seed": seed, "spec_lr": lr,
              "spec_run_id": run, "spec_results": f"/r/{run}", "spec_weights": "/a/w.th", "spec_epochs": 5}
             for p, t in enumerate(tops)]
+
+
+def test_a_run_written_before_a_spec_field_existed_joins_its_configuration(tmp_path: Path) -> None:
+    """Old rows lack spec_max_layer_sparsity; they ran without a cap, the default, like the new run here."""
+    old = pa.schema([f for f in job_tables.PHASES if f.name != "spec_max_layer_sparsity"])
+    for r in _phase_rows("a0", 0, 0.03, [91.7, 91.0, 90.0]):
+        write_rows(tmp_path / "phases" / f"a0-p{r['phase']:02d}.parquet", [r], old)
+    for r in _phase_rows("a1", 1, 0.03, [91.7, 91.2, 89.6]):
+        write_rows(tmp_path / "phases" / f"a1-p{r['phase']:02d}.parquet", [{**r, "spec_max_layer_sparsity": 1.0}],
+                   job_tables.PHASES)
+    for r in _phase_rows("c0", 0, 0.03, [91.7, 91.1, 90.3]):
+        write_rows(tmp_path / "phases" / f"c0-p{r['phase']:02d}.parquet", [{**r, "spec_max_layer_sparsity": 0.97}],
+                   job_tables.PHASES)
+    table = configuration_table(load_tables(tmp_path, spec_defaults=spec_defaults())["phases"])
+    assert table["configuration"].tolist() == ["max_layer_sparsity=0.97", "max_layer_sparsity=1.0"]
+    assert table.iloc[1]["runs"] == 2 and table.iloc[1]["seeds"] == "0,1"
+    # without the defaults the old run is a configuration of its own
+    assert len(configuration_table(load_tables(tmp_path)["phases"])) == 3
 
 
 def test_configuration_table_groups_seeds_and_puts_the_best_first() -> None:

@@ -133,3 +133,15 @@ def test_spec_row_flattens_every_field() -> None:
     row = spec_row(spec)
     assert row["spec_keep_dense"] == "conv1,linear" and row["spec_seed"] == 3 and row["spec_run_id"] == "x"
     assert len(row) == len(dataclasses.fields(PruneSpec))
+
+
+def test_read_table_keeps_a_column_that_older_files_lack(tmp_path: Path) -> None:
+    """A spec field added later: files written before it read null there, and the column is not dropped."""
+    old = pa.schema([f for f in SCHEMA if f.name != "spec_max_layer_sparsity"])
+    write_rows(tmp_path / "phases" / "a-old-p01.parquet", [_row(run_id="old")], old)
+    write_rows(tmp_path / "phases" / "b-new-p01.parquet", [_row(run_id="new", spec_max_layer_sparsity=0.97)], SCHEMA)
+    rows = {r["run_id"]: r for r in read_table(tmp_path, "phases").to_pylist()}
+    assert rows["new"]["spec_max_layer_sparsity"] == 0.97 and rows["old"]["spec_max_layer_sparsity"] is None
+    (tmp_path / "phases" / ".c-p01.parquet.123.tmp").write_bytes(b"partial")  # a write in progress: not read
+    (tmp_path / "phases" / "_c-p01.parquet").write_bytes(b"partial")
+    assert read_table(tmp_path, "phases").num_rows == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -85,6 +86,22 @@ def test_prune_phase_rows_hit_the_targets(prune_run) -> None:
     modules = _table(results, "modules")
     assert len(modules) == 20 and modules["params"].sum() == N
     assert modules["nonzero_after"].sum() == phases["nonzero"].iloc[-1]
+
+
+@pytest.mark.slow  # one short prune run (~5 s)
+def test_prune_with_a_layer_cap_stops_every_layer_at_it(synthetic_cifar: Path, synthetic_weights: Path,
+                                                         tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    args = ["--phases", "1", "--filter-fraction", "0", "--keep-dense", "conv1,linear", "--max-layer-sparsity", "0.55"]
+    result = _invoke(_prune_args(synthetic_cifar, synthetic_weights, results, "cap", *args))
+    assert result.exit_code == 0, result.output
+    modules = _table(results, "modules").set_index("module")
+    zeros = modules["params"] - modules["nonzero_after"]
+    assert zeros.sum() == round(0.5 * N)
+    assert zeros["conv1"] == 0 and zeros["linear"] == 0
+    caps = (0.55 * modules["params"]).map(math.floor)
+    assert (zeros <= caps).all() and (zeros == caps).any()  # the cap held, and it bound somewhere
+    assert _table(results, "phases")["spec_max_layer_sparsity"].eq(0.55).all()
 
 
 @pytest.mark.slow  # shares one prune run (~7 s)
@@ -312,6 +329,9 @@ BAD_INPUT = {
     "teacher without distillation": (["--teacher", "CORRUPT"], "give --kd-weight > 0 too"),
     "corrupt teacher": (["--kd-weight", "0.5", "--teacher", "CORRUPT"], "cannot read weights file"),
     "unknown keep-dense module": (["--keep-dense", "conv1,nope"], "unknown module(s) ['nope']"),
+    "layer cap 0": (["--max-layer-sparsity", "0"], "max_layer_sparsity=0.0 is invalid: must be in (0, 1]"),
+    "layer cap under the target": (["--max-layer-sparsity", "0.4"],
+                                   "sparsity 0.5 needs 134,168 zeros but a per-layer cap of 0.4 allows only"),
     "unreachable with kept-dense layers": (
         ["--keep-dense", "layer3.1.conv1,layer3.1.conv2,layer3.2.conv1,layer3.2.conv2,layer3.0.conv2",
          "--final-sparsity", "0.5"],
