@@ -90,19 +90,15 @@ def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[
     k = max(k, 0)
     if not 0.0 < max_layer_sparsity <= 1.0:
         raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity}")
-    if max_layer_sparsity == 1.0:
-        keep = torch.ones_like(flat, dtype=torch.bool)
-        if k:
-            keep[torch.topk(flat, k, largest=False, sorted=False).indices] = False
-        return _split(keep, weights)
     caps = [max(math.floor(max_layer_sparsity * w.numel()), int((w == 0).sum())) for _, w in weights]
-    if k > sum(caps):
+    if k > sum(caps):  # only with a cap: without one, caps are the layer sizes, checked above
         raise ValueError(f"sparsity {sparsity} needs {k:,} zeros but a per-layer cap of {max_layer_sparsity} "
                          f"allows only {sum(caps):,}")
     layer = torch.cat([torch.full((w.numel(),), i) for i, (_, w) in enumerate(weights)])
     keep = torch.ones_like(flat, dtype=torch.bool)
     capped: set[int] = set()
     while True:  # prune globally over the uncapped layers; any layer past its cap is fixed at it; repeat
+        # (no cap, or none binding: one pass, the plain global smallest-k)
         left = k - sum(caps[i] for i in capped)
         free = ~torch.isin(layer, torch.tensor(sorted(capped), dtype=layer.dtype))
         idx = free.nonzero().flatten()

@@ -82,13 +82,14 @@ def make_schema(columns: Mapping[str, pa.DataType], *spec_classes: type) -> pa.S
     return pa.schema(list(fields.items()))
 
 
+def spec_value(v: Any) -> Any:
+    """One spec field as a column value: tuples comma-joined, the rest as is."""
+    return ",".join(map(str, v)) if isinstance(v, tuple) else v
+
+
 def spec_row(spec: Any) -> dict[str, Any]:
     """A spec dataclass flattened to ``spec_<field>`` values (tuples comma-joined)."""
-    row = {}
-    for f in dataclasses.fields(spec):
-        v = getattr(spec, f.name)
-        row[f"spec_{f.name}"] = ",".join(map(str, v)) if isinstance(v, tuple) else v
-    return row
+    return {f"spec_{f.name}": spec_value(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
 
 
 def _git(*args: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from compress.models import MODELS, build_model, prunable
 from compress.prune import SCHEDULES, global_magnitude_masks, phase_targets
+from compress.results import spec_value
 
 OPTIMIZERS = ("adamw", "sgd")
 ENV_WEIGHTS = "COMPRESS_WEIGHTS"
@@ -193,16 +194,10 @@ class PruneSpec(TrainFields):
                       self.filter_fraction if i == 0 else 0.0) for i, t in enumerate(targets)]
 
 
-
 def spec_defaults() -> dict[str, dict[str, Any]]:
     """kind -> ``spec_<field>`` -> default, for every job spec: what a row written before a field existed ran with."""
     from jobs.ptq import PTQSpec
 
-    out: dict[str, dict[str, Any]] = {}
-    for cls in (TrainSpec, PruneSpec, PTQSpec):
-        row = {}
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                row[f"spec_{f.name}"] = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        out[cls.kind(cls)] = row
-    return out
+    return {cls.kind(cls): {f"spec_{f.name}": spec_value(f.default) for f in dataclasses.fields(cls)
+                            if f.default is not dataclasses.MISSING}
+            for cls in (TrainSpec, PruneSpec, PTQSpec)}
