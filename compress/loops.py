@@ -76,6 +76,7 @@ class EvalStats:
     loss: float
     images: int
     seconds: float
+    predictions: torch.Tensor | None = None  # predicted class per image (uint8, CPU), when asked for
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool | None) -> Iterable:
@@ -157,26 +158,34 @@ def evaluate(
     amp: bool = True,
     progress: bool | None = None,
     desc: str = "eval",
+    keep_predictions: bool = False,
 ) -> EvalStats:
     """Top-1 and mean cross-entropy over ``loader``, in eval mode.
 
     Also the calibration pass of PTQ: run it over a training subset with observers attached.
+    ``keep_predictions`` returns the predicted class of every image too (10,000 bytes for the test
+    set), so two models, or a model and its exported file, can be compared image by image.
     """
     model.eval()
     t0 = time.perf_counter()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     n = 0
+    kept: list[torch.Tensor] = []
     total = len(loader) if hasattr(loader, "__len__") else 0
     for x, y in _progress(loader, total, desc, progress):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        pred = logits.argmax(1)
+        correct += (pred == y).sum()
         n += len(y)
+        if keep_predictions:
+            kept.append(pred.to(torch.uint8))
     n = max(n, 1)
-    return EvalStats(100.0 * correct.item() / n, total_loss.item() / n, n, time.perf_counter() - t0)
+    preds = torch.cat(kept).cpu() if kept else None
+    return EvalStats(100.0 * correct.item() / n, total_loss.item() / n, n, time.perf_counter() - t0, preds)
 
 
 @torch.no_grad()

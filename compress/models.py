@@ -200,7 +200,9 @@ def build_model(name: str) -> CifarResNet:
     """A freshly initialised model by registry name; an unknown name lists the known ones."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    return MODELS[name].build()
+    model = MODELS[name].build()
+    model.model_name = name  # what an exported artifact names, so its loader builds the same architecture
+    return model
 
 
 def _download(url: str, sha_prefix: str | None, cache: Path) -> Path:

@@ -925,7 +925,8 @@ def _sizes(w: _Writer, ptq: pd.DataFrame) -> None:
         "packed / float": (first["int8_packed_bytes"] / first["float_bytes"]).to_numpy()})
     w.text("### Model size",
            "Storage of the weights and quantization parameters: float32, int8 stored dense, and int8 packed for "
-           "sparse models (a bitmask plus the nonzero int8 values). 1 kB = 1,000 bytes.")
+           "sparse models (the packed file: per weight tensor a bitmask or relative indexing, plus the nonzero "
+           "int8 values; PT2E rows ship a .pt2 program instead and have none). 1 kB = 1,000 bytes.")
     w.table("ptq_sizes", table, PTQ_FORMATS)
     fig, axes = new_figure("model size: float, int8, packed sparse int8", width=max(6.4, 1.8 * len(table) + 3),
                            height=4.8)

@@ -8,6 +8,7 @@
     python -m jobs.launch status [JOB_ID|JOB_FOLDER ...]                      # state, progress, log
     python -m jobs.launch ptq --weights W --calib-sizes 1000,10000 --alphas 0.95:1.0:0.01  # int8 sweep
     python -m jobs.launch report results --out results/report                # tables and plots, offline
+    python -m jobs.launch export RUN_ID --select max-drop=0.3,smallest       # files to deploy, with manifests
 
 Without ``--partition`` the job runs in this process on this machine; with it, it goes to SLURM
 through submitit (``jobs/executors.py``, ``slurm/README.md``) and requeues itself on preemption.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +42,6 @@ USER_ERRORS = (ValueError, DataError, WeightsError, SpecMismatch, FileNotFoundEr
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.ao")
 
 
 def _build_spec(cls: type, options: dict[str, Any]):
@@ -215,11 +214,79 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
     for line in written.summary:
         click.echo(line)
 
+EXPORT_HELP = ("which row to export: best (highest int8 top-1), smallest (smallest packed file), max-drop=PP "
+               "(within PP points of float) and COLUMN=VALUE filters, comma-separated, e.g. max-drop=0.3,smallest")
+
+
+def _export(spec: Any) -> None:
+    """Run an export in this process and print what it chose and wrote; a user error is one line, exit 2."""
+    from jobs.export import run_export
+
+    try:
+        out = run_export(spec)
+    except USER_ERRORS as e:
+        fail(str(e))
+    click.echo(f"export {out['run_id']}: {out['reason']}")
+    for f in out["files"]:
+        click.echo(f"  {f['path']}  {f['bytes']:,} B  top-1 {f['top1']:.2f}% (read back: same predictions)  "
+                   f"manifest {f['path']}.json")
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--select", "select", default="best", show_default=True, help=EXPORT_HELP)
+@click.option("--results", default="", help="results root [default: $COMPRESS_RESULTS or results]")
+@click.option("--data-root", default="", help="CIFAR-10 root [default: the run's own, else $COMPRESS_DATA]")
+@click.option("--device", default="auto", show_default=True, help="where calibration runs (int8 is CPU-only)")
+def export(run: str, select: str, results: str, data_root: str, device: str) -> None:
+    """Write the model RUN chose as files to deploy: the packed sparse int8 (or float) file, or a .pt2 program.
+
+    RUN is a PTQ run (one row is chosen with --select and rebuilt) or a prune/train run (its final
+    model, packed). Each file gets a JSON manifest with its sha256 and expected top-1, and is read
+    back and checked image by image before the command returns.
+    """
+    from compress.results import default_root
+    from jobs.export import ExportSpec, plan_export
+
+    try:
+        spec = ExportSpec(run=run, select=select, results=results or default_root(),
+                          data_root=data_root or os.environ.get("COMPRESS_DATA", ""), device=device)
+        plan_export(spec)  # unknown run, bad selector, nothing matching: one line before any work
+    except ValueError as e:
+        fail(str(e))
+    _export(spec)
+
+
+@cli.command()
+@click.argument("artifact")
+@click.option("--data-root", default="", help="CIFAR-10 root [default: the manifest's spec, else $COMPRESS_DATA]")
+def verify(artifact: str, data_root: str) -> None:
+    """Check an exported file against its manifest: sha256, then top-1 and every prediction on the test set.
+
+    Exit 0 when the file reproduces the manifest exactly, 1 when it loads but predicts differently,
+    2 when it cannot be checked (damaged, truncated, no manifest, no data).
+    """
+    from jobs.export import verify_artifact
+
+    try:
+        out = verify_artifact(artifact, data_root or os.environ.get("COMPRESS_DATA", ""))
+    except USER_ERRORS as e:
+        fail(str(e))
+    verdict = "ok" if out["ok"] else "MISMATCH"
+    click.echo(f"{verdict}: {out['path']} ({out['kind']}) top-1 {out['top1']:.2f}% on {out['images']:,} images, "
+               f"manifest {out['expected_top1']:.2f}%, "
+               f"{'same' if out['same_predictions'] else 'different'} predictions")
+    if not out["ok"]:
+        raise click.exceptions.Exit(1)
+
+
 @cli.command()
 @spec_options(PTQSpec)
+@click.option("--export", "export_select", default="", help=EXPORT_HELP + "; after the sweep (here, or with "
+              "--wait on SLURM) [default: no export]")
 @executor_options
 @click.option("--dry-run", is_flag=True, help="print the spec and its tasks (and the sbatch script) and exit")
-def ptq(dry_run: bool, executor: ExecutorOptions, **options: Any) -> None:
+def ptq(dry_run: bool, export_select: str, executor: ExecutorOptions, **options: Any) -> None:
     """Post-training int8 sweep (FX graph mode and hand-written): one task per (observer, calibration size).
 
     Each task calibrates once and evaluates every weight-scheme/alpha/center variant from those
@@ -234,6 +301,15 @@ def ptq(dry_run: bool, executor: ExecutorOptions, **options: Any) -> None:
         fail(str(e))
     spec = _build_spec(PTQSpec, options)
     tasks = plan_tasks(spec)
+    export_spec = None
+    if export_select:
+        from jobs.export import ExportSpec
+
+        try:
+            export_spec = ExportSpec(run=spec.run_id, select=export_select, results=spec.results,
+                                     data_root=spec.data_root, device=spec.device)
+        except ValueError as e:
+            fail(str(e))
     if dry_run:
         click.echo(json.dumps(dataclasses.asdict(spec), indent=2))
         click.echo(f"{len(tasks)} task(s): {', '.join(t.task_name() for t in tasks)}")
@@ -261,6 +337,8 @@ def ptq(dry_run: bool, executor: ExecutorOptions, **options: Any) -> None:
             fail(str(e))
         for job in jobs:
             echo(job.result())
+        if export_spec is not None:
+            _export(export_spec)
         return
     jobs = ex.map_array(run_ptq, tasks)
     for job, task in zip(jobs, tasks, strict=True):
@@ -268,6 +346,11 @@ def ptq(dry_run: bool, executor: ExecutorOptions, **options: Any) -> None:
     click.echo(f"watch: python -m jobs.launch status {jobs[0].job_id.split('_')[0]} --folder {executor.folder}")
     if executor.wait:
         wait_for(jobs, echo)
+        if export_spec is not None:
+            _export(export_spec)
+    elif export_spec is not None:
+        click.echo(f"export when done: python -m jobs.launch export {spec.run_id} --select '{export_select}' "
+                   f"--results {spec.results}")
 
 
 cli.add_command(tune)

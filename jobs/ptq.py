@@ -12,10 +12,17 @@ once (per method), derives every weight-scheme / alpha / center variant from tho
 evaluates each int8 model, and writes the task's rows to ``<results>/ptq/<run_id>-<task>.parquet``
 in one atomic write. A task whose file already holds its rows returns them without running again.
 
-Methods: ``manual`` is the hand-written path (``compress.quant``: own statistics, pure qparams,
-int8 model from ``torch.ao.nn.quantized`` modules); ``fx`` is FX graph mode
-(``compress.quant.fx``). Alphas and centers shrink the activation ranges of the manual path; FX
-rows use FX's own qparams and have no alpha/center (null).
+Methods are the backends of ``compress.quant.backends``: ``manual`` (the hand-written path: own
+statistics, pure qparams, int8 model from ``torch.ao.nn.quantized`` modules), ``fx`` (FX graph
+mode, deprecated upstream) and ``pt2e`` (torchao's ``torch.export`` flow with the x86 inductor
+quantizer). Alphas and centers shrink the activation ranges of the manual path; FX and PT2E rows
+use their observers' own qparams and have no alpha/center (null). A combination a backend cannot
+express (alphas without ``manual``, per-tensor weights or qnnpack with ``pt2e``) is refused.
+
+Sizes are measured on the artifacts: ``int8_packed_bytes`` is the length of the packed file
+(``compress.quant.packed``) of a manual or FX row, ``program_bytes`` that of the ``.pt2`` program
+of a PT2E row. The rows keep no model; ``python -m jobs.launch export`` rebuilds a chosen row
+and writes its files.
 
 Where it runs: loading, calibration and the float evaluation on ``spec.device`` (CUDA when the
 job has one, else the CPU, float32); building/converting and evaluating the int8 models on the CPU,
@@ -27,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,7 @@ from compress.loops import evaluate, pick_device
 from compress.models import build_model, load_model, load_state
 from compress.prune import MaskSet, global_sparsity, make_permanent
 from compress.quant import quiet
+from compress.quant.backends import BACKENDS, shrinks, unsupported
 from compress.quant.int8 import ENGINES, WEIGHT_SCHEMES
 from compress.quant.observe import OBSERVERS
 from compress.quant.qparams import CENTERS
@@ -49,7 +56,7 @@ from jobs.specs import RunFields, check, check_choice, opt
 
 log = logging.getLogger(__name__)
 
-METHODS = ("fx", "manual")
+METHODS = tuple(BACKENDS)  # manual, fx, pt2e: also the order rows are written in
 SELECTIONS = ("random", "first")
 
 
@@ -64,7 +71,8 @@ def _known(name: str, values: tuple, known: tuple | dict) -> None:
 class PTQSpec(RunFields):
     """A post-training int8 sweep; lists expand into a grid, one array task per (observer, calibration size)."""
 
-    methods: tuple[str, ...] = opt(("fx", "manual"), "PTQ paths: fx (FX graph mode), manual (hand-written int8)")
+    methods: tuple[str, ...] = opt(("fx", "manual"), "PTQ backends: manual (hand-written int8), fx (FX graph mode, "
+                                                     "deprecated upstream), pt2e (torchao torch.export flow)")
     observers: tuple[str, ...] = opt(("minmax",), "activation observers: minmax, histogram, moving_average "
                                                   "(one task each)")
     weight_observers: tuple[str, ...] = opt(("per_channel",), "symmetric int8 weights: per_channel, per_tensor")
@@ -101,6 +109,13 @@ class PTQSpec(RunFields):
         check(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size, "must be >= 1")
         check(0 <= self.test_size <= 10_000, "test_size", self.test_size, "must be in [0, 10000]")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+        for method in self.methods:
+            why = unsupported(method, self.weight_observers, self.engine, self.alphas, self.centers)
+            check(not why, "methods", ",".join(self.methods), why)
+        check("manual" in self.methods or not shrinks(self.alphas, self.centers), "alphas",
+              ",".join(map(str, self.alphas)) + " / centers=" + ",".join(self.centers),
+              "alpha/center shrink is expressed by the manual method only; add manual to --methods "
+              "(fx and pt2e use their observers' qparams)")
 
     def kind(self) -> str:
         return "ptq"
@@ -206,7 +221,8 @@ def _done_rows(path: Path, spec: PTQSpec) -> list[dict[str, Any]] | None:
 
 def _summary(spec: PTQSpec, path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     keep = ("method", "observer", "weight_observer", "calib_size", "alpha", "center", "float_top1", "int8_top1",
-            "float_bytes", "int8_bytes", "int8_packed_bytes", "sparsity", "calib_seconds", "eval_seconds")
+            "float_bytes", "int8_bytes", "int8_packed_bytes", "program_bytes", "sparsity", "calib_seconds",
+            "eval_seconds")
     return {"run_id": spec.run_id, "task": spec.task_name(), "path": str(path),
             "rows": [{k: r[k] for k in keep} for r in rows]}
 
@@ -233,12 +249,10 @@ def run_ptq(spec: PTQSpec, tags: dict[str, str] | None = None) -> dict[str, Any]
     return _summary(spec, path, rows)
 
 
-def _quantize_all(spec: PTQSpec) -> list[dict[str, Any]]:
-    from compress.quant import fx
-    from compress.quant.fold import fold_model
-    from compress.quant.int8 import build_int8, derive_qparams, effective_reduce_range, set_engine
-    from compress.quant.observe import calibrate, full_float32, quant_sites
-    from compress.quant.qparams import activation_range
+def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | None = None) -> list[dict[str, Any]]:
+    """Every row of one task; ``keep(row, built)`` sees each built model (the export job writes its files)."""
+    from compress.quant.int8 import effective_reduce_range, set_engine
+    from compress.quant.observe import full_float32
     from compress.quant.size import float_bytes, int8_size
 
     set_engine(spec.engine)
@@ -247,7 +261,6 @@ def _quantize_all(spec: PTQSpec) -> list[dict[str, Any]]:
     prov = provenance(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     observer, n_calib = spec.observers[0], spec.calib_sizes[0]
     reduce = effective_reduce_range(spec.engine, spec.reduce_range)
-    qr = activation_range(reduce)
 
     torch.manual_seed(spec.seed)
     data = load_cifar10(spec.data_root or None)
@@ -260,6 +273,7 @@ def _quantize_all(spec: PTQSpec) -> list[dict[str, Any]]:
     with full_float32():
         float_ev = evaluate(model.to(device), BatchLoader(test_x, test_y, spec.eval_batch_size, device), device,
                             amp=False, desc="float eval")
+    model.cpu()
     test_cpu = BatchLoader(test_x, test_y, spec.eval_batch_size, cpu)
     base = {"run_id": spec.run_id, "kind": spec.kind(), "task": spec.task_name(), "observer": observer,
             "engine": spec.engine, "activation_bits": 7 if reduce else 8, "calib_size": n_calib,
@@ -268,48 +282,38 @@ def _quantize_all(spec: PTQSpec) -> list[dict[str, Any]]:
     log.info("task %s: float top-1 %.2f%% on %d test images (%s), sparsity %.4f", spec.task_name(),
              float_ev.top1, float_ev.images, device, base["sparsity"])
     rows: list[dict[str, Any]] = []
-
-    def add_row(int8_model: nn.Module, convert_s: float, **fields: Any) -> None:
-        ev = evaluate(int8_model, test_cpu, cpu, desc="int8 eval")
-        size = int8_size(int8_model)
-        rows.append({**base, **fields, "int8_top1": ev.top1, "int8_bytes": size.dense,
-                     "int8_packed_bytes": size.packed, "int8_sparsity": size.sparsity,
-                     "convert_seconds": convert_s, "eval_seconds": ev.seconds})
-        log.info("%s %s %s alpha %s center %s: int8 top-1 %.2f%% (float %.2f%%)", fields["method"], observer,
-                 fields["weight_observer"], fields.get("alpha"), fields.get("center"), ev.top1, float_ev.top1)
-
-    if "manual" in spec.methods:
-        folded = fold_model(model)
-        t0 = time.perf_counter()
-        cal = calibrate(folded, calib, device, observer, quant_sites(folded))
-        ranges = cal.ranges(qr)  # the one set of statistics every variant below is derived from
-        calib_s = time.perf_counter() - t0
-        folded.cpu()
-        for wobs in spec.weight_observers:
-            for alpha in spec.alphas:
-                for center in spec.centers:
-                    t0 = time.perf_counter()
-                    q = build_int8(folded, derive_qparams(ranges, alpha, center, qr), wobs)
-                    add_row(q, time.perf_counter() - t0, method="manual", weight_observer=wobs, alpha=alpha,
-                            center=center, calib_seconds=calib_s)
-
-    if "fx" in spec.methods:
-        calibrated = None
-        calib_s = 0.0
-        for wobs in spec.weight_observers:
-            t0 = time.perf_counter()
-            prepared = fx.prepare(model, observer, wobs, reduce, spec.engine)
-            if calibrated is None:
-                fx.calibrate(prepared, calib, device)
-                calibrated = prepared
-                calib_s = time.perf_counter() - t0
-            else:
-                fx.copy_statistics(calibrated, prepared)
-            t0 = time.perf_counter()
-            q = fx.convert(prepared)
-            add_row(q, time.perf_counter() - t0, method="fx", weight_observer=wobs, alpha=None, center=None,
-                    calib_seconds=calib_s)
+    for method in (m for m in METHODS if m in spec.methods):
+        backend = BACKENDS[method]
+        cal = backend.calibrate(model, calib, device, observer, reduce, spec.engine, spec.weight_observers)
+        for variant in backend.variants(spec.weight_observers, spec.alphas, spec.centers):
+            built = backend.build(cal, variant)
+            ev = evaluate(built.model, test_cpu, cpu, desc="int8 eval")
+            sizes: dict[str, Any] = {"int8_bytes": None, "int8_packed_bytes": None, "int8_sparsity": None,
+                                     "program_bytes": None}
+            if built.packed is not None:
+                dense = int8_size(built.model)
+                sizes.update(int8_bytes=dense.dense, int8_packed_bytes=len(built.packed()),
+                             int8_sparsity=dense.sparsity)
+            if built.program is not None:
+                sizes["program_bytes"] = len(program_bytes(built.program()))
+            row = {**base, "method": method, "weight_observer": variant.weight_observer, "alpha": variant.alpha,
+                   "center": variant.center, "int8_top1": ev.top1, **sizes, "calib_seconds": cal.seconds,
+                   "convert_seconds": built.seconds, "eval_seconds": ev.seconds}
+            rows.append(row)
+            log.info("%s %s %s alpha %s center %s: int8 top-1 %.2f%% (float %.2f%%)", method, observer,
+                     variant.weight_observer, variant.alpha, variant.center, ev.top1, float_ev.top1)
+            if keep is not None:
+                keep(row, built)
     return rows
+
+
+def program_bytes(program: torch.export.ExportedProgram) -> bytes:
+    """The ``.pt2`` file of an exported program, as ``torch.export.save`` writes it."""
+    import io
+
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return buf.getvalue()
 
 
 def run_ptq_sweep(spec: PTQSpec, report: Callable[[dict[str, Any]], None] | None = None,
@@ -327,16 +331,22 @@ def ptq_score(row: dict[str, Any], tune_spec: Any) -> float:
     return float(row["int8_top1"])
 
 
+def _kb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1000:.1f}"
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The rows of one or more tasks as a fixed-width table, as the ``ptq`` command prints them."""
     head = (f"{'method':<7} {'observer':<15} {'weights':<12} {'calib':>6} {'alpha':>6} {'center':<6} "
-            f"{'float':>7} {'int8':>7} {'delta':>6} {'int8 KB':>8} {'packed KB':>9} {'calib s':>8} {'eval s':>7}")
+            f"{'float':>7} {'int8':>7} {'delta':>6} {'int8 KB':>8} {'packed KB':>9} {'.pt2 KB':>8} {'calib s':>8} "
+            f"{'eval s':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         alpha = f"{r['alpha']:g}" if r["alpha"] is not None else "-"
         lines.append(
             f"{r['method']:<7} {r['observer']:<15} {r['weight_observer']:<12} {r['calib_size']:>6} {alpha:>6} "
             f"{r['center'] or '-':<6} {r['float_top1']:>7.2f} {r['int8_top1']:>7.2f} "
-            f"{r['int8_top1'] - r['float_top1']:>+6.2f} {r['int8_bytes'] / 1000:>8.1f} "
-            f"{r['int8_packed_bytes'] / 1000:>9.1f} {r['calib_seconds']:>8.1f} {r['eval_seconds']:>7.1f}")
+            f"{r['int8_top1'] - r['float_top1']:>+6.2f} {_kb(r.get('int8_bytes')):>8} "
+            f"{_kb(r.get('int8_packed_bytes')):>9} {_kb(r.get('program_bytes')):>8} {r['calib_seconds']:>8.1f} "
+            f"{r['eval_seconds']:>7.1f}")
     return "\n".join(lines)

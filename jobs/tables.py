@@ -37,7 +37,7 @@ PTQ = make_schema({
     "observer": pa.string(), "weight_observer": pa.string(), "engine": pa.string(), "activation_bits": pa.int64(),
     "calib_size": pa.int64(), "alpha": pa.float64(), "center": pa.string(),
     "float_top1": pa.float64(), "int8_top1": pa.float64(), "test_images": pa.int64(),
-    "float_bytes": pa.int64(), "int8_bytes": pa.int64(), "int8_packed_bytes": pa.int64(),
+    "float_bytes": pa.int64(), "int8_bytes": pa.int64(), "int8_packed_bytes": pa.int64(), "program_bytes": pa.int64(),
     "sparsity": pa.float64(), "int8_sparsity": pa.float64(),
     "calib_seconds": pa.float64(), "convert_seconds": pa.float64(), "eval_seconds": pa.float64(),
     **SEARCH_COLUMNS,

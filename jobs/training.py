@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from compress.artifacts import LOAD_PACKED, write_artifact
 from compress.data import BatchLoader, Cifar10, load_cifar10, subset_indices
 from compress.loops import build_optimizer, cosine_lr, evaluate, pick_device, reestimate_bn, train_one_epoch
 from compress.models import load_model
@@ -41,6 +42,7 @@ from compress.prune import (
     module_table,
     nonzero_counts,
 )
+from compress.quant.packed import pack_float
 from compress.results import atomic_write_bytes, provenance, spec_row, torch_save_atomic, write_rows
 from jobs import tables
 from jobs.specs import PruneSpec, TrainFields, TrainSpec
@@ -235,7 +237,13 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
     text = format_table(table)
     torch_save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": spec.model,
                        "spec": dataclasses.asdict(spec)}, run.dir / "final.pt")
+    packed = run.dir / "export" / "model.float.packed"  # what to ship: the sparse weights only, no optimizer
+    write_artifact(packed, pack_float(model.cpu(), spec.model), {
+        "kind": "float-packed", "expected_top1": summary["top1"], "load": LOAD_PACKED,
+        "source": {"run_id": spec.run_id, "phase": summary["phase"]}, "spec": dataclasses.asdict(spec),
+        "git_commit": provenance()["git_commit"]})
     summary = {**summary, "run_id": spec.run_id, "checkpoint": str(run.dir / "final.pt"), "table": text,
+               "packed": str(packed),
                "train_seconds": state["train_seconds"], "spec": dataclasses.asdict(spec)}
     atomic_write_bytes(done_path, json.dumps(summary, indent=2).encode())
     run.state_path.unlink(missing_ok=True)

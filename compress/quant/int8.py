@@ -90,20 +90,20 @@ def quantize_weight(weight: torch.Tensor, scheme: str = "per_channel") -> torch.
     raise ValueError(f"weight scheme {scheme!r} is unknown; known: {', '.join(WEIGHT_SCHEMES)}")
 
 
-def _qconv(conv: nn.Conv2d, relu: bool, scheme: str, qp: QParams) -> nnq.Conv2d:
+def _qconv(conv: nn.Conv2d, relu: bool, qweight: torch.Tensor, qp: QParams) -> nnq.Conv2d:
     cls = nniq.ConvReLU2d if relu else nnq.Conv2d
     q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, True, conv.padding_mode)
     bias = conv.bias.detach().float().cpu() if conv.bias is not None else None
-    q.set_weight_bias(quantize_weight(conv.weight, scheme), bias)
+    q.set_weight_bias(qweight, bias)
     q.scale, q.zero_point = float(qp[0]), int(qp[1])
     return q
 
 
-def _qlinear(linear: nn.Linear, scheme: str, qp: QParams) -> nnq.Linear:
+def _qlinear(linear: nn.Linear, qweight: torch.Tensor, qp: QParams) -> nnq.Linear:
     q = nnq.Linear(linear.in_features, linear.out_features)
     bias = linear.bias.detach().float().cpu() if linear.bias is not None else None
-    q.set_weight_bias(quantize_weight(linear.weight, scheme), bias)
+    q.set_weight_bias(qweight, bias)
     q.scale, q.zero_point = float(qp[0]), int(qp[1])
     return q
 
@@ -175,13 +175,15 @@ class Int8ResNet(nn.Module):
 
 
 @torch.no_grad()
-def build_int8(model: CifarResNet, qparams: dict[str, QParams], weights: str = "per_channel") -> Int8ResNet:
+def build_int8(model: CifarResNet, qparams: dict[str, QParams], weights: str = "per_channel",
+               qweights: dict[str, torch.Tensor] | None = None) -> Int8ResNet:
     """The int8 model of a float ResNet (BN folded here if the model still has it) and site qparams.
 
     ``qparams`` holds (scale, zero point) for every site of ``observe.quant_sites(model)``; an
     option-A shortcut site (``layerI.J.shortcut``) is optional and makes that shortcut requantize.
     Build with the engine the model will run on already set (``set_engine``): weights are packed now.
-    Runs on the CPU.
+    ``qweights`` (conv/linear name -> quantized weight) replaces quantizing the model's float weights:
+    the packed-file loader (``packed.py``) passes the int8 weights it read. Runs on the CPU.
     """
     if weights not in WEIGHT_SCHEMES:
         raise ValueError(f"weight scheme {weights!r} is unknown; known: {', '.join(WEIGHT_SCHEMES)}")
@@ -191,8 +193,15 @@ def build_int8(model: CifarResNet, qparams: dict[str, QParams], weights: str = "
     missing = [s.name for s in quant_sites(model) if s.name not in qparams]
     if missing:
         raise KeyError(f"no qparams for site(s) {missing}")
+
+    def qw(name: str) -> torch.Tensor:
+        if qweights is not None:
+            return qweights[name]
+        return quantize_weight(modules[name].weight, weights)
+
+    modules = dict(model.named_modules())
     with quiet():
-        conv1 = _qconv(model.conv1, True, weights, qparams["conv1"])
+        conv1 = _qconv(model.conv1, True, qw("conv1"), qparams["conv1"])
         layers = []
         for li in range(1, 4):
             blocks = []
@@ -202,11 +211,11 @@ def build_int8(model: CifarResNet, qparams: dict[str, QParams], weights: str = "
                 if isinstance(block.downsample, PadShortcut):
                     ds = Int8PadShortcut(block.downsample.pad, qparams.get(f"{name}.shortcut"))
                 elif isinstance(block.downsample, nn.Sequential):
-                    ds = _qconv(block.downsample[0], False, weights, qparams[f"{name}.downsample.0"])
-                blocks.append(Int8Block(_qconv(block.conv1, True, weights, qparams[f"{name}.conv1"]),
-                                        _qconv(block.conv2, False, weights, qparams[f"{name}.conv2"]),
+                    ds = _qconv(block.downsample[0], False, qw(f"{name}.downsample.0"), qparams[f"{name}.downsample.0"])
+                blocks.append(Int8Block(_qconv(block.conv1, True, qw(f"{name}.conv1"), qparams[f"{name}.conv1"]),
+                                        _qconv(block.conv2, False, qw(f"{name}.conv2"), qparams[f"{name}.conv2"]),
                                         ds, _add(qparams[f"{name}.add"])))
             layers.append(nn.Sequential(*blocks))
-        classifier = _qlinear(model.classifier, weights, qparams[model.classifier_name])
+        classifier = _qlinear(model.classifier, qw(model.classifier_name), qparams[model.classifier_name])
     return Int8ResNet(copy.deepcopy(model.normalize), qparams["input"], conv1, layers, classifier,
                       model.classifier_name).eval()
