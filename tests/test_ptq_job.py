@@ -57,6 +57,13 @@ BAD_SPEC = {
     "unknown weights": ({"weight_observers": ("per_row",)}, "weight_observers='per_row' is unknown"),
     "repeated observer": ({"observers": ("minmax", "minmax")}, "values must be distinct"),
     "no alphas": ({"alphas": ()}, "give at least one alpha"),
+    "pt2e per-tensor weights": ({"methods": ("pt2e",), "weight_observers": ("per_tensor",)},
+                                "pt2e builds weights per_channel only, not per_tensor"),
+    "pt2e on qnnpack": ({"methods": ("manual", "pt2e"), "engine": "qnnpack"},
+                        "pt2e runs on engines x86, fbgemm only, not qnnpack"),
+    "alpha without manual": ({"methods": ("fx", "pt2e"), "alphas": (0.99,)},
+                             "alpha/center shrink is expressed by the manual method only"),
+    "center without manual": ({"methods": ("pt2e",), "centers": ("zero",)}, "add manual to --methods"),
 }
 
 
@@ -182,6 +189,9 @@ BAD_INPUT = {
     "unknown engine": (["--engine", "tensorrt"], "engine='tensorrt' is unknown; known: fbgemm, qnnpack, x86"),
     "unknown center": (["--centers", "mean"], "centers='mean' is unknown; known: min, zero"),
     "missing weights": (["--weights", "/nonexistent/w.pt"], "weights file not found"),
+    "alpha with pt2e only": (["--methods", "pt2e", "--alphas", "0.95:1.0:0.01"],
+                             "alpha/center shrink is expressed by the manual method only"),
+    "bad export selector": (["--export", "fastest"], "unknown term 'fastest'"),
 }
 
 
@@ -233,6 +243,22 @@ def test_int8_top1_close_to_float_on_real_test_subset(real_data_root: Path, real
     for r in rows:
         assert r["float_top1"] > 88.0
         assert abs(r["int8_top1"] - r["float_top1"]) <= 1.0, r
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_pt2e_int8_close_to_float_beside_fx_on_real_data(real_data_root: Path, real_weights: Path, tmp_path: Path,
+                                                         torch_threads: int) -> None:
+    """PT2E and FX on the same calibration subset of the option-A weights: within 0.5 pp of float on 2,000 images."""
+    spec = PTQSpec(weights=str(real_weights), data_root=str(real_data_root), results=str(tmp_path), run_id="real",
+                   device="cpu", methods=("fx", "pt2e"), observers=("histogram",), calib_sizes=(1000,),
+                   test_size=2000)
+    rows = run_ptq(spec)["rows"]
+    assert [r["method"] for r in rows] == ["fx", "pt2e"]
+    for r in rows:
+        assert r["float_top1"] > 90.0
+        assert abs(r["int8_top1"] - r["float_top1"]) <= 0.5, r
+    assert rows[1]["program_bytes"] > 0 and rows[1]["int8_packed_bytes"] is None
 
 
 def test_run_ptq_on_the_job_device(synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path,

@@ -64,6 +64,11 @@ def _np(t: torch.Tensor, dtype: str) -> np.ndarray:
 
 def encode(values: torch.Tensor, dtype: str, sparse: bool) -> tuple[str, bytes]:
     """(encoding, bytes) of one tensor: the smallest of the sparse encodings when ``sparse``, else dense."""
+    return min(candidates(values, dtype, sparse), key=lambda o: len(o[1]))
+
+
+def candidates(values: torch.Tensor, dtype: str, sparse: bool) -> list[tuple[str, bytes]]:
+    """Every encoding of one tensor as (name, bytes): dense, and bitmask/rel4/rel8 when ``sparse``."""
     flat = _np(values, dtype).reshape(-1)
     options = [("dense", flat.tobytes())]
     if sparse:
@@ -78,7 +83,7 @@ def encode(values: torch.Tensor, dtype: str, sparse: bool) -> tuple[str, bytes]:
                 c = (c[0::2] | (c[1::2] << 4)).astype(np.uint8)
             # the entry count goes first: the last nibble of an odd count is padding
             options.append((f"rel{bits}", struct.pack("<I", len(codes)) + c.tobytes() + stored.numpy().tobytes()))
-    return min(options, key=lambda o: len(o[1]))
+    return options
 
 
 def decode(data: bytes, encoding: str, dtype: str, shape: list[int]) -> torch.Tensor:
