@@ -6,7 +6,7 @@
     # the files an export job wrote (``python -m jobs.launch export ...``), instead of building new ones
     .venv/bin/python bench/int8_speed.py --run-export-dir results/runs/ptq-gmp93/export
 
-Times five models per batch size, all fed the same float [0, 1] images in channels_last:
+Times, at each batch size, these models, all fed the same float [0, 1] images in channels_last:
 
 - ``float eager``: the float ResNet (``--weights``, or ``model.float.packed`` when the export folder
   has one), float32, ``torch.no_grad``;
@@ -18,11 +18,17 @@ Times five models per batch size, all fed the same float [0, 1] images in channe
 - ``<name> compiled``: ``torch.compile`` of the loaded program; inductor lowers q/dq to oneDNN int8
   kernels. This is how the ``.pt2`` file is meant to run.
 
-Both compiled models use inductor's ``freezing`` (weights become constants and are prepacked for
-oneDNN), which the int8 lowering needs and which the float model gets too so the ratio is fair;
-``dynamic=False``, so each batch size compiles once, in the warm-up before its timing. Without
-``--run-export-dir`` the two int8 files are built from ``--weights`` through the project's own
-backends (``fx`` and ``pt2e``, MinMax over ``--calib-images`` training images, per-channel
+Both compiled rows need two things a user's process must do as well, or the ``.pt2`` compiles to
+float convolutions on dequantized weights at about half the int8 speed: import
+``torchao.quantization.pt2e.quantizer.x86_inductor_quantizer`` (it registers torchao's inductor
+passes that lower q/dq + conv to oneDNN int8 kernels; ``import torchao`` alone does not) and set
+``torch._inductor.config.freezing`` globally (weights become constants, prepacked for oneDNN; the
+``options={"freezing": True}`` form of ``torch.compile`` fails in those passes). The float model
+is compiled with freezing too, so the ratio is fair. ``dynamic=False``: each batch size compiles
+once, in the warm-up before its timing. A model that fails to compile loses its row, with the reason.
+
+Without ``--run-export-dir`` the two int8 files are built from ``--weights`` through the project's
+own backends (``fx`` and ``pt2e``, MinMax over ``--calib-images`` training images, per-channel
 weights, 7-bit activations on x86/fbgemm) and written with their manifests into a temporary
 folder (``--keep-dir`` keeps them), then loaded back from there, sha256 checked.
 
@@ -40,15 +46,20 @@ Where it runs: everything on the CPU (the int8 kernels are CPU-only; the float m
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import os
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import torch
+import torch._inductor.config
 from torch import nn
 
 from compress.artifacts import load_artifact, read_manifest, write_artifact
@@ -61,6 +72,10 @@ from compress.quant.int8 import effective_reduce_range, set_engine
 from compress.quant.size import float_bytes
 from jobs.ptq import program_bytes
 
+with quiet():
+    # registers torchao's x86 inductor passes (the oneDNN int8 lowering); see the module docstring
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
 CPU = torch.device("cpu")
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 SANITY_IMAGES = 1_000
@@ -71,12 +86,12 @@ FLOAT_FILE = "model.float.packed"  # what the export job writes for a float run
 
 @dataclass
 class Timed:
-    """One row of the table: a model, where it came from, and its size on disk (None: not a file)."""
+    """One row of the table: a model, and where it came from (the file and its size on disk)."""
 
     name: str
     model: Callable[[torch.Tensor], torch.Tensor]
     source: str
-    nbytes: int | None
+    compiled: bool = False
 
 
 class _Padded(nn.Module):
@@ -96,6 +111,11 @@ class _Padded(nn.Module):
         if n < self.size:
             x = torch.cat([x, x[:1].expand(self.size - n, *x.shape[1:])]).contiguous(memory_format=torch.channels_last)
         return self.inner(x)[:n]
+
+    def train(self, mode: bool = True) -> _Padded:
+        """A no-op: every model here is in eval mode already, and ``eval()`` on a loaded ``.pt2`` module
+        re-exports its graph, which resets dynamo and throws away every graph compiled so far."""
+        return self
 
 
 def cpu_description() -> tuple[str, list[str], list[str]]:
@@ -138,8 +158,8 @@ def build_files(model: nn.Module, calib: BatchLoader, engine: str, folder: Path)
 
 
 def compiled(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``torch.compile`` with freezing (needed to lower q/dq to oneDNN int8 kernels), one graph per batch size."""
-    return torch.compile(model, dynamic=False, options={"freezing": True})
+    """``torch.compile``, one graph per batch size, built at its first call (under main's freezing patch)."""
+    return torch.compile(model, dynamic=False)
 
 
 def _label(path: Path) -> str:
@@ -159,8 +179,8 @@ def _rate(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, second
             return n * len(x) / elapsed
 
 
-def _kb(n: int | None) -> str:
-    return f"{n / 1000:,.1f} kB" if n is not None else "in memory"
+def _file(path: Path) -> str:
+    return f"{path.name}, {path.stat().st_size / 1000:,.1f} kB"
 
 
 @click.command()
@@ -194,6 +214,7 @@ def main(weights: str, data_root: str, model_name: str, engine: str, batch_sizes
         raise click.UsageError(f"--repeats {repeats} and --seconds {seconds} must be positive")
     if run_export_dir is not None and keep_dir is not None:
         raise click.UsageError("--keep-dir keeps files this script builds; with --run-export-dir it builds none")
+    load = os.getloadavg()[0]  # before this script adds its own: other processes' share of the CPUs
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -216,11 +237,12 @@ def main(weights: str, data_root: str, model_name: str, engine: str, batch_sizes
 
     float_file = run_export_dir / FLOAT_FILE if run_export_dir is not None else None
     if float_file is not None and float_file.is_file():
-        float_model, float_src, float_size = load_artifact(float_file), float_file.name, float_file.stat().st_size
+        float_model, float_src = load_artifact(float_file), _file(float_file)
     else:
         float_model = load_model(model_name, weights or None).eval()
-        float_src = f"{model_name}, {'--weights ' + Path(weights).name if weights else 'random init'}"
-        float_size = None
+        kb = float_bytes(float_model) / 1000  # what its packed file would hold, less the header
+        float_src = (f"{model_name} from {Path(weights).name if weights else 'random init (no --weights)'}, "
+                     f"in memory ({kb:,.1f} kB of float32 parameters)")
 
     with contextlib.ExitStack() as stack:
         if run_export_dir is None:
@@ -231,32 +253,31 @@ def main(weights: str, data_root: str, model_name: str, engine: str, batch_sizes
             else:
                 calib = BatchLoader(pool[:calib_images], torch.zeros(calib_images, dtype=torch.long), 100)
             files = build_files(float_model, calib, engine, folder)
-        timed = _load_all(float_model, float_src, float_size, files, no_compile)
-        _report(timed, sizes, seconds, repeats, data, pool, engine)
+        timed = _load_all(float_model, float_src, files, no_compile)
+        # read when a graph compiles (each model's first call at a batch size), so it spans every call
+        stack.enter_context(torch._inductor.config.patch(freezing=True))
+        _report(timed, sizes, seconds, repeats, data, pool, engine, load)
 
 
-def _load_all(float_model: nn.Module, float_src: str, float_size: int | None, files: list[Path],
-              no_compile: bool) -> list[Timed]:
+def _load_all(float_model: nn.Module, float_src: str, files: list[Path], no_compile: bool) -> list[Timed]:
     """The models to time, every int8 one loaded back from its file (sha256 checked against its manifest)."""
     float_model = float_model.to(memory_format=torch.channels_last)  # oneDNN's preferred layout for float convs
-    params = f"{float_bytes(float_model) / 1000:,.1f} kB of float32 parameters"
-    timed = [Timed("float eager", float_model, f"{float_src} ({params})", float_size)]
+    timed = [Timed("float eager", float_model, float_src)]
     if not no_compile:
-        timed.append(Timed("float compiled", compiled(float_model), "torch.compile of float eager", None))
+        timed.append(Timed("float compiled", compiled(float_model), "torch.compile of float eager", True))
     for path in files:
         with quiet():
             module = load_artifact(path)
-        size = path.stat().st_size
         expected = read_manifest(path).get("expected_top1")
-        note = f"; manifest top-1 {expected:.2f}%" if expected is not None else ""
-        timed.append(Timed(f"{_label(path)} eager", module, f"{path.name}{note}", size))
+        note = f" (its manifest: top-1 {expected:.2f}%)" if expected is not None else ""
+        timed.append(Timed(f"{_label(path)} eager", module, _file(path) + note))
         if path.suffix == ".pt2" and not no_compile:
-            timed.append(Timed(f"{_label(path)} compiled", compiled(module), f"torch.compile of {path.name}", size))
+            timed.append(Timed(f"{_label(path)} compiled", compiled(module), f"torch.compile of {_file(path)}", True))
     return timed
 
 
 def _report(timed: list[Timed], sizes: list[int], seconds: float, repeats: int, data: Cifar10 | None,
-            pool: torch.Tensor, engine: str) -> None:
+            pool: torch.Tensor, engine: str, load: float) -> None:
     """Print the machine, the models (file, size, top-1), then the table of medians and ratios."""
     import torchao
 
@@ -266,39 +287,66 @@ def _report(timed: list[Timed], sizes: list[int], seconds: float, repeats: int, 
     click.echo(f"torch {torch.__version__}, torchao {torchao.__version__}, {torch.get_num_threads()} thread(s), "
                f"quantized engine {torch.backends.quantized.engine} (built files: {engine}); median of {repeats} "
                f"x >= {seconds:g} s per figure")
+    busy = "; other processes are busy: figures will be low and noisy" if load >= 0.5 else ""
+    click.echo(f"load average {load:.2f} (1 min, before this run) on {os.cpu_count()} CPU(s){busy}")
     width = max(len(t.name) for t in timed)
     # the sanity batch is the largest timed one, so compiled models reuse a graph they compile anyway
     check = None if data is None else BatchLoader(data.test_x[:SANITY_IMAGES], data.test_y[:SANITY_IMAGES], max(sizes))
-    for t in timed:
-        top1 = ""
+    click.echo(f"{'model':<{width}}  {'top-1':>6}  file" if check is None else
+               f"{'model':<{width}}  {'top-1':>6}  file (top-1 on the first {SANITY_IMAGES:,} test images)")
+    for t in list(timed):
+        top1 = "-"
         if check is not None:
-            t0 = time.perf_counter()
-            with quiet():
-                ev = evaluate(_Padded(t.model, max(sizes)), check, CPU, amp=False, progress=False)
-            top1 = f"top-1 {ev.top1:5.2f}% on {ev.images:,} test images ({time.perf_counter() - t0:.0f} s), "
-        click.echo(f"  {t.name:<{width}}  {top1}{_kb(t.nbytes)}: {t.source}")
+            ev = _guarded(t, timed, functools.partial(evaluate, _Padded(t.model, max(sizes)), check, CPU, amp=False,
+                                                      progress=False))
+            if ev is None:
+                continue
+            top1 = f"{ev.top1:.2f}%"
+        click.echo(f"{t.name:<{width}}  {top1:>6}  {t.source}")
+    click.echo()
 
     head = f"{'batch':>5}  {'model':<{width}}  {'img/s':>9}  {'vs float eager':>14}"
     lines = [head, "-" * len(head)]
     for bs in sizes:
         x = pool if len(pool) >= bs else torch.randint(0, 256, (bs, 3, 32, 32), dtype=torch.uint8)
         x = x[:bs].float().div(255).contiguous(memory_format=torch.channels_last)
-        rates: dict[str, list[float]] = {t.name: [] for t in timed}
-        with quiet(), torch.no_grad():
-            for t in timed:  # compiles each compiled model for this batch size, outside the timing
+        with torch.no_grad():
+            for t in list(timed):  # compiles each compiled model for this batch size, outside the timing
                 t0 = time.perf_counter()
-                t.model(x)
-                if "compiled" in t.name:
+                if _guarded(t, timed, functools.partial(t.model, x)) is not None and t.compiled:
                     click.echo(f"batch {bs}: {t.name} ready in {time.perf_counter() - t0:.1f} s", err=True)
-            for _ in range(repeats):
-                for t in timed:
-                    rates[t.name].append(_rate(t.model, x, seconds))
+            rates: dict[str, list[float]] = {t.name: [] for t in timed}
+            with quiet():
+                for _ in range(repeats):
+                    for t in timed:
+                        rates[t.name].append(_rate(t.model, x, seconds))
         base = statistics.median(rates[timed[0].name])
         for t in timed:
             r = statistics.median(rates[t.name])
             lines.append(f"{bs:>5}  {t.name:<{width}}  {r:>9,.0f}  {r / base:>13.2f}x")
         lines.append("")
     click.echo("\n".join(lines).rstrip())
+
+
+def _guarded(t: Timed, timed: list[Timed], call: Callable[[], object]) -> object | None:
+    """``call()``; if a compiled model fails (inductor errors are long), drop its row and say why in one line."""
+    # compiling says two irrelevant things (torch 2.14): a CUDA build looking for a CUDA runtime on a CPU-only
+    # machine, and inductor's oneDNN lowering warning about its own torch.tensor(tensor) call
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    try:
+        cpp_log.setLevel(logging.ERROR)
+        with quiet(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
+            return call()
+    except Exception as e:  # any compile failure: the other rows are still worth timing
+        if not t.compiled:
+            raise
+        timed.remove(t)
+        click.echo(f"  {t.name}: dropped, it did not compile ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        return None
+    finally:
+        cpp_log.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ from compress.results import atomic_write_bytes
 
 SUFFIXES = (".packed", ".pt2")
 LOAD_PACKED = "from compress.artifacts import load_artifact; model = load_artifact(PATH)  # CPU"
-LOAD_PT2 = "import torch, torchao; model = torch.export.load(PATH).module()  # CPU; torch.compile(model) for speed"
+LOAD_PT2 = "import torch, torchao; model = torch.export.load(PATH).module()  # CPU, q/dq reference ops"
+# what makes inductor lower the program's q/dq + conv to oneDNN int8 kernels (else: float convs, half the speed)
+COMPILE_PT2 = ("import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer; "
+               "torch._inductor.config.freezing = True; model = torch.compile(model)")
 
 
 class ArtifactError(ValueError):

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from compress.artifacts import LOAD_PACKED, LOAD_PT2, load_artifact, manifest_path, write_artifact
+from compress.artifacts import COMPILE_PT2, LOAD_PACKED, LOAD_PT2, load_artifact, manifest_path, write_artifact
 from compress.data import BatchLoader, load_cifar10
 from compress.loops import evaluate, pick_device
 from compress.quant import quiet
@@ -183,8 +183,7 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
     if b.program is not None:
         path = folder / f"{slug}.int8.pt2"
         written.append((path, program_bytes(b.program()),
-                        _manifest("int8-pt2", load=LOAD_PT2, note="q/dq reference program; run torch.compile on it "
-                                  "for oneDNN int8 kernels (CPU)", **common)))
+                        _manifest("int8-pt2", load=LOAD_PT2, compile=COMPILE_PT2, **common)))
     return _write_and_check(written, test, ev.predictions)
 
 

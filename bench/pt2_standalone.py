@@ -1,0 +1,65 @@
+"""Run an exported ``.pt2`` int8 program the way a deployment would: torch and torchao only, no project code.
+
+    .venv/bin/python bench/pt2_standalone.py results/runs/RUN/export/CONFIG.int8.pt2 ../shared/data
+
+Reads the CIFAR-10 test set from the official binary files with numpy, loads the program with
+``torch.export.load``, predicts every image on the CPU (optionally through ``torch.compile``) and
+compares top-1 and the sha256 of the predictions with the manifest beside the file. Prints one
+line per check and exits 1 on any difference. It imports nothing from this repository (it checks
+that too), so it also runs on a machine that has only the file, its manifest and the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchao  # noqa: F401  (registers the int8 ops the program calls)
+
+
+def test_set(root: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` test images as float [0, 1] (N, 3, 32, 32) and their labels, from test_batch.bin."""
+    raw = np.fromfile(root / "cifar-10-batches-bin" / "test_batch.bin", dtype=np.uint8).reshape(-1, 3073)[:n]
+    images = torch.from_numpy(raw[:, 1:].reshape(-1, 3, 32, 32).copy()).float().div(255)
+    return images, torch.from_numpy(raw[:, 0].astype(np.int64))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("program", type=Path)
+    parser.add_argument("data_root", type=Path)
+    parser.add_argument("--compile", action="store_true", help="run through torch.compile (oneDNN int8 kernels)")
+    parser.add_argument("--batch-size", type=int, default=500)
+    args = parser.parse_args()
+
+    manifest = json.loads(Path(f"{args.program}.json").read_text())
+    data = args.program.read_bytes()
+    sha_ok = hashlib.sha256(data).hexdigest() == manifest["sha256"]
+    print(f"sha256 {'matches' if sha_ok else 'DIFFERS FROM'} the manifest ({len(data):,} bytes)")
+    model = torch.export.load(args.program).module()
+    if args.compile:
+        # registers torchao's inductor lowering of q/dq + conv to oneDNN int8 kernels; freezing makes the
+        # weights constants it can prepack (without both, the program compiles to float convolutions)
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+        torch._inductor.config.freezing = True
+        model = torch.compile(model)
+    x, y = test_set(args.data_root, int(manifest["test_images"]))
+    with torch.no_grad():
+        preds = torch.cat([model(x[i:i + args.batch_size]).argmax(1) for i in range(0, len(x), args.batch_size)])
+    top1 = 100.0 * float((preds == y).float().mean())
+    same = hashlib.sha256(preds.to(torch.uint8).numpy().tobytes()).hexdigest() == manifest["predictions_sha256"]
+    print(f"top-1 {top1:.2f}% on {len(y):,} test images; manifest {manifest['expected_top1']:.2f}%; "
+          f"predictions {'identical to' if same else 'DIFFERENT FROM'} the export's")
+    ours = sorted(k for k in sys.modules if k.split(".")[0] in ("compress", "jobs", "sweeps"))
+    print(f"project modules imported: {ours or 'none'}")
+    return 0 if sha_ok and same and not ours else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
