@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("program", type=Path)
     parser.add_argument("data_root", type=Path)
     parser.add_argument("--compile", action="store_true", help="run through torch.compile (oneDNN int8 kernels)")
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=0, help="default: the manifest's (the export's batches)")
     args = parser.parse_args()
 
     manifest = json.loads(Path(f"{args.program}.json").read_text())
@@ -50,8 +50,14 @@ def main() -> int:
         torch._inductor.config.freezing = True
         model = torch.compile(model)
     x, y = test_set(args.data_root, int(manifest["test_images"]))
+    # the program computes its convolutions in float on dequantized values, so the memory layout and
+    # the batch change the rounding of a few activations: feed them as the export did (its manifest says)
+    fed = manifest.get("input", {})
+    if fed.get("memory_format") == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    bs = args.batch_size or int(fed.get("batch_size", 500))
     with torch.no_grad():
-        preds = torch.cat([model(x[i:i + args.batch_size]).argmax(1) for i in range(0, len(x), args.batch_size)])
+        preds = torch.cat([model(x[i:i + bs]).argmax(1) for i in range(0, len(x), bs)])
     top1 = 100.0 * float((preds == y).float().mean())
     same = hashlib.sha256(preds.to(torch.uint8).numpy().tobytes()).hexdigest() == manifest["predictions_sha256"]
     print(f"top-1 {top1:.2f}% on {len(y):,} test images; manifest {manifest['expected_top1']:.2f}%; "

@@ -62,12 +62,10 @@ class ExportSpec:
     results: str = "results"
     data_root: str = ""
     device: str = "auto"
-    eval_batch_size: int = 500
 
     def __post_init__(self) -> None:
         check(bool(self.run), "run", self.run, "give a run id")
         check(bool(self.results), "results", self.results, "must be a folder")
-        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
         parse_selector(self.select)  # a bad selector fails here, before anything runs
 
 
@@ -131,11 +129,18 @@ def _check_same(name: str, want: torch.Tensor, got: torch.Tensor) -> None:
 
 
 def _manifest(kind: str, spec: dict[str, Any], source: dict[str, Any], top1: float, images: int,
-              preds: torch.Tensor, load: str, **extra: Any) -> dict[str, Any]:
+              preds: torch.Tensor, load: str, batch_size: int, **extra: Any) -> dict[str, Any]:
     prov = provenance()
-    return {"kind": kind, "expected_top1": top1, "test_images": images,
-            "predictions_sha256": _preds_sha(preds), "load": load, "source": source, "spec": spec, **extra,
+    return {"kind": kind, "expected_top1": top1, "test_images": images, "predictions_sha256": _preds_sha(preds),
+            "load": load, "input": {**INPUT, "batch_size": batch_size}, "source": source, "spec": spec, **extra,
             "git_commit": prov["git_commit"], "written_at": _dt.datetime.now(_dt.UTC).isoformat()}
+
+
+# how the expected top-1 was measured: the first N CIFAR-10 test images, in this layout and these batches.
+# A .pt2 computes its convolutions in float on dequantized values, so another layout or batch size can
+# round a few activations the other way and change a handful of predictions.
+INPUT = {"images": "float32 RGB in [0, 1], (N, 3, 32, 32), normalisation inside the model",
+         "memory_format": "channels_last"}
 
 
 def _preds_sha(preds: torch.Tensor) -> str:
@@ -160,7 +165,7 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
     data = load_cifar10(task.data_root or None)
     n_test = task.test_size or len(data.test_x)
     cpu = torch.device("cpu")
-    test = BatchLoader(data.test_x[:n_test], data.test_y[:n_test], spec.eval_batch_size, cpu)
+    test = BatchLoader(data.test_x[:n_test], data.test_y[:n_test], task.eval_batch_size, cpu)
     with quiet():
         ev = evaluate(b.model, test, cpu, keep_predictions=True, desc="int8 eval")
     if abs(ev.top1 - row["int8_top1"]) > 1e-9:
@@ -172,7 +177,8 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
             "alpha", "center", "float_top1", "int8_top1", "int8_packed_bytes", "program_bytes", "sparsity")
     source = {"run_id": spec.run, "row": {k: row.get(k) for k in keep}, "selector": spec.select,
               "reason": choice.reason, "rows_considered": len(rows)}
-    common = dict(spec=dataclasses.asdict(task), source=source, top1=ev.top1, images=ev.images, preds=ev.predictions)
+    common = dict(spec=dataclasses.asdict(task), source=source, top1=ev.top1, images=ev.images, preds=ev.predictions,
+                  batch_size=task.eval_batch_size)
     written = []
     if b.packed is not None:
         path = folder / f"{slug}.int8.packed"
@@ -197,13 +203,14 @@ def _export_model(spec: ExportSpec) -> dict[str, Any]:
     n_test = run_spec.get("test_size") or len(data.test_x)
     device = pick_device(spec.device)
     cpu = torch.device("cpu")
-    test = BatchLoader(data.test_x[:n_test], data.test_y[:n_test], spec.eval_batch_size, cpu)
+    batch = int(run_spec.get("eval_batch_size") or 500)
+    test = BatchLoader(data.test_x[:n_test], data.test_y[:n_test], batch, cpu)
     ev = evaluate(model, test, cpu, amp=False, keep_predictions=True, desc="float eval")
     summary_path = final.parent / "summary.json"
     recorded = json.loads(summary_path.read_text()).get("top1") if summary_path.is_file() else None
     source = {"run_id": spec.run, "checkpoint": str(final), "recorded_top1": recorded, "device": str(device)}
     blob = pack_float(model, name)
-    manifest = _manifest("float-packed", run_spec, source, ev.top1, ev.images, ev.predictions, LOAD_PACKED,
+    manifest = _manifest("float-packed", run_spec, source, ev.top1, ev.images, ev.predictions, LOAD_PACKED, batch,
                          checkpoint_bytes=final.stat().st_size)
     return _write_and_check([(final.parent / "export" / "model.float.packed", blob, manifest)], test, ev.predictions)
 
@@ -251,7 +258,7 @@ def run_export(spec: ExportSpec) -> dict[str, Any]:
     return {"run_id": spec.run, "kind": kind, "reason": choice.reason, **_export_ptq(spec, rows, choice)}
 
 
-def verify_artifact(path: str, data_root: str = "", batch_size: int = 500) -> dict[str, Any]:
+def verify_artifact(path: str, data_root: str = "") -> dict[str, Any]:
     """Check a file against its manifest: sha256, then top-1 and every prediction on the test images it names."""
     from compress.artifacts import read_manifest
 
@@ -260,6 +267,7 @@ def verify_artifact(path: str, data_root: str = "", batch_size: int = 500) -> di
     spec = manifest.get("spec") or {}
     data = load_cifar10(data_root or spec.get("data_root") or None)
     n = int(manifest.get("test_images") or len(data.test_x))
+    batch_size = int(manifest.get("input", {}).get("batch_size") or 500)  # as the export measured it
     cpu = torch.device("cpu")
     with quiet():
         ev = evaluate(model, BatchLoader(data.test_x[:n], data.test_y[:n], batch_size, cpu), cpu, amp=False,
