@@ -161,36 +161,40 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
     built: list[Any] = []
     with quiet():
         _quantize_all(task, keep=lambda r, b: built.append((r, b)))
-    (rebuilt, b), = built
+    (_, b), = built
     data = load_cifar10(task.data_root or None)
     n_test = task.test_size or len(data.test_x)
     cpu = torch.device("cpu")
     test = BatchLoader(data.test_x[:n_test], data.test_y[:n_test], task.eval_batch_size, cpu)
     with quiet():
         ev = evaluate(b.model, test, cpu, keep_predictions=True, desc="int8 eval")
+    # a sweep calibrated on a GPU, or under other library versions, can round a range differently here: the
+    # file is still checked against the model it was written from, and the drift is said and recorded
+    drift = []
     if abs(ev.top1 - row["int8_top1"]) > 1e-9:
-        raise ExportError(f"the rebuilt {describe(row)} scores {ev.top1:.2f}%, the row says {row['int8_top1']:.2f}%: "
-                          f"calibration did not reproduce here (was the sweep calibrated on another device?)")
+        drift.append(f"the rebuilt {describe(row)} scores {ev.top1:.2f}%, the row says {row['int8_top1']:.2f}% "
+                     f"(calibrated on {row.get('device_name') or '?'}, rebuilt on {spec.device}): the file has "
+                     f"the rebuilt model's top-1")
     folder = Path(spec.results) / "runs" / spec.run / "export"
     slug = _slug(row)
     keep = ("run_id", "task", "method", "observer", "weight_observer", "engine", "activation_bits", "calib_size",
             "alpha", "center", "float_top1", "int8_top1", "int8_packed_bytes", "program_bytes", "sparsity")
     source = {"run_id": spec.run, "row": {k: row.get(k) for k in keep}, "selector": spec.select,
-              "reason": choice.reason, "rows_considered": len(rows)}
+              "reason": choice.reason, "rows_considered": len(rows), "reproduced": not drift, "drift": drift}
     common = dict(spec=dataclasses.asdict(task), source=source, top1=ev.top1, images=ev.images, preds=ev.predictions,
                   batch_size=task.eval_batch_size)
     written = []
     if b.packed is not None:
         path = folder / f"{slug}.int8.packed"
         blob = b.packed()
-        if row.get("int8_packed_bytes") is not None and len(blob) != row["int8_packed_bytes"]:
+        if row.get("int8_packed_bytes") is not None and len(blob) != row["int8_packed_bytes"] and not drift:
             raise ExportError(f"packed file of {len(blob):,} bytes, the row says {row['int8_packed_bytes']:,}")
         written.append((path, blob, _manifest("int8-packed", load=LOAD_PACKED, **common)))
     if b.program is not None:
         path = folder / f"{slug}.int8.pt2"
         written.append((path, program_bytes(b.program()),
                         _manifest("int8-pt2", load=LOAD_PT2, compile=COMPILE_PT2, **common)))
-    return _write_and_check(written, test, ev.predictions)
+    return {**_write_and_check(written, test, ev.predictions), "warnings": drift}
 
 
 def _export_model(spec: ExportSpec) -> dict[str, Any]:
@@ -254,7 +258,8 @@ def run_export(spec: ExportSpec) -> dict[str, Any]:
     """Export what ``spec`` selects (see the module docstring); returns the files written and the choice."""
     kind, rows, choice = plan_export(spec)
     if kind == "model":
-        return {"run_id": spec.run, "kind": kind, "reason": "the run's final model", **_export_model(spec)}
+        return {"run_id": spec.run, "kind": kind, "reason": "the run's final model", "warnings": [],
+                **_export_model(spec)}
     return {"run_id": spec.run, "kind": kind, "reason": choice.reason, **_export_ptq(spec, rows, choice)}
 
 

@@ -227,6 +227,8 @@ def _export(spec: Any) -> None:
     except USER_ERRORS as e:
         fail(str(e))
     click.echo(f"export {out['run_id']}: {out['reason']}")
+    for w in out["warnings"]:
+        click.echo(f"warning: {w}", err=True)
     for f in out["files"]:
         click.echo(f"  {f['path']}  {f['bytes']:,} B  top-1 {f['top1']:.2f}% (read back: same predictions)  "
                    f"manifest {f['path']}.json")

@@ -88,6 +88,28 @@ def test_export_then_verify(sweep: Path, synthetic_cifar: Path, select: str, nam
     assert code == 2 and out == "" and len(err.splitlines()) == 1 and "sha256 mismatch" in err
 
 
+def test_a_row_that_does_not_reproduce_is_exported_with_a_warning(sweep: Path, tmp_path: Path) -> None:
+    """As when a sweep calibrated on a GPU is exported on a CPU: the file holds the rebuilt model, and says so."""
+    import shutil
+
+    from compress.results import write_rows
+    from jobs import tables
+
+    results = tmp_path / "results"
+    shutil.copytree(sweep / "ptq", results / "ptq")
+    path = results / "ptq" / "sw-minmax-50.parquet"
+    rows = pq.read_table(path).to_pylist()
+    rows[0]["int8_top1"] -= 1.0  # the manual alpha-1 row, as another device scored it
+    write_rows(path, rows, tables.PTQ)
+    code, out, err = _invoke("export", "sw", "--select", "method=manual,alpha=1", "--results", str(results))
+    assert code == 0, err
+    assert err.startswith("warning: the rebuilt manual minmax per_channel calib 50 alpha 1") and "the row says" in err
+    (written,) = (results / "runs" / "sw" / "export").glob("*.packed")
+    manifest = json.loads(manifest_path(written).read_text())
+    assert manifest["source"]["reproduced"] is False and manifest["expected_top1"] == rows[0]["int8_top1"] + 1.0
+    assert _invoke("verify", str(written))[0] == 0
+
+
 def test_prune_run_ships_a_packed_float_model(synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path) -> None:
     results = tmp_path / "results"
     code, _, err = _invoke("prune", "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights),
