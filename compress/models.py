@@ -280,9 +280,29 @@ def load_model(name: str, weights: str | Path | None = None) -> CifarResNet:
     else:
         path = Path(weights)
     state = _read_state_dict(path)
-    prefix = info.key_prefix if any(k.startswith(info.key_prefix) for k in state) else ""
-    load_state(model, state, prefix, source=str(path))
+    try:
+        load_state(model, state, _prefix(name, state), source=str(path))
+    except WeightsError as e:
+        fits = [other for other in MODELS if other != name and _fits(other, state)]
+        if fits:
+            raise WeightsError(f"{path} holds {fits[0]} weights ({MODELS[fits[0]].about}), not {name}: "
+                               f"pass --model {fits[0]}") from e
+        raise
     return model
+
+
+def _prefix(name: str, state: dict[str, torch.Tensor]) -> str:
+    p = MODELS[name].key_prefix
+    return p if p and any(k.startswith(p) for k in state) else ""
+
+
+def _fits(name: str, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` loads into model ``name`` (same keys and shapes, up to what ``load_state`` tolerates)."""
+    try:
+        load_state(build_model(name), state, _prefix(name, state))
+    except WeightsError:
+        return False
+    return True
 
 
 def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -51,13 +51,16 @@ def _build_spec(cls: type, options: dict[str, Any]):
         fail(str(e))
 
 
-def _preflight(spec: Any) -> None:
-    """Check what a user can get wrong before anything is written: data and weights must load."""
+def _preflight(spec: Any, download: bool = False) -> None:
+    """Check what a user can get wrong before anything is written: data and weights must load.
+
+    With ``download``, CIFAR-10 is fetched into the data root first (here, so a SLURM job finds it).
+    """
     from compress.data import load_cifar10
     from compress.models import load_model
 
     try:
-        load_cifar10(spec.data_root or None)
+        load_cifar10(spec.data_root or None, download=download)
         if spec.weights or spec.needs_weights():
             if not spec.weights:
                 raise WeightsError(f"{spec.kind()} needs starting weights: pass --weights FILE or set COMPRESS_WEIGHTS")
@@ -88,14 +91,14 @@ def _echo_summary(summary: dict[str, Any]) -> None:
                f"sparsity {100 * summary['sparsity']:.2f}%, checkpoint {summary['checkpoint']}")
 
 
-def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions) -> None:
+def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, download: bool = False) -> None:
     if dry_run:
         for spec in specs:
             click.echo(json.dumps(dataclasses.asdict(spec), indent=2))
         if not executor.local:
             click.echo(render_sbatch(executor))
         return
-    _preflight(specs[0])
+    _preflight(specs[0], download)
     ex = open_executor(executor)
     if ex.local:
         for spec in specs:
@@ -136,26 +139,32 @@ def cli(verbose: bool) -> None:
 
 
 SEEDS_HELP = "comma-separated seeds: one run per seed (one job array on SLURM); overrides --seed"
+download_option = click.option(
+    "--download", is_flag=True,
+    help="fetch CIFAR-10 (python version, 163 MB, checksum-verified by torchvision) into --data-root when it "
+         "holds neither layout")
 
 
 @cli.command()
 @spec_options(PruneSpec)
 @click.option("--seeds", default="", help=SEEDS_HELP)
 @executor_options
+@download_option
 @click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit")
-def prune(dry_run: bool, seeds: str, executor: ExecutorOptions, **options: Any) -> None:
+def prune(dry_run: bool, download: bool, seeds: str, executor: ExecutorOptions, **options: Any) -> None:
     """Run a prune/retrain schedule (BN-gamma filters once, then global L1 magnitude phases)."""
-    _run(_seed_specs(PruneSpec, options, seeds), run_prune, dry_run, executor)
+    _run(_seed_specs(PruneSpec, options, seeds), run_prune, dry_run, executor, download)
 
 
 @cli.command()
 @spec_options(TrainSpec)
 @click.option("--seeds", default="", help=SEEDS_HELP)
 @executor_options
+@download_option
 @click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit")
-def train(dry_run: bool, seeds: str, executor: ExecutorOptions, **options: Any) -> None:
+def train(dry_run: bool, download: bool, seeds: str, executor: ExecutorOptions, **options: Any) -> None:
     """Train a dense model (from scratch, or fine-tune --weights)."""
-    _run(_seed_specs(TrainSpec, options, seeds), run_train, dry_run, executor)
+    _run(_seed_specs(TrainSpec, options, seeds), run_train, dry_run, executor, download)
 
 
 @cli.command()
@@ -287,8 +296,9 @@ def verify(artifact: str, data_root: str) -> None:
 @click.option("--export", "export_select", default="", help=EXPORT_HELP + "; after the sweep (here, or with "
               "--wait on SLURM) [default: no export]")
 @executor_options
+@download_option
 @click.option("--dry-run", is_flag=True, help="print the spec and its tasks (and the sbatch script) and exit")
-def ptq(dry_run: bool, export_select: str, executor: ExecutorOptions, **options: Any) -> None:
+def ptq(dry_run: bool, download: bool, export_select: str, executor: ExecutorOptions, **options: Any) -> None:
     """Post-training int8 sweep (FX graph mode and hand-written): one task per (observer, calibration size).
 
     Each task calibrates once and evaluates every weight-scheme/alpha/center variant from those
@@ -321,7 +331,7 @@ def ptq(dry_run: bool, export_select: str, executor: ExecutorOptions, **options:
     try:
         if not spec.weights:
             raise WeightsError("ptq needs weights to quantize: pass --weights FILE or set COMPRESS_WEIGHTS")
-        preflight(spec, len(load_cifar10(spec.data_root or None).train_x))
+        preflight(spec, len(load_cifar10(spec.data_root or None, download=download).train_x))
         load_float_model(spec.model, spec.weights)
     except USER_ERRORS as e:
         fail(str(e))

@@ -181,7 +181,7 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
         for epoch in range(state["epoch"], ph.epochs):
-            train_loader.set_epoch(ph.index * 10_000 + epoch)
+            train_loader.set_epoch(ph.index, epoch)
             lr = opt.param_groups[0]["lr"]
             st = train_one_epoch(model, train_loader, opt, sched, run.device,
                                  after_step=functools.partial(masks.apply, model) if len(masks) else None,
@@ -242,9 +242,11 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
         "kind": "float-packed", "expected_top1": summary["top1"], "load": LOAD_PACKED,
         "source": {"run_id": spec.run_id, "phase": summary["phase"]}, "spec": dataclasses.asdict(spec),
         "git_commit": provenance()["git_commit"]})
-    summary = {**summary, "run_id": spec.run_id, "checkpoint": str(run.dir / "final.pt"), "table": text,
-               "packed": str(packed),
-               "train_seconds": state["train_seconds"], "spec": dataclasses.asdict(spec)}
+    # the phase row's seconds are the last phase's; the run's totals are named as such beside them
+    last = {f"last_phase_{k}": summary.pop(k) for k in ("train_seconds", "wall_seconds", "epochs")}
+    summary = {**summary, **last, "run_id": spec.run_id, "checkpoint": str(run.dir / "final.pt"), "table": text,
+               "packed": str(packed), "total_epochs": sum(ph.epochs for ph in plan),
+               "total_train_seconds": state["train_seconds"], "spec": dataclasses.asdict(spec)}
     atomic_write_bytes(done_path, json.dumps(summary, indent=2).encode())
     run.state_path.unlink(missing_ok=True)
     return summary

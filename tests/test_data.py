@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +128,69 @@ def test_python_layout_failing_torchvision_integrity_is_a_data_error(tmp_path: P
         load_cifar10(tmp_path)
 
 
+@pytest.fixture
+def cifar_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The synthetic python layout as a .tar.gz served over HTTP on this machine, with torchvision's
+    download address and checksums pointed at it; yields the address."""
+    import http.server
+    import tarfile
+    import threading
+
+    from torchvision.datasets import CIFAR10
+
+    served = tmp_path / "served"
+    md5 = _write_py_layout(served / "src")
+    archive = served / CIFAR10.filename
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(served / "src" / PY_DIR, arcname=PY_DIR)
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
+    monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{CIFAR10.filename}"
+    monkeypatch.setattr(CIFAR10, "url", url)
+    yield url
+    server.shutdown()
+
+
+def test_download_fetches_and_verifies_the_archive(cifar_server: str, synthetic_cifar: Path, tmp_path: Path) -> None:
+    """torchvision's downloader and checks, against an archive served here (nothing else is reachable)."""
+    root = tmp_path / "fresh"
+    with pytest.raises(DataError, match="add --download to fetch it into"):
+        load_cifar10(root)
+    got = load_cifar10(root, download=True)
+    assert (root / PY_DIR / "test_batch").is_file() and torch.equal(got.test_x, load_cifar10(synthetic_cifar).test_x)
+    assert torch.equal(load_cifar10(root).train_y, got.train_y)  # the next run reads it without --download
+
+
+def test_download_of_a_damaged_archive_is_one_data_error(cifar_server: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.datasets import CIFAR10
+
+    monkeypatch.setattr(CIFAR10, "tgz_md5", "0" * 32)  # what a truncated or altered download looks like
+    with pytest.raises(DataError, match="cannot read CIFAR-10 python version under"):
+        load_cifar10(tmp_path / "fresh", download=True)
+
+
+def test_prune_download_option_fetches_before_the_run(cifar_server: str, synthetic_weights: Path,
+                                                      tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from jobs.launch import cli
+
+    args = ["prune", "--data-root", str(tmp_path / "fresh"), "--weights", str(synthetic_weights), "--results",
+            str(tmp_path / "results"), "--phases", "1", "--epochs", "0", "--final-sparsity", "0.5",
+            "--eval-batch-size", "100"]
+    missing = CliRunner().invoke(cli, args)
+    assert missing.exit_code == 2 and "add --download" in missing.stderr and not (tmp_path / "results").exists()
+    done = CliRunner().invoke(cli, [*args, "--download"])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "fresh" / PY_DIR).is_dir() and "final: top-1" in done.stdout
+
+
 # --- subsets -----------------------------------------------------------------------------------
 
 def test_subset_indices_are_deterministic_nested_and_distinct() -> None:
@@ -213,6 +278,28 @@ def test_batch_loader_is_a_function_of_seed_and_epoch(synthetic_cifar: Path, dev
     assert _same(first, _batches(again)), "a second pass over the same epoch differs"
     labels = torch.cat([b[1] for b in first]).cpu()
     assert sorted(labels.tolist()) == sorted(y.tolist())  # a permutation: every image once
+
+
+def test_epoch_orders_do_not_collide_across_seeds_and_phases(synthetic_cifar: Path) -> None:
+    """seed*100_003 + phase*10_000 + epoch gave (seed 0, phase 11, epoch 3) the order of (seed 1, phase 1, epoch 0)."""
+    data = load_cifar10(synthetic_cifar)
+
+    def order(seed: int, *key: int) -> list[int]:
+        ld = BatchLoader(data.train_x, torch.arange(len(data.train_x)), 250, train=True, crop_pad=0, seed=seed)
+        ld.set_epoch(*key)
+        return next(iter(ld))[1].tolist()
+
+    assert order(0, 11, 3) != order(1, 1, 0)
+    assert order(0, 11, 3) == order(0, 11, 3)
+    keys = [(s, p, e) for s in range(3) for p in range(13) for e in range(12)]
+    distinct = set()
+    for s, p, e in keys:
+        ld = BatchLoader(data.train_x[:1], data.train_y[:1], 1, seed=s)
+        ld.set_epoch(p, e)
+        distinct.add(ld.epoch_seed())
+    assert len(distinct) == len(keys)
+    with pytest.raises(ValueError, match="non-negative"):
+        BatchLoader(data.train_x[:1], data.train_y[:1], 1).set_epoch(-1)
 
 
 def test_eval_loader_keeps_order_and_scales_to_unit_range(synthetic_cifar: Path, device: torch.device) -> None:

@@ -182,8 +182,21 @@ def test_option_b_file_into_option_a_model_is_refused(tmp_path) -> None:
     path.write_bytes(data)
     with pytest.raises(WeightsError) as e:
         load_model("resnet20a", path)
-    assert "missing keys ['linear.weight', 'linear.bias']" in str(e.value)
-    assert "unexpected keys ['layer2.0.downsample.0.weight'" in str(e.value)
+    assert str(e.value).startswith(f"{path} holds resnet20b weights (ResNet-20, option-B")
+    assert str(e.value).endswith("not resnet20a: pass --model resnet20b")
+    assert "missing keys ['linear.weight', 'linear.bias']" in str(e.value.__cause__)
+
+
+def test_option_a_file_into_option_b_model_names_the_model_it_fits(tmp_path) -> None:
+    """As with the published option-A file, whose keys carry DataParallel's "module." prefix."""
+    sd = build_model("resnet20a").state_dict()
+    path = tmp_path / "a.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items() if not k.startswith("normalize.")}}, path)
+    with pytest.raises(WeightsError, match=r"holds resnet20a weights .*: pass --model resnet20a$"):
+        load_model("resnet20b", path)
+    torch.save({"x.weight": torch.zeros(1)}, path)
+    with pytest.raises(WeightsError, match="does not fit CifarResNet: missing keys"):
+        load_model("resnet20b", path)
 
 
 def test_project_checkpoint_and_module_prefix_load(tmp_path) -> None:

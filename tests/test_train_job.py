@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -114,8 +115,14 @@ def test_prune_final_checkpoint_loads_and_scores_the_reported_top1(prune_run, sy
     assert is_close_to(global_sparsity(model), 0.5, count_prunable(model))
     data = load_cifar10(synthetic_cifar)
     st = evaluate(model, BatchLoader(data.test_x, data.test_y, 100, device), device, progress=False)
-    last = _table(results, "phases").sort_values("phase").iloc[-1]
+    phases = _table(results, "phases").sort_values("phase")
+    last = phases.iloc[-1]
     assert st.top1 == last["top1"]
+    summary = json.loads((run / "summary.json").read_text())  # the last phase's seconds and the run's, named so
+    assert summary["last_phase_wall_seconds"] == last["wall_seconds"]
+    assert summary["last_phase_train_seconds"] == last["train_seconds"]
+    assert summary["total_train_seconds"] == pytest.approx(phases["train_seconds"].sum())
+    assert summary["total_epochs"] == 2 and "wall_seconds" not in summary and "train_seconds" not in summary
 
 
 @pytest.mark.slow  # shares one prune run (~7 s)
