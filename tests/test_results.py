@@ -145,3 +145,23 @@ def test_read_table_keeps_a_column_that_older_files_lack(tmp_path: Path) -> None
     (tmp_path / "phases" / ".c-p01.parquet.123.tmp").write_bytes(b"partial")  # a write in progress: not read
     (tmp_path / "phases" / "_c-p01.parquet").write_bytes(b"partial")
     assert read_table(tmp_path, "phases").num_rows == 2
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o022, 0o027])
+def test_result_files_get_the_mode_the_umask_gives(tmp_path: Path, umask: int) -> None:
+    """Teammates on a shared filesystem read what a job wrote: not mkstemp's 0600 whatever the umask."""
+    import torch
+
+    from compress.results import atomic_write_bytes, torch_save_atomic, write_rows
+
+    saved = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "summary.json", b"{}")
+        torch_save_atomic({"x": torch.zeros(1)}, tmp_path / "state.pt")
+        write_rows(tmp_path / "phases" / "r-p00.parquet", [{"a": 1}], pa.schema([("a", pa.int64())]))
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")  # what open() gives under this umask
+    finally:
+        os.umask(saved)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes == dict.fromkeys(["summary.json", "state.pt", "r-p00.parquet", "plain"], 0o666 & ~umask)

@@ -126,6 +126,17 @@ def test_prune_final_checkpoint_loads_and_scores_the_reported_top1(prune_run, sy
 
 
 @pytest.mark.slow  # shares one prune run (~7 s)
+def test_every_file_of_a_run_has_the_mode_the_umask_gives(prune_run) -> None:
+    _, results = prune_run
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = [p for p in results.rglob("*") if p.is_file()]
+    assert {"final.pt", "summary.json", "model.float.packed", "t-p02.parquet", "t.parquet"} <= {p.name for p in files}
+    assert {p.relative_to(results).as_posix(): p.stat().st_mode & 0o777 for p in files} == {
+        p.relative_to(results).as_posix(): 0o666 & ~mask for p in files}
+
+
+@pytest.mark.slow  # shares one prune run (~7 s)
 def test_finished_run_started_again_returns_its_summary(prune_run, synthetic_cifar: Path, synthetic_weights: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     _, results = prune_run
