@@ -133,7 +133,7 @@ def provenance(device: str = "") -> dict[str, Any]:
     }
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask (read by setting it, then restoring it at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
@@ -145,7 +145,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

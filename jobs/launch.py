@@ -29,14 +29,16 @@ import click
 
 from compress.data import DataError
 from compress.models import WeightsError
+from jobs import lease
 from jobs.cli import fail, spec_from_options, spec_options
 from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, executor_options, open_executor, render_sbatch
 from jobs.ptq import PTQSpec, run_ptq
 from jobs.specs import PruneSpec, TrainSpec
-from jobs.training import SpecMismatch, run_prune, run_train
+from jobs.training import SpecMismatch, check_run, run_dir, run_prune, run_train
 from jobs.tune_cmd import tune
 
 USER_ERRORS = (ValueError, DataError, WeightsError, SpecMismatch, FileNotFoundError, PermissionError)
+RUN_STATES = {"new": "new run", "resumes": "resuming where it stopped", "finished": "already finished"}
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -85,6 +87,61 @@ def _seed_specs(cls: type, options: dict[str, Any], seeds: str) -> list[Any]:
     return [_build_spec(cls, {**options, "seed": s, "run_id": f"{run_id}-s{s}" if run_id else ""}) for s in values]
 
 
+def _resume_specs(cls: type, ids: str, options: dict[str, Any]) -> list[Any]:
+    """The stored specs of ``--resume a,b``: an id not under the results root is refused, with the closest ones.
+
+    Spec options given on the command line must agree with the stored spec (a resumed run keeps it).
+    """
+    import difflib
+
+    from compress.results import default_root
+
+    results = Path(options.get("results") or default_root())
+    known = sorted(p.parent.name for p in results.glob("runs/*/spec.json"))
+    ctx = click.get_current_context()
+    given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    specs = []
+    for run_id in [r.strip() for r in ids.split(",") if r.strip()]:
+        if run_id not in known:
+            close = difflib.get_close_matches(run_id, known, n=3, cutoff=0.5)
+            fail(f"no run {run_id!r} under {results}/runs to resume" +
+                 (f"; the closest: {', '.join(close)}" if close else f" ({len(known)} run(s) there)"))
+        stored = json.loads((results / "runs" / run_id / "spec.json").read_text())
+        kind = cls.__name__.removesuffix("Spec").lower()
+        if set(stored) != {f.name for f in dataclasses.fields(cls)}:
+            fail(f"run {run_id} is not a {kind} run (its spec.json has other fields): resume it with the command "
+                 f"that started it")
+        try:
+            spec = spec_from_options(cls, {**stored, "results": str(results)})
+        except (TypeError, ValueError) as e:
+            fail(f"run {run_id}'s spec.json cannot be read back: {e}")
+        differs = [f"--{k.replace('_', '-')}" for k in sorted(given - {"results", "run_id"})
+                   if k in stored and spec_from_options(cls, {**stored, k: options[k]}) != spec]
+        if differs:
+            fail(f"{', '.join(differs)} differ(s) from run {run_id}'s spec: a resumed run keeps its spec "
+                 f"(start a new run with another --run-id to change it)")
+        specs.append(spec)
+    return specs
+
+
+def _new_specs(cls: type, options: dict[str, Any], seeds: str, resume: str) -> list[Any]:
+    """The specs a prune/train command runs: resumed ones, or new ones whose run ids are not taken yet."""
+    if resume:
+        if seeds or options.get("run_id"):
+            fail("--resume takes the run ids to resume (comma-separated); --seeds and --run-id do not go with it")
+        return _resume_specs(cls, resume, options)
+    specs = _seed_specs(cls, options, seeds)
+    for spec in specs:
+        try:
+            state = check_run(spec)
+        except USER_ERRORS as e:
+            fail(str(e))
+        if state != "new":
+            fail(f"run {spec.run_id} already exists under {spec.results} ({RUN_STATES[state]}): resume it with "
+                 f"--resume {spec.run_id}, or choose another --run-id")
+    return specs
+
+
 def _echo_summary(summary: dict[str, Any]) -> None:
     click.echo(summary["table"])
     click.echo(f"final: top-1 {summary['top1']:.2f}% (start {summary['dense_top1']:.2f}%), "
@@ -99,34 +156,55 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
             click.echo(render_sbatch(executor))
         return
     _preflight(specs[0], download)
+    try:
+        states = [check_run(spec) for spec in specs]  # another spec's run under this id: refused before anything
+    except USER_ERRORS as e:
+        fail(str(e))
     ex = open_executor(executor)
     if ex.local:
-        for spec in specs:
-            click.echo(f"run {spec.run_id}: results under {spec.results}/")
+        for spec, state in zip(specs, states, strict=True):
+            click.echo(f"run {spec.run_id} ({RUN_STATES[state]}): results under {spec.results}/")
             try:
                 summary = ex.submit(fn, spec).result()
             except USER_ERRORS as e:
                 fail(str(e))
             _echo_summary(summary)
         return
-    jobs = ex.map_array(fn, specs) if len(specs) > 1 else [ex.submit(fn, specs[0])]
-    for job, spec in zip(jobs, specs, strict=True):
-        click.echo(f"submitted job {job.job_id}: run {spec.run_id}, log {job.paths.stdout}")
+    tokens: list[tuple[Path, str]] = []
+    try:
+        for spec in specs:  # each run's lease, before sbatch: a second submission of one run id is refused here
+            tokens.append((run_dir(spec), lease.claim(run_dir(spec))))
+        claims = [t for _, t in tokens]
+        nones = [None] * len(specs)
+        jobs = (ex.map_array(fn, specs, nones, nones, claims) if len(specs) > 1
+                else [ex.submit(fn, specs[0], None, None, claims[0])])
+    except BaseException as e:
+        for folder, token in tokens:
+            lease.release(folder, token)
+        if isinstance(e, USER_ERRORS):
+            fail(str(e))
+        raise
+    for job, spec, state, (folder, token) in zip(jobs, specs, states, tokens, strict=True):
+        lease.hand_over(folder, token, job.job_id)
+        click.echo(f"submitted job {job.job_id}: run {spec.run_id} ({RUN_STATES[state]}), log {job.paths.stdout}")
     click.echo(f"watch: python -m jobs.launch status {jobs[0].job_id.split('_')[0]} --folder {executor.folder}")
     if executor.wait:
         wait_for(jobs, _echo_summary)
 
 
 def wait_for(jobs: list[Any], echo: Any) -> None:
-    """Wait for submitted jobs; echo each result, a failed job's error; exit 1 if any failed."""
+    """Wait for submitted jobs; echo each result, a failed job's final state and error; exit 1 if any failed."""
+    from jobs.slurm_jobs import final_report
+
     failed = 0
     for job in jobs:
         try:
             echo(job.result())
         except Exception as e:  # submitit raises FailedJobError/UncompletedJobError with the job's traceback
             failed += 1
-            last = next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
-            click.echo(f"job {job.job_id} {job.state}: {last.strip()} (log {job.paths.stdout})", err=True)
+            r = final_report(job)
+            last = r.error or next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
+            click.echo(f"job {job.job_id} {r.state}: {last.strip()} (log {job.paths.stdout})", err=True)
     if failed:
         raise click.exceptions.Exit(1)
 
@@ -139,6 +217,10 @@ def cli(verbose: bool) -> None:
 
 
 SEEDS_HELP = "comma-separated seeds: one run per seed (one job array on SLURM); overrides --seed"
+resume_option = click.option(
+    "--resume", default="",
+    help="continue these runs (comma-separated run ids under --results) with their own stored specs; without "
+         "it, a --run-id that exists is refused")
 download_option = click.option(
     "--download", is_flag=True,
     help="fetch CIFAR-10 (python version, 163 MB, checksum-verified by torchvision) into --data-root when it "
@@ -149,22 +231,26 @@ download_option = click.option(
 @spec_options(PruneSpec)
 @click.option("--seeds", default="", help=SEEDS_HELP)
 @executor_options
+@resume_option
 @download_option
 @click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit")
-def prune(dry_run: bool, download: bool, seeds: str, executor: ExecutorOptions, **options: Any) -> None:
+def prune(dry_run: bool, download: bool, resume: str, seeds: str, executor: ExecutorOptions,
+          **options: Any) -> None:
     """Run a prune/retrain schedule (BN-gamma filters once, then global L1 magnitude phases)."""
-    _run(_seed_specs(PruneSpec, options, seeds), run_prune, dry_run, executor, download)
+    _run(_new_specs(PruneSpec, options, seeds, resume), run_prune, dry_run, executor, download)
 
 
 @cli.command()
 @spec_options(TrainSpec)
 @click.option("--seeds", default="", help=SEEDS_HELP)
 @executor_options
+@resume_option
 @download_option
 @click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit")
-def train(dry_run: bool, download: bool, seeds: str, executor: ExecutorOptions, **options: Any) -> None:
+def train(dry_run: bool, download: bool, resume: str, seeds: str, executor: ExecutorOptions,
+          **options: Any) -> None:
     """Train a dense model (from scratch, or fine-tune --weights)."""
-    _run(_seed_specs(TrainSpec, options, seeds), run_train, dry_run, executor, download)
+    _run(_new_specs(TrainSpec, options, seeds, resume), run_train, dry_run, executor, download)
 
 
 @cli.command()

@@ -278,6 +278,24 @@ def inspect_jobs(targets: Sequence[str] = (), folder: str | os.PathLike = "slurm
     return [inspect_job(root, jid, records) for root, jid in jobs]
 
 
+def final_report(job: Any, timeout: float = 60.0) -> JobReport:
+    """A submitted job's report once SLURM's accounting has its final state (or ``timeout`` passed).
+
+    ``job.result()`` returns (or raises) as soon as the job's result pickle exists, while sacct may
+    still say RUNNING for a few seconds: waiting here is what lets ``--wait`` print the real end state.
+    """
+    import time
+
+    root = Path(job.paths.folder).resolve().parent
+    deadline = time.monotonic() + timeout
+    while True:
+        r = inspect_job(root, job.job_id, sacct_records([job.job_id]))
+        if r.state not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING") or \
+                time.monotonic() > deadline:
+            return r
+        time.sleep(1.0)
+
+
 def format_reports(reports: Sequence[JobReport], cwd: Path | None = None) -> str:
     """A table: job, state (with requeues), run, progress, log; a failed job's error under it."""
     cwd = cwd or Path.cwd()

@@ -44,7 +44,7 @@ from compress.prune import (
 )
 from compress.quant.packed import pack_float
 from compress.results import atomic_write_bytes, provenance, spec_row, torch_save_atomic, write_rows
-from jobs import tables
+from jobs import lease, tables
 from jobs.specs import PruneSpec, TrainFields, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -101,23 +101,64 @@ class _Run:
                    [{**self.base, "written_at": prov["written_at"], **r} for r in rows], schema)
 
 
+def _same_spec(stored: dict[str, Any], spec: TrainFields) -> str:
+    """"" when ``stored`` (a spec as saved) is ``spec``, else the fields that differ, for the error line.
+
+    ``results`` is left out: the run folder is under it, so a moved or differently spelled root is the same run.
+    """
+    there, here = json.loads(json.dumps(stored)), json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples: lists
+    diff = [f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(there) | set(here))
+            if there.get(k) != here.get(k) and k != "results"]
+    return ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
+
+
+def check_run(spec: TrainFields) -> str:
+    """What is on disk for ``spec.run_id``: "new", "resumes" or "finished"; ``SpecMismatch`` if another spec's.
+
+    Reads only the JSON files (no checkpoint), so the launcher can call it before submitting.
+    """
+    d = run_dir(spec)
+    for name, state in (("summary.json", "finished"), ("spec.json", "resumes")):
+        path = d / name
+        if not path.exists():
+            continue
+        stored = json.loads(path.read_text())
+        stored = stored.get("spec", {}) if name == "summary.json" else stored
+        diff = _same_spec(stored, spec)
+        if diff:
+            raise SpecMismatch(f"run {spec.run_id} under {spec.results} holds another spec ({diff}); "
+                               f"choose another --run-id")
+        return state
+    return "new"
+
+
 def run_schedule(spec: TrainFields, report: ReportFn | None = None,
-                 tags: dict[str, str] | None = None) -> dict[str, Any]:
+                 tags: dict[str, str] | None = None, claim: str = "") -> dict[str, Any]:
     """Run (or resume) a train/prune spec to the end; returns the summary of the final phase.
 
     ``report`` is called with each phase row as it is written (Ray trials report it to Tune);
-    ``tags`` (``search_id``, ``trial_id``) are added to every row.
+    ``tags`` (``search_id``, ``trial_id``) are added to every row. The run's lease
+    (``jobs/lease.py``) is held while it runs; ``claim`` is the token of the lease the launcher
+    took for this job when it submitted it.
     """
     if not spec.run_id:
         raise ValueError("spec.run_id is empty: call spec.with_defaults() first")
     run = _Run(spec, report, tags)
-    done_path = run.dir / "summary.json"
-    if done_path.exists():
-        summary = json.loads(done_path.read_text())
-        if summary.get("spec") != json.loads(json.dumps(dataclasses.asdict(spec))):  # as stored: tuples are lists
-            raise SpecMismatch(f"{run.dir} holds a finished run with another spec; choose another --run-id")
+    if check_run(spec) == "finished":
         log.info("run %s already finished", spec.run_id)
-        return summary
+        return json.loads((run.dir / "summary.json").read_text())
+    lease.acquire(run.dir, claim)
+    try:
+        summary = _schedule(spec, run)
+    except Exception:
+        lease.release(run.dir, claim)  # a failed run can be started again at once; a signal keeps it
+        raise
+    lease.release(run.dir, claim)
+    return summary
+
+
+def _schedule(spec: TrainFields, run: _Run) -> dict[str, Any]:
+    done_path = run.dir / "summary.json"
     torch.manual_seed(spec.seed)
     data = load_cifar10(spec.data_root or None)
     model = load_model(spec.model, spec.weights or None).to(run.device, memory_format=torch.channels_last)
@@ -133,8 +174,10 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
     state: dict[str, Any] | None = None
     if run.state_path.exists():
         state = torch.load(run.state_path, map_location="cpu", weights_only=False)
-        if state["spec"] != dataclasses.asdict(spec):
-            raise SpecMismatch(f"{run.dir} holds a run with another spec; choose another --run-id")
+        diff = _same_spec(state["spec"], spec)
+        if diff:
+            raise SpecMismatch(f"run {spec.run_id} under {spec.results} holds another spec ({diff}); "
+                               f"choose another --run-id")
         log.info("resuming %s at phase %d epoch %d", spec.run_id, state["phase"], state["epoch"])
         model.load_state_dict(state["model"])
     masks = MaskSet.from_state_dict(state["masks"]) if state else MaskSet()
@@ -252,11 +295,13 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
     return summary
 
 
-def run_prune(spec: PruneSpec, report: ReportFn | None = None, tags: dict[str, str] | None = None) -> dict[str, Any]:
+def run_prune(spec: PruneSpec, report: ReportFn | None = None, tags: dict[str, str] | None = None,
+              claim: str = "") -> dict[str, Any]:
     """The prune job: a whole prune/retrain schedule (module-level so submitit and Ray can pickle it)."""
-    return run_schedule(spec, report, tags)
+    return run_schedule(spec, report, tags, claim)
 
 
-def run_train(spec: TrainSpec, report: ReportFn | None = None, tags: dict[str, str] | None = None) -> dict[str, Any]:
+def run_train(spec: TrainSpec, report: ReportFn | None = None, tags: dict[str, str] | None = None,
+              claim: str = "") -> dict[str, Any]:
     """The dense training job."""
-    return run_schedule(spec, report, tags)
+    return run_schedule(spec, report, tags, claim)

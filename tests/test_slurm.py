@@ -353,3 +353,47 @@ def test_two_ptq_searches_run_inside_slurm_jobs_at_once(cluster, synthetic_cifar
         mine = rows[rows["search_id"] == f"slurm-search-{i}"]
         assert sorted(mine["alpha"]) == [0.95, 1.0]
         assert mine["job_id"].nunique() == 1 and mine["job_id"].iloc[0] == job_ids[i - 1]
+
+
+def test_two_submissions_of_one_run_id(cluster, synthetic_cifar, synthetic_weights, work):
+    """The second submission is refused at once (the first job holds the run's lease from before sbatch)."""
+    results, folder = work / "dup-results", work / "dup-jobs"
+    args = ["prune", "--partition", "debug", "--folder", str(folder), "--results", str(results), "--run-id", "dup",
+            "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights), "--phases", "1",
+            "--epochs", "2", "--final-sparsity", "0.5", "--test-size", "100", "--batch-size", "50"]
+    first = launch(*args)
+    assert first.exit_code == 0, first.output + first.stderr
+    job_id = first.output.split("submitted job ", 1)[1].split(":", 1)[0]
+    queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    for extra in ([], ["--seed", "3"]):  # the same spec (work done twice) and another spec (rows mixed)
+        second = launch(*args, *extra)
+        assert second.exit_code == 2 and len(second.stderr.splitlines()) == 1, second.output + second.stderr
+        assert second.stderr.startswith(f"error: run dup is in use by {job_id}") or (
+            "holds another spec (seed 0 there, 3 here)" in second.stderr), second.stderr
+        assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == queued
+    r = settled(job_id, folder)
+    assert r.state == "COMPLETED", r
+    phases = read_table(results, "phases").to_pandas()
+    assert sorted(phases["phase"]) == [0, 1] and set(phases["job_id"]) == {job_id} and set(phases["spec_seed"]) == {0}
+    assert not (results / "runs" / "dup" / "lease.json").exists()
+    again = launch("prune", "--resume", "dup", "--results", str(results), "--partition", "debug", "--folder",
+                   str(folder), "--wait")  # the finished run, resumed: no lease left, nothing trained twice
+    assert again.exit_code == 0 and "already finished" in again.output, again.output + again.stderr
+    assert len(read_table(results, "phases")) == 2
+
+
+def test_wait_prints_the_final_state_and_error_of_a_failed_job(cluster, synthetic_cifar, synthetic_weights, work,
+                                                               tmp_path):
+    """The data is there when the launcher checks it and gone on the node (the job's setup line moves it)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_cifar, data)
+    res = launch("prune", "--partition", "debug", "--wait", "--folder", str(work / "fail-jobs"),
+                 "--setup", f"mv {data} {data}.gone", "--results", str(work / "fail-results"),
+                 "--run-id", "fails-on-node", "--data-root", str(data), "--weights", str(synthetic_weights),
+                 "--phases", "1", "--epochs", "1")
+    assert res.exit_code == 1, res.output + res.stderr
+    job_id = res.output.split("submitted job ", 1)[1].split(":", 1)[0]
+    assert res.stderr.startswith(f"job {job_id} FAILED: compress.data.DataError: CIFAR-10 not found under {data}")
+    assert len(res.stderr.splitlines()) == 1

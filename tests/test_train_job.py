@@ -142,10 +142,55 @@ def test_finished_run_started_again_returns_its_summary(prune_run, synthetic_cif
     _, results = prune_run
     before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
     monkeypatch.setattr(jobs.training, "train_one_epoch", _fail_if_called)
-    again = _invoke(_prune_args(synthetic_cifar, synthetic_weights, results))
+    again = _invoke(["prune", "--resume", "t", "--results", str(results), "--epochs", "1"])
     assert again.exit_code == 0, again.output
+    assert again.stdout.startswith("run t (already finished)")
     assert "total" in again.stdout and "final: top-1" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+
+
+@pytest.mark.slow  # shares one prune run (~7 s)
+@pytest.mark.parametrize("args, message", [
+    (["--run-id", "t"], "run t already exists under {results} (already finished): resume it with --resume t, "
+                        "or choose another --run-id"),
+    (["--resume", "tt"], "no run 'tt' under {results}/runs to resume; the closest: t"),
+    (["--resume", "t", "--epochs", "5", "--lr", "0.1"], "--epochs, --lr differ(s) from run t's spec"),
+    (["--resume", "t", "--seeds", "0,1"], "--seeds and --run-id do not go with it"),
+])
+def test_an_existing_run_id_needs_resume_and_resume_needs_an_existing_run(prune_run, synthetic_cifar: Path,
+                                                                           synthetic_weights: Path, args: list[str],
+                                                                           message: str) -> None:
+    """A typo in --run-id no longer starts a new run silently, nor does --run-id of an old run resume it."""
+    _, results = prune_run
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    base = _prune_args(synthetic_cifar, synthetic_weights, results)
+    base = base[:base.index("--run-id")] + base[base.index("--run-id") + 2:]
+    out = _invoke([*base, *args])
+    assert out.exit_code == 2 and out.stdout == "" and len(out.stderr.splitlines()) == 1, out.output
+    assert message.format(results=results) in out.stderr
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+
+
+@pytest.mark.slow  # one interrupted run and its resume (~8 s)
+def test_resume_continues_an_interrupted_run_with_its_stored_spec(synthetic_cifar: Path, synthetic_weights: Path,
+                                                                  tmp_path: Path, trained: list[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    counting = jobs.training.train_one_epoch
+
+    def killed_in_phase_2(*args, **kwargs):
+        if kwargs["desc"].startswith("phase 2"):
+            raise Interrupted
+        return counting(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    with pytest.raises(Interrupted):
+        _invoke(_prune_args(synthetic_cifar, synthetic_weights, tmp_path, "r"))
+    monkeypatch.setattr(jobs.training, "train_one_epoch", counting)
+    out = _invoke(["prune", "--resume", "r", "--results", str(tmp_path)])  # no other option: the spec is stored
+    assert out.exit_code == 0, out.output
+    assert out.stdout.startswith("run r (resuming where it stopped)") and "final: top-1" in out.stdout
+    assert trained == ["phase 1 epoch 1/1", "phase 2 epoch 1/1"]
+    assert sorted(_table(tmp_path, "phases")["phase"]) == [0, 1, 2]
 
 
 def _fail_if_called(*args, **kwargs):
