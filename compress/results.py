@@ -140,20 +140,60 @@ def current_umask() -> int:
     return mask
 
 
+class WriteError(OSError):
+    """A result or checkpoint could not be written (full disk, read-only or missing folder); says which file."""
+
+
+class ResultsRootError(ValueError):
+    """A results root that cannot take a run (a file, not writable, too little space): one line."""
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write through a temporary file in the same folder and rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write through a temporary file in the same folder and rename: readers see all or nothing.
+
+    A failure leaves the previous file as it was and raises ``WriteError`` naming the file.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the file gets the mode open() would give it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(e.errno, f"cannot write {path} ({len(data):,} bytes): {e.strerror or e}") from e
         raise
+
+
+def check_results_root(root: str | os.PathLike, needed_bytes: int = 0) -> None:
+    """Before a run: ``root`` (or the folder it would be made in) is a writable folder with room to spare.
+
+    Writes nothing that stays: the probe file in the nearest existing folder is removed at once.
+    ``ResultsRootError`` with one line otherwise.
+    """
+    import shutil
+
+    path = Path(root).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ResultsRootError(f"results root {root} cannot be made: {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise ResultsRootError(f"results root {root} is not writable ({existing}: {e.strerror or e})") from e
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise ResultsRootError(f"results root {root} has {free / 2**20:.1f} MiB free; a run needs about "
+                               f"{needed_bytes / 2**20:.1f} MiB (its checkpoint, final model and rows)")
 
 
 def write_rows(path: Path, rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> Path:

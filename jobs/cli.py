@@ -77,11 +77,7 @@ def spec_from_options(spec_cls: type, options: dict[str, Any]) -> Any:
     return spec_cls(**kwargs)
 
 
-def fail(message: str) -> typing.NoReturn:
-    """One clear line on stderr and exit code 2 (click's usage-error code)."""
-    raise click.exceptions.Exit(_echo_err(message))
-
-
-def _echo_err(message: str) -> int:
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    """One clear line on stderr and an exit code: 2 (click's usage-error code) for bad input, 1 for a failed run."""
     click.echo(f"error: {message}", err=True)
-    return 2
+    raise click.exceptions.Exit(code)

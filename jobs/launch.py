@@ -29,6 +29,7 @@ import click
 
 from compress.data import DataError
 from compress.models import WeightsError
+from compress.results import check_results_root
 from jobs import lease
 from jobs.cli import fail, spec_from_options, spec_options
 from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, executor_options, open_executor, render_sbatch
@@ -63,12 +64,14 @@ def _preflight(spec: Any, download: bool = False) -> None:
 
     try:
         load_cifar10(spec.data_root or None, download=download)
-        if spec.weights or spec.needs_weights():
-            if not spec.weights:
-                raise WeightsError(f"{spec.kind()} needs starting weights: pass --weights FILE or set COMPRESS_WEIGHTS")
-            load_model(spec.model, spec.weights)
+        if spec.needs_weights() and not spec.weights:
+            raise WeightsError(f"{spec.kind()} needs starting weights: pass --weights FILE or set COMPRESS_WEIGHTS")
+        model = load_model(spec.model, spec.weights or None)
         if getattr(spec, "teacher", ""):
             load_model(spec.model, spec.teacher)
+        # while state.pt is replaced two copies exist (weights, optimizer moments, masks), then final.pt
+        param_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        check_results_root(spec.results, 10 * param_bytes + 2**20)
     except USER_ERRORS as e:
         fail(str(e))
 
@@ -164,10 +167,18 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
     if ex.local:
         for spec, state in zip(specs, states, strict=True):
             click.echo(f"run {spec.run_id} ({RUN_STATES[state]}): results under {spec.results}/")
+            resume = f"python -m jobs.launch {spec.kind()} --resume {spec.run_id} --results {spec.results}"
             try:
                 summary = ex.submit(fn, spec).result()
             except USER_ERRORS as e:
                 fail(str(e))
+            except OSError as e:  # full disk, folder gone or made read-only: the last saved epoch is intact
+                fail(f"{e.strerror or e}; the run stopped at its last saved epoch: once the cause is gone, "
+                     f"resume with: {resume}", code=1)
+            except KeyboardInterrupt:
+                click.echo(f"\ninterrupted: run {spec.run_id} keeps its last saved epoch (the one in flight is "
+                           f"redone); resume with: {resume}", err=True)
+                raise click.exceptions.Exit(130) from None
             _echo_summary(summary)
         return
     tokens: list[tuple[Path, str]] = []
@@ -419,6 +430,7 @@ def ptq(dry_run: bool, download: bool, export_select: str, executor: ExecutorOpt
             raise WeightsError("ptq needs weights to quantize: pass --weights FILE or set COMPRESS_WEIGHTS")
         preflight(spec, len(load_cifar10(spec.data_root or None, download=download).train_x))
         load_float_model(spec.model, spec.weights)
+        check_results_root(spec.results, 2**20)
     except USER_ERRORS as e:
         fail(str(e))
     ex = open_executor(executor)
@@ -433,6 +445,12 @@ def ptq(dry_run: bool, download: bool, export_select: str, executor: ExecutorOpt
             jobs = ex.map_array(run_ptq, tasks)
         except USER_ERRORS as e:
             fail(str(e))
+        except OSError as e:  # the tasks that finished have their rows; running the sweep again redoes the rest
+            fail(f"{e.strerror or e}; run the same command again once the cause is gone", code=1)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted: the tasks that finished keep their rows; the same command redoes the rest",
+                       err=True)
+            raise click.exceptions.Exit(130) from None
         for job in jobs:
             echo(job.result())
         if export_spec is not None:
