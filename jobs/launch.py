@@ -90,6 +90,42 @@ def _seed_specs(cls: type, options: dict[str, Any], seeds: str) -> list[Any]:
     return [_build_spec(cls, {**options, "seed": s, "run_id": f"{run_id}-s{s}" if run_id else ""}) for s in values]
 
 
+def _from_run(options: dict[str, Any], run: str) -> dict[str, Any]:
+    """Options for a job that consumes a run's model: ``--run ID`` (its final.pt), or ``--weights`` of a run's file.
+
+    The model and the data root come from that run's spec.json unless given on the command line
+    (the data root only while that folder exists; else $COMPRESS_DATA as usual).
+    """
+    import difflib
+
+    from compress.results import default_root
+
+    results = Path(options.get("results") or default_root())
+    if run:
+        final = results / "runs" / run / "final.pt"
+        if not final.is_file():
+            known = sorted(p.parent.name for p in results.glob("runs/*/final.pt"))
+            close = difflib.get_close_matches(run, known, n=3, cutoff=0.5)
+            fail(f"no finished run {run!r} under {results}/runs (a run has final.pt once it finished)" +
+                 (f"; the closest: {', '.join(close)}" if close else ""))
+        if options.get("weights"):
+            fail("--run and --weights both name the starting model: give one")
+        options = {**options, "weights": str(final)}
+    weights = Path(options.get("weights") or "")
+    source = weights.parent / "spec.json" if weights.name else None
+    if source is None or not source.is_file():
+        return options
+    stored = json.loads(source.read_text())
+    ctx = click.get_current_context()
+    given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    out = dict(options)
+    if "model" not in given and stored.get("model"):
+        out["model"] = stored["model"]
+    if "data_root" not in given and stored.get("data_root") and Path(stored["data_root"]).exists():
+        out["data_root"] = stored["data_root"]
+    return out
+
+
 def _resume_specs(cls: type, ids: str, options: dict[str, Any]) -> list[Any]:
     """The stored specs of ``--resume a,b``: an id not under the results root is refused, with the closest ones.
 
@@ -127,13 +163,14 @@ def _resume_specs(cls: type, ids: str, options: dict[str, Any]) -> list[Any]:
     return specs
 
 
-def _new_specs(cls: type, options: dict[str, Any], seeds: str, resume: str) -> list[Any]:
+def _new_specs(cls: type, options: dict[str, Any], seeds: str, resume: str, run: str) -> list[Any]:
     """The specs a prune/train command runs: resumed ones, or new ones whose run ids are not taken yet."""
     if resume:
-        if seeds or options.get("run_id"):
-            fail("--resume takes the run ids to resume (comma-separated); --seeds and --run-id do not go with it")
+        if seeds or options.get("run_id") or run:
+            fail("--resume takes the run ids to resume (comma-separated); --seeds, --run-id and --run do not go "
+                 "with it")
         return _resume_specs(cls, resume, options)
-    specs = _seed_specs(cls, options, seeds)
+    specs = _seed_specs(cls, _from_run(options, run), seeds)
     for spec in specs:
         try:
             state = check_run(spec)
@@ -232,6 +269,10 @@ resume_option = click.option(
     "--resume", default="",
     help="continue these runs (comma-separated run ids under --results) with their own stored specs; without "
          "it, a --run-id that exists is refused")
+run_option = click.option(
+    "--run", default="",
+    help="start from this finished run's final model (instead of --weights), with its model and data root "
+         "unless given")
 download_option = click.option(
     "--download", is_flag=True,
     help="fetch CIFAR-10 (python version, 163 MB, checksum-verified by torchvision) into --data-root when it "
@@ -243,12 +284,13 @@ download_option = click.option(
 @click.option("--seeds", default="", help=SEEDS_HELP)
 @executor_options
 @resume_option
+@run_option
 @download_option
 @click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit")
-def prune(dry_run: bool, download: bool, resume: str, seeds: str, executor: ExecutorOptions,
+def prune(dry_run: bool, download: bool, resume: str, run: str, seeds: str, executor: ExecutorOptions,
           **options: Any) -> None:
     """Run a prune/retrain schedule (BN-gamma filters once, then global L1 magnitude phases)."""
-    _run(_new_specs(PruneSpec, options, seeds, resume), run_prune, dry_run, executor, download)
+    _run(_new_specs(PruneSpec, options, seeds, resume, run), run_prune, dry_run, executor, download)
 
 
 @cli.command()
@@ -256,12 +298,13 @@ def prune(dry_run: bool, download: bool, resume: str, seeds: str, executor: Exec
 @click.option("--seeds", default="", help=SEEDS_HELP)
 @executor_options
 @resume_option
+@run_option
 @download_option
 @click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit")
-def train(dry_run: bool, download: bool, resume: str, seeds: str, executor: ExecutorOptions,
+def train(dry_run: bool, download: bool, resume: str, run: str, seeds: str, executor: ExecutorOptions,
           **options: Any) -> None:
     """Train a dense model (from scratch, or fine-tune --weights)."""
-    _run(_new_specs(TrainSpec, options, seeds, resume), run_train, dry_run, executor, download)
+    _run(_new_specs(TrainSpec, options, seeds, resume, run), run_train, dry_run, executor, download)
 
 
 @cli.command()
@@ -393,9 +436,11 @@ def verify(artifact: str, data_root: str) -> None:
 @click.option("--export", "export_select", default="", help=EXPORT_HELP + "; after the sweep (here, or with "
               "--wait on SLURM) [default: no export]")
 @executor_options
+@run_option
 @download_option
 @click.option("--dry-run", is_flag=True, help="print the spec and its tasks (and the sbatch script) and exit")
-def ptq(dry_run: bool, download: bool, export_select: str, executor: ExecutorOptions, **options: Any) -> None:
+def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: ExecutorOptions,
+        **options: Any) -> None:
     """Post-training int8 sweep (FX graph mode and hand-written): one task per (observer, calibration size).
 
     Each task calibrates once and evaluates every weight-scheme/alpha/center variant from those
@@ -408,7 +453,7 @@ def ptq(dry_run: bool, download: bool, export_select: str, executor: ExecutorOpt
         options["alphas"] = expand_ranges(options["alphas"])
     except ValueError as e:
         fail(str(e))
-    spec = _build_spec(PTQSpec, options)
+    spec = _build_spec(PTQSpec, _from_run(options, run))
     tasks = plan_tasks(spec)
     export_spec = None
     if export_select:

@@ -47,7 +47,7 @@ class RunFields:
     weights: str = opt("", "weights file (or 'pretrained' to download); default $COMPRESS_WEIGHTS")
     data_root: str = opt("", "CIFAR-10 root (holds cifar-10-batches-bin/ or -py/); default $COMPRESS_DATA")
     results: str = opt("results", "results root (Parquet tables and checkpoints)")
-    run_id: str = opt("", "run name; default <kind>-<time>-<spec hash>; reuse one to resume it")
+    run_id: str = opt("", "run name; default <kind>-<time>-<spec hash>; one that exists is refused (see --resume)")
     seed: int = opt(0, "seed of initialisation, data order, augmentation and subsets")
     device: str = opt("auto", "torch device: auto (CUDA if visible, else CPU), cpu, cuda, cuda:N")
 

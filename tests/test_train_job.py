@@ -155,7 +155,7 @@ def test_finished_run_started_again_returns_its_summary(prune_run, synthetic_cif
                         "or choose another --run-id"),
     (["--resume", "tt"], "no run 'tt' under {results}/runs to resume; the closest: t"),
     (["--resume", "t", "--epochs", "5", "--lr", "0.1"], "--epochs, --lr differ(s) from run t's spec"),
-    (["--resume", "t", "--seeds", "0,1"], "--seeds and --run-id do not go with it"),
+    (["--resume", "t", "--seeds", "0,1"], "--seeds, --run-id and --run do not go with it"),
 ])
 def test_an_existing_run_id_needs_resume_and_resume_needs_an_existing_run(prune_run, synthetic_cifar: Path,
                                                                            synthetic_weights: Path, args: list[str],
@@ -169,6 +169,23 @@ def test_an_existing_run_id_needs_resume_and_resume_needs_an_existing_run(prune_
     assert out.exit_code == 2 and out.stdout == "" and len(out.stderr.splitlines()) == 1, out.output
     assert message.format(results=results) in out.stderr
     assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+
+
+@pytest.mark.slow  # shares one prune run, then a small PTQ sweep of its model (~8 s)
+def test_a_job_that_consumes_a_run_takes_its_model_and_data_root(prune_run) -> None:
+    """README command 1, then the natural next command, in a shell without COMPRESS_DATA set."""
+    _, results = prune_run
+    sweep = ["ptq", "--results", str(results), "--methods", "manual", "--observers", "minmax", "--calib-sizes", "50",
+             "--calib-batch-size", "50", "--test-size", "100", "--eval-batch-size", "100"]
+    for source in (["--run", "t"], ["--weights", str(results / "runs" / "t" / "final.pt")]):
+        out = _invoke([*sweep, *source, "--run-id", f"q{len(source[1])}"])
+        assert out.exit_code == 0, out.output
+    rows = _table(results, "ptq")
+    assert set(rows["spec_weights"]) == {str(results / "runs" / "t" / "final.pt")}
+    assert set(rows["spec_data_root"]) == set(_table(results, "phases")["spec_data_root"])
+    typo = _invoke([*sweep, "--run", "tt"])
+    assert typo.exit_code == 2 and len(typo.stderr.splitlines()) == 1
+    assert "no finished run 'tt' under" in typo.stderr and "the closest: t" in typo.stderr
 
 
 @pytest.mark.slow  # one interrupted run and its resume (~8 s)
