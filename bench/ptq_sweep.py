@@ -25,7 +25,8 @@ import time
 
 import click
 
-from jobs.ptq import PTQSpec, expand_ranges, format_rows, run_ptq
+from jobs.ptq import format_rows, run_ptq
+from jobs.specs import PTQSpec, expand_ranges
 
 
 @click.command()

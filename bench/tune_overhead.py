@@ -15,7 +15,8 @@ import statistics
 import tempfile
 import time
 
-from jobs.ptq import PTQSpec, run_ptq_sweep
+from jobs.ptq import run_ptq_sweep
+from jobs.specs import PTQSpec
 from sweeps.search import TuneSpec, run_search
 
 

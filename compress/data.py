@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compress.catalog import TRAIN_IMAGES
+
 log = logging.getLogger(__name__)
 
 ENV_DATA = "COMPRESS_DATA"
 BIN_DIR = "cifar-10-batches-bin"
 PY_DIR = "cifar-10-batches-py"
-TRAIN_SIZE = 50_000
+TRAIN_SIZE = TRAIN_IMAGES
 
 
 class DataError(ValueError):

@@ -42,9 +42,9 @@ from compress.loops import evaluate, pick_device
 from compress.quant import quiet
 from compress.quant.packed import pack_float
 from compress.results import provenance, read_table
-from jobs.ptq import PTQSpec, _quantize_all, load_float_model, program_bytes
+from jobs.ptq import _quantize_all, load_float_model, program_bytes
 from jobs.selection import Choice, describe, parse_selector, select_row
-from jobs.specs import check
+from jobs.specs import PTQSpec, check
 
 log = logging.getLogger(__name__)
 

@@ -27,18 +27,16 @@ from typing import Any
 
 import click
 
-from compress.data import DataError
-from compress.models import WeightsError
 from compress.results import check_results_root
 from jobs import lease
 from jobs.cli import fail, spec_from_options, spec_options
 from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, executor_options, open_executor, render_sbatch
-from jobs.ptq import PTQSpec, run_ptq
-from jobs.specs import PruneSpec, TrainSpec
-from jobs.training import SpecMismatch, check_run, run_dir, run_prune, run_train
+from jobs.runs import check_run, run_dir
+from jobs.specs import PruneSpec, PTQSpec, TrainSpec
 from jobs.tune_cmd import tune
 
-USER_ERRORS = (ValueError, DataError, WeightsError, SpecMismatch, FileNotFoundError, PermissionError)
+# bad input of every kind (specs, data, weights, a run of another spec, a busy run) is a ValueError
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 RUN_STATES = {"new": "new run", "resumes": "resuming where it stopped", "finished": "already finished"}
 
 
@@ -60,7 +58,7 @@ def _preflight(spec: Any, download: bool = False) -> None:
     With ``download``, CIFAR-10 is fetched into the data root first (here, so a SLURM job finds it).
     """
     from compress.data import load_cifar10
-    from compress.models import load_model
+    from compress.models import WeightsError, load_model
 
     try:
         load_cifar10(spec.data_root or None, download=download)
@@ -290,7 +288,10 @@ download_option = click.option(
 def prune(dry_run: bool, download: bool, resume: str, run: str, seeds: str, executor: ExecutorOptions,
           **options: Any) -> None:
     """Run a prune/retrain schedule (BN-gamma filters once, then global L1 magnitude phases)."""
-    _run(_new_specs(PruneSpec, options, seeds, resume, run), run_prune, dry_run, executor, download)
+    specs = _new_specs(PruneSpec, options, seeds, resume, run)
+    from jobs.training import run_prune  # the job (and torch) loads when the command runs, not for --help
+
+    _run(specs, run_prune, dry_run, executor, download)
 
 
 @cli.command()
@@ -304,7 +305,10 @@ def prune(dry_run: bool, download: bool, resume: str, run: str, seeds: str, exec
 def train(dry_run: bool, download: bool, resume: str, run: str, seeds: str, executor: ExecutorOptions,
           **options: Any) -> None:
     """Train a dense model (from scratch, or fine-tune --weights)."""
-    _run(_new_specs(TrainSpec, options, seeds, resume, run), run_train, dry_run, executor, download)
+    specs = _new_specs(TrainSpec, options, seeds, resume, run)
+    from jobs.training import run_train  # the job (and torch) loads when the command runs, not for --help
+
+    _run(specs, run_train, dry_run, executor, download)
 
 
 @cli.command()
@@ -446,8 +450,11 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: E
     Each task calibrates once and evaluates every weight-scheme/alpha/center variant from those
     statistics; on SLURM the tasks go out as one job array. Rows: <results>/ptq/<run_id>-<task>.parquet.
     """
+    # the job modules (and torch) load when a command runs, not for --help or a bad option
     from compress.data import load_cifar10
-    from jobs.ptq import expand_ranges, format_rows, load_float_model, plan_tasks, preflight
+    from compress.models import WeightsError
+    from jobs.ptq import format_rows, load_float_model, plan_tasks, preflight, run_ptq
+    from jobs.specs import expand_ranges
 
     try:
         options["alphas"] = expand_ranges(options["alphas"])

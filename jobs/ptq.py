@@ -33,126 +33,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from compress.data import TRAIN_SIZE, BatchLoader, load_cifar10, subset_indices
+from compress.data import BatchLoader, load_cifar10, subset_indices
 from compress.loops import evaluate, pick_device
 from compress.models import build_model, load_model, load_state
 from compress.prune import MaskSet, global_sparsity, make_permanent
 from compress.quant import quiet
-from compress.quant.backends import BACKENDS, shrinks, unsupported
-from compress.quant.int8 import ENGINES, WEIGHT_SCHEMES
-from compress.quant.observe import OBSERVERS
-from compress.quant.qparams import CENTERS
+from compress.quant.backends import BACKENDS
 from compress.results import provenance, spec_row, write_rows
-from jobs.specs import RunFields, check, check_choice, opt
+from jobs.runs import SpecMismatch
+from jobs.specs import METHODS, PTQSpec, check
 
 log = logging.getLogger(__name__)
-
-METHODS = tuple(BACKENDS)  # manual, fx, pt2e: also the order rows are written in
-SELECTIONS = ("random", "first")
-
-
-def _known(name: str, values: tuple, known: tuple | dict) -> None:
-    check(len(values) > 0, name, ",".join(map(str, values)), "give at least one value")
-    for v in values:
-        check_choice(name, v, known)
-    check(len(set(values)) == len(values), name, ",".join(map(str, values)), "values must be distinct")
-
-
-@dataclass(frozen=True)
-class PTQSpec(RunFields):
-    """A post-training int8 sweep; lists expand into a grid, one array task per (observer, calibration size)."""
-
-    methods: tuple[str, ...] = opt(("fx", "manual"), "PTQ backends: manual (hand-written int8), fx (FX graph mode, "
-                                                     "deprecated upstream), pt2e (torchao torch.export flow)")
-    observers: tuple[str, ...] = opt(("minmax",), "activation observers: minmax, histogram, moving_average "
-                                                  "(one task each)")
-    weight_observers: tuple[str, ...] = opt(("per_channel",), "symmetric int8 weights: per_channel, per_tensor")
-    engine: str = opt("x86", "quantized kernels (x86, fbgemm: Intel/AMD; qnnpack: Arm)", choices=ENGINES)
-    reduce_range: bool = opt(True, "7-bit activations on x86/fbgemm (no int16 overflow on CPUs without VNNI); "
-                                   "qnnpack always uses 8 bits")
-    calib_sizes: tuple[int, ...] = opt((1000,), "calibration images from the training set (one task each)")
-    calib_selection: str = opt("random", "calibration subset: random (seeded; sizes nested) or first",
-                               choices=SELECTIONS)
-    calib_batch_size: int = opt(100, "calibration batch size")
-    alphas: tuple[float, ...] = opt((1.0,), "activation range factors in (0, 1.5], e.g. 0.95,1.0 or a range "
-                                            "start:stop:step like 0.95:1.0:0.01 (manual path)")
-    centers: tuple[str, ...] = opt(("min",), "what alpha keeps fixed: min, zero (manual path)")
-    test_size: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
-    eval_batch_size: int = opt(500, "evaluation batch size (float and int8)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _known("methods", self.methods, METHODS)
-        _known("observers", self.observers, OBSERVERS)
-        _known("weight_observers", self.weight_observers, WEIGHT_SCHEMES)
-        check_choice("engine", self.engine, ENGINES)
-        _known("centers", self.centers, CENTERS)
-        check_choice("calib_selection", self.calib_selection, SELECTIONS)
-        check(len(self.calib_sizes) > 0, "calib_sizes", "", "give at least one size")
-        for n in self.calib_sizes:
-            check(1 <= n <= TRAIN_SIZE, "calib_sizes", n, f"each size must be in [1, {TRAIN_SIZE}] "
-                                                          "(images of the training set)")
-        check(len(set(self.calib_sizes)) == len(self.calib_sizes), "calib_sizes",
-              ",".join(map(str, self.calib_sizes)), "values must be distinct")
-        check(len(self.alphas) > 0, "alphas", "", "give at least one alpha")
-        for a in self.alphas:
-            check(0.0 < a <= 1.5, "alphas", a, "each alpha must be in (0, 1.5]")
-        check(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size, "must be >= 1")
-        check(0 <= self.test_size <= 10_000, "test_size", self.test_size, "must be in [0, 10000]")
-        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
-        for method in self.methods:
-            why = unsupported(method, self.weight_observers, self.engine, self.alphas, self.centers)
-            check(not why, "methods", ",".join(self.methods), why)
-        check("manual" in self.methods or not shrinks(self.alphas, self.centers), "alphas",
-              ",".join(map(str, self.alphas)) + " / centers=" + ",".join(self.centers),
-              "alpha/center shrink is expressed by the manual method only; add manual to --methods "
-              "(fx and pt2e use their observers' qparams)")
-
-    def kind(self) -> str:
-        return "ptq"
-
-    def task_name(self) -> str:
-        """``<observer>-<calibration size>`` of a one-task spec, e.g. ``minmax-10000``."""
-        if len(self.observers) != 1 or len(self.calib_sizes) != 1:
-            raise ValueError("a PTQ task has one observer and one calibration size: split the sweep with plan_tasks")
-        return f"{self.observers[0]}-{self.calib_sizes[0]}"
-
-
-def expand_ranges(text: str) -> str:
-    """Comma-separated values where ``start:stop:step`` stands for an inclusive range.
-
-    E.g. ``"0.95:1.0:0.01"`` -> ``"0.95,0.96,0.97,0.98,0.99,1.0"``; ``"0.9,0.98:1.0:0.01"`` ->
-    ``"0.9,0.98,0.99,1.0"``. Values are rounded to 10 decimals so 0.95 + 3 * 0.01 is 0.98, not 0.9799999.
-    """
-    out: list[str] = []
-    for part in (p.strip() for p in str(text).split(",")):
-        if ":" not in part:
-            if part:
-                out.append(part)
-            continue
-        bits = part.split(":")
-        try:
-            start, stop, step = (float(b) for b in bits) if len(bits) == 3 else (None, None, None)
-        except ValueError:
-            start = None
-        if start is None or step <= 0 or stop < start:
-            raise ValueError(f"range {part!r} is invalid: use start:stop:step with step > 0 and stop >= start, "
-                             f"e.g. 0.95:1.0:0.01")
-        n = math.floor((stop - start) / step + 1e-9) + 1
-        if n > 1000:
-            raise ValueError(f"range {part!r} has {n} values; at most 1000")
-        out.extend(repr(round(start + i * step, 10)) for i in range(n))
-    return ",".join(out)
-
 
 def plan_tasks(spec: PTQSpec) -> list[PTQSpec]:
     """One spec per (observer, calibration size), all other lists kept: the units of a job array."""
@@ -209,8 +107,6 @@ def _done_rows(path: Path, spec: PTQSpec) -> list[dict[str, Any]] | None:
     if not path.exists():
         return None
     import pyarrow.parquet as pq
-
-    from jobs.training import SpecMismatch
 
     rows = pq.read_table(path).to_pylist()
     want = spec_row(spec)
@@ -324,11 +220,6 @@ def run_ptq_sweep(spec: PTQSpec, report: Callable[[dict[str, Any]], None] | None
     if report is not None:
         report({k: v for k, v in best.items() if v is not None})
     return {"run_id": spec.run_id, "rows": rows, "best": best}
-
-
-def ptq_score(row: dict[str, Any], tune_spec: Any) -> float:
-    """A PTQ trial's objective: int8 top-1 of its best configuration, in percent."""
-    return float(row["int8_top1"])
 
 
 def _kb(n: int | None) -> str:

@@ -11,14 +11,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from compress.models import MODELS, build_model, prunable
-from compress.prune import SCHEDULES, global_magnitude_masks, phase_targets
+from compress import catalog
+from compress.catalog import (
+    CENTERS,
+    ENGINES,
+    MODELS,
+    OBSERVERS,
+    TEST_IMAGES,
+    TRAIN_IMAGES,
+    WEIGHT_SCHEMES,
+    shrinks,
+    unsupported,
+)
 from compress.results import spec_value
+from compress.schedule import SCHEDULES, phase_targets
 
 OPTIMIZERS = ("adamw", "sgd")
 ENV_WEIGHTS = "COMPRESS_WEIGHTS"
@@ -107,7 +119,7 @@ class TrainFields(RunFields):
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
         check(0 <= self.train_size <= 50_000, "train_size", self.train_size, "must be in [0, 50000]")
-        check(0 <= self.test_size <= 10_000, "test_size", self.test_size, "must be in [0, 10000]")
+        check(0 <= self.test_size <= TEST_IMAGES, "test_size", self.test_size, f"must be in [0, {TEST_IMAGES}]")
 
 
 @dataclass(frozen=True)
@@ -170,6 +182,10 @@ class PruneSpec(TrainFields):
         check(not self.teacher or self.kd_weight > 0, "teacher", self.teacher,
               "is only used for distillation: give --kd-weight > 0 too")
         if self.keep_dense or self.max_layer_sparsity < 1.0:
+            # imported here: the rest of this module stays torch-free (the CLI imports it for --help)
+            from compress.models import build_model, prunable
+            from compress.prune import global_magnitude_masks
+
             model = build_model(self.model)
             unknown = sorted(set(self.keep_dense) - {n for n, _ in prunable(model)})
             check(not unknown, "keep_dense", ",".join(self.keep_dense),
@@ -194,10 +210,108 @@ class PruneSpec(TrainFields):
                       self.filter_fraction if i == 0 else 0.0) for i, t in enumerate(targets)]
 
 
+# --- post-training quantization ---------------------------------------------------------------
+
+METHODS = tuple(catalog.BACKENDS)  # manual, fx, pt2e: also the order rows are written in
+SELECTIONS = ("random", "first")
+
+
+def _known(name: str, values: tuple, known: tuple | dict) -> None:
+    check(len(values) > 0, name, ",".join(map(str, values)), "give at least one value")
+    for v in values:
+        check_choice(name, v, known)
+    check(len(set(values)) == len(values), name, ",".join(map(str, values)), "values must be distinct")
+
+
+@dataclass(frozen=True)
+class PTQSpec(RunFields):
+    """A post-training int8 sweep; lists expand into a grid, one array task per (observer, calibration size)."""
+
+    methods: tuple[str, ...] = opt(("fx", "manual"), "PTQ backends: manual (hand-written int8), fx (FX graph mode, "
+                                                     "deprecated upstream), pt2e (torchao torch.export flow)")
+    observers: tuple[str, ...] = opt(("minmax",), "activation observers: minmax, histogram, moving_average "
+                                                  "(one task each)")
+    weight_observers: tuple[str, ...] = opt(("per_channel",), "symmetric int8 weights: per_channel, per_tensor")
+    engine: str = opt("x86", "quantized kernels (x86, fbgemm: Intel/AMD; qnnpack: Arm)", choices=ENGINES)
+    reduce_range: bool = opt(True, "7-bit activations on x86/fbgemm (no int16 overflow on CPUs without VNNI); "
+                                   "qnnpack always uses 8 bits")
+    calib_sizes: tuple[int, ...] = opt((1000,), "calibration images from the training set (one task each)")
+    calib_selection: str = opt("random", "calibration subset: random (seeded; sizes nested) or first",
+                               choices=SELECTIONS)
+    calib_batch_size: int = opt(100, "calibration batch size")
+    alphas: tuple[float, ...] = opt((1.0,), "activation range factors in (0, 1.5], e.g. 0.95,1.0 or a range "
+                                            "start:stop:step like 0.95:1.0:0.01 (manual path)")
+    centers: tuple[str, ...] = opt(("min",), "what alpha keeps fixed: min, zero (manual path)")
+    test_size: int = opt(0, "evaluate on the first N test images (0: all 10,000)")
+    eval_batch_size: int = opt(500, "evaluation batch size (float and int8)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _known("methods", self.methods, METHODS)
+        _known("observers", self.observers, OBSERVERS)
+        _known("weight_observers", self.weight_observers, WEIGHT_SCHEMES)
+        check_choice("engine", self.engine, ENGINES)
+        _known("centers", self.centers, CENTERS)
+        check_choice("calib_selection", self.calib_selection, SELECTIONS)
+        check(len(self.calib_sizes) > 0, "calib_sizes", "", "give at least one size")
+        for n in self.calib_sizes:
+            check(1 <= n <= TRAIN_IMAGES, "calib_sizes", n, f"each size must be in [1, {TRAIN_IMAGES}] "
+                                                          "(images of the training set)")
+        check(len(set(self.calib_sizes)) == len(self.calib_sizes), "calib_sizes",
+              ",".join(map(str, self.calib_sizes)), "values must be distinct")
+        check(len(self.alphas) > 0, "alphas", "", "give at least one alpha")
+        for a in self.alphas:
+            check(0.0 < a <= 1.5, "alphas", a, "each alpha must be in (0, 1.5]")
+        check(self.calib_batch_size >= 1, "calib_batch_size", self.calib_batch_size, "must be >= 1")
+        check(0 <= self.test_size <= TEST_IMAGES, "test_size", self.test_size, f"must be in [0, {TEST_IMAGES}]")
+        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+        for method in self.methods:
+            why = unsupported(method, self.weight_observers, self.engine, self.alphas, self.centers)
+            check(not why, "methods", ",".join(self.methods), why)
+        check("manual" in self.methods or not shrinks(self.alphas, self.centers), "alphas",
+              ",".join(map(str, self.alphas)) + " / centers=" + ",".join(self.centers),
+              "alpha/center shrink is expressed by the manual method only; add manual to --methods "
+              "(fx and pt2e use their observers' qparams)")
+
+    def kind(self) -> str:
+        return "ptq"
+
+    def task_name(self) -> str:
+        """``<observer>-<calibration size>`` of a one-task spec, e.g. ``minmax-10000``."""
+        if len(self.observers) != 1 or len(self.calib_sizes) != 1:
+            raise ValueError("a PTQ task has one observer and one calibration size: split the sweep with plan_tasks")
+        return f"{self.observers[0]}-{self.calib_sizes[0]}"
+
+
+def expand_ranges(text: str) -> str:
+    """Comma-separated values where ``start:stop:step`` stands for an inclusive range.
+
+    E.g. ``"0.95:1.0:0.01"`` -> ``"0.95,0.96,0.97,0.98,0.99,1.0"``; ``"0.9,0.98:1.0:0.01"`` ->
+    ``"0.9,0.98,0.99,1.0"``. Values are rounded to 10 decimals so 0.95 + 3 * 0.01 is 0.98, not 0.9799999.
+    """
+    out: list[str] = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if ":" not in part:
+            if part:
+                out.append(part)
+            continue
+        bits = part.split(":")
+        try:
+            start, stop, step = (float(b) for b in bits) if len(bits) == 3 else (None, None, None)
+        except ValueError:
+            start = None
+        if start is None or step <= 0 or stop < start:
+            raise ValueError(f"range {part!r} is invalid: use start:stop:step with step > 0 and stop >= start, "
+                             f"e.g. 0.95:1.0:0.01")
+        n = math.floor((stop - start) / step + 1e-9) + 1
+        if n > 1000:
+            raise ValueError(f"range {part!r} has {n} values; at most 1000")
+        out.extend(repr(round(start + i * step, 10)) for i in range(n))
+    return ",".join(out)
+
+
 def spec_defaults() -> dict[str, dict[str, Any]]:
     """kind -> ``spec_<field>`` -> default, for every job spec: what a row written before a field existed ran with."""
-    from jobs.ptq import PTQSpec
-
     return {cls.kind(cls): {f"spec_{f.name}": spec_value(f.default) for f in dataclasses.fields(cls)
                             if f.default is not dataclasses.MISSING}
             for cls in (TrainSpec, PruneSpec, PTQSpec)}

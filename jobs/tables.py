@@ -5,8 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from compress.results import make_schema
-from jobs.ptq import PTQSpec
-from jobs.specs import PruneSpec, TrainSpec
+from jobs.specs import PruneSpec, PTQSpec, TrainSpec
 
 SEARCH_COLUMNS = {"search_id": pa.string(), "trial_id": pa.string()}
 

@@ -45,19 +45,12 @@ from compress.prune import (
 from compress.quant.packed import pack_float
 from compress.results import atomic_write_bytes, provenance, spec_row, torch_save_atomic, write_rows
 from jobs import lease, tables
+from jobs.runs import SpecMismatch, check_run, run_dir, same_spec
 from jobs.specs import PruneSpec, TrainFields, TrainSpec
 
 log = logging.getLogger(__name__)
 
 ReportFn = Callable[[dict[str, Any]], None]
-
-
-class SpecMismatch(ValueError):
-    """A run folder that belongs to another spec (resuming would mix two experiments)."""
-
-
-def run_dir(spec: TrainFields) -> Path:
-    return Path(spec.results) / "runs" / spec.run_id
 
 
 def _loaders(spec: TrainFields, data: Cifar10, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
@@ -99,37 +92,6 @@ class _Run:
         prov = provenance(self.prov["device_name"])
         write_rows(Path(self.spec.results) / table / f"{name}.parquet",
                    [{**self.base, "written_at": prov["written_at"], **r} for r in rows], schema)
-
-
-def _same_spec(stored: dict[str, Any], spec: TrainFields) -> str:
-    """"" when ``stored`` (a spec as saved) is ``spec``, else the fields that differ, for the error line.
-
-    ``results`` is left out: the run folder is under it, so a moved or differently spelled root is the same run.
-    """
-    there, here = json.loads(json.dumps(stored)), json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples: lists
-    diff = [f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(there) | set(here))
-            if there.get(k) != here.get(k) and k != "results"]
-    return ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
-
-
-def check_run(spec: TrainFields) -> str:
-    """What is on disk for ``spec.run_id``: "new", "resumes" or "finished"; ``SpecMismatch`` if another spec's.
-
-    Reads only the JSON files (no checkpoint), so the launcher can call it before submitting.
-    """
-    d = run_dir(spec)
-    for name, state in (("summary.json", "finished"), ("spec.json", "resumes")):
-        path = d / name
-        if not path.exists():
-            continue
-        stored = json.loads(path.read_text())
-        stored = stored.get("spec", {}) if name == "summary.json" else stored
-        diff = _same_spec(stored, spec)
-        if diff:
-            raise SpecMismatch(f"run {spec.run_id} under {spec.results} holds another spec ({diff}); "
-                               f"choose another --run-id")
-        return state
-    return "new"
 
 
 def run_schedule(spec: TrainFields, report: ReportFn | None = None,
@@ -174,7 +136,7 @@ def _schedule(spec: TrainFields, run: _Run) -> dict[str, Any]:
     state: dict[str, Any] | None = None
     if run.state_path.exists():
         state = torch.load(run.state_path, map_location="cpu", weights_only=False)
-        diff = _same_spec(state["spec"], spec)
+        diff = same_spec(state["spec"], spec)
         if diff:
             raise SpecMismatch(f"run {spec.run_id} under {spec.results} holds another spec ({diff}); "
                                f"choose another --run-id")

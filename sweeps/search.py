@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.specs import check, check_choice, opt
+from jobs.specs import PruneSpec, PTQSpec, check, check_choice, opt
 from sweeps.space import Dimension, apply_config, parse_space
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,23 @@ class TuneSpec:
 
 @dataclass(frozen=True)
 class JobKind:
-    """What a search of one job kind runs: its spec class, job function and objective."""
+    """What a search of one job kind runs: its spec class, job function and objective.
+
+    The job function is named, not imported: it loads (with torch) when a search runs, so building
+    the ``tune`` commands for ``--help`` stays fast.
+    """
 
     spec_cls: type
-    run: Callable[..., dict[str, Any]]
+    run_ref: str  # "module:function"
     objective: Callable[[dict[str, Any], TuneSpec], float]
     metric_doc: str
+
+    @property
+    def run(self) -> Callable[..., dict[str, Any]]:
+        import importlib
+
+        module, name = self.run_ref.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 def prune_score(row: dict[str, Any], tune_spec: TuneSpec) -> float:
@@ -80,15 +91,16 @@ def prune_score(row: dict[str, Any], tune_spec: TuneSpec) -> float:
     return 100 * row["sparsity"] - 10 * max(0.0, drop - tune_spec.max_drop)
 
 
-def job_kinds() -> dict[str, JobKind]:
-    from jobs.ptq import PTQSpec, ptq_score, run_ptq_sweep
-    from jobs.specs import PruneSpec
-    from jobs.training import run_prune
+def ptq_score(row: dict[str, Any], tune_spec: TuneSpec) -> float:
+    """A PTQ trial's objective: int8 top-1 of its best configuration, in percent."""
+    return float(row["int8_top1"])
 
+
+def job_kinds() -> dict[str, JobKind]:
     return {
-        "prune": JobKind(PruneSpec, run_prune, prune_score,
+        "prune": JobKind(PruneSpec, "jobs.training:run_prune", prune_score,
                          "100*sparsity - 10*(points of top-1 lost beyond --max-drop)"),
-        "ptq": JobKind(PTQSpec, run_ptq_sweep, ptq_score, "int8 top-1 of the trial's best configuration"),
+        "ptq": JobKind(PTQSpec, "jobs.ptq:run_ptq_sweep", ptq_score, "int8 top-1 of the trial's best configuration"),
     }
 
 

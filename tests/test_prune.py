@@ -20,8 +20,8 @@ from compress.prune import (
     make_permanent,
     module_table,
     nonzero_counts,
-    phase_targets,
 )
+from compress.schedule import phase_targets
 
 N_A = 268_336  # conv+linear weights of resnet20a
 

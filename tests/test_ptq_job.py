@@ -16,8 +16,9 @@ from compress.models import build_model
 from compress.prune import global_magnitude_masks
 from jobs import tables
 from jobs.launch import cli
-from jobs.ptq import PTQSpec, expand_ranges, load_float_model, plan_tasks, run_ptq, task_path
-from jobs.training import SpecMismatch
+from jobs.ptq import load_float_model, plan_tasks, run_ptq, task_path
+from jobs.runs import SpecMismatch
+from jobs.specs import PTQSpec, expand_ranges
 
 
 @pytest.fixture(autouse=True)

@@ -32,8 +32,8 @@ from compress.report import (
 from compress.results import write_rows
 from jobs import tables as job_tables
 from jobs.launch import cli
-from jobs.ptq import PTQSpec, plan_tasks, run_ptq
-from jobs.specs import PruneSpec, spec_defaults
+from jobs.ptq import plan_tasks, run_ptq
+from jobs.specs import PruneSpec, PTQSpec, spec_defaults
 from jobs.training import run_prune
 from sweeps.search import TuneSpec, prune_score
 

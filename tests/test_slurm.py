@@ -28,9 +28,10 @@ from click.testing import CliRunner
 from compress.results import read_table
 from jobs.executors import ExecutorError, build_executor, cluster_partitions
 from jobs.launch import cli
+from jobs.runs import run_dir
 from jobs.slurm_jobs import finished_runs, inspect_jobs
 from jobs.specs import PruneSpec
-from jobs.training import run_dir, run_prune
+from jobs.training import run_prune
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -127,7 +128,8 @@ def settled(job_id: str, folder: Path) -> Any:
 
     def ended() -> Any:
         (r,) = inspect_jobs([job_id], folder)
-        return r if r.state not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING") else None
+        return r if r.state not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "UNKNOWN") else None  # UNKNOWN:
+        # accounting has no record yet of a job submitted a moment ago
 
     return wait_until(f"job {job_id} to end", ended, 60, 0.5)
 

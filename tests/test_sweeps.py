@@ -121,7 +121,7 @@ def test_a_failing_trial_is_reported_and_the_search_goes_on(synthetic_cifar, syn
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ptq_search_with_optuna_tags_its_rows(synthetic_cifar, synthetic_weights, tmp_path) -> None:
-    from jobs.ptq import PTQSpec
+    from jobs.specs import PTQSpec
 
     base = PTQSpec(weights=str(synthetic_weights), data_root=str(synthetic_cifar), results=str(tmp_path),
                    methods=("manual",), calib_sizes=(50,), calib_batch_size=50, eval_batch_size=100).with_defaults()

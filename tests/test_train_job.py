@@ -20,8 +20,9 @@ import jobs.training
 from compress.data import BatchLoader, load_cifar10
 from compress.loops import evaluate
 from compress.models import count_prunable, load_model
-from compress.prune import global_sparsity, is_close_to, phase_targets
+from compress.prune import global_sparsity, is_close_to
 from compress.results import PROVENANCE_FIELDS
+from compress.schedule import phase_targets
 from jobs.launch import cli
 from jobs.specs import PruneSpec
 from jobs.training import run_prune

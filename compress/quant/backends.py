@@ -14,8 +14,8 @@
 - ``pt2e``: torchao's PT2E flow with the x86 inductor quantizer; ships as a ``torch.export``
   program (``.pt2``), which loads with torch and torchao alone and compiles with inductor.
 
-What a backend cannot express is listed here (``ALPHA``, ``weight_schemes``, ``engines``), and
-the PTQ spec refuses those combinations before anything runs. Calibration runs on the job's
+What a backend cannot express is listed in ``compress/catalog.py`` (torch-free, so the PTQ spec
+refuses those combinations before anything is imported or runs). Calibration runs on the job's
 device; building and the int8 models run on the CPU.
 """
 
@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress import catalog
 from compress.quant import fx, observe, pt2e
 from compress.quant.fold import fold_model
-from compress.quant.int8 import ENGINES, WEIGHT_SCHEMES, build_int8, derive_qparams
+from compress.quant.int8 import build_int8, derive_qparams
 from compress.quant.packed import pack_int8
 from compress.quant.qparams import activation_range
 
@@ -66,19 +67,31 @@ class Built:
 
 
 class Backend:
-    """A way of building int8 models; subclasses fill ``calibrate`` and ``build``."""
+    """A way of building int8 models; subclasses fill ``calibrate`` and ``build``.
+
+    What it can express (weight schemes, engines, the alpha/center shrink) is its ``catalog.BACKENDS`` entry.
+    """
 
     name = ""
-    alpha = False  # expresses the alpha/center shrink of activation ranges
-    weight_schemes: tuple[str, ...] = WEIGHT_SCHEMES
-    engines: tuple[str, ...] = ENGINES
     artifact = ""
+
+    @property
+    def info(self) -> catalog.BackendInfo:
+        return catalog.BACKENDS[self.name]
+
+    @property
+    def weight_schemes(self) -> tuple[str, ...]:
+        return self.info.weight_schemes
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        return self.info.engines
 
     def variants(self, weight_observers: Iterable[str], alphas: Iterable[float],
                  centers: Iterable[str]) -> Iterator[Variant]:
         """Every configuration of one calibration; alpha/center only where the backend has them."""
         for w in weight_observers:
-            if self.alpha:
+            if self.info.shrink:
                 for a in alphas:
                     for c in centers:
                         yield Variant(w, a, c)
@@ -96,7 +109,6 @@ class Backend:
 
 class Manual(Backend):
     name = "manual"
-    alpha = True
     artifact = "packed"
 
     def calibrate(self, model, loader, device, observer, reduce_range, engine, weight_observers=("per_channel",)):
@@ -142,8 +154,6 @@ class FX(Backend):
 
 class PT2E(Backend):
     name = "pt2e"
-    weight_schemes = pt2e.WEIGHT_SCHEMES
-    engines = ("x86", "fbgemm")
     artifact = "program"
 
     def calibrate(self, model, loader, device, observer, reduce_range, engine, weight_observers=("per_channel",)):
@@ -158,21 +168,4 @@ class PT2E(Backend):
         return Built(q, None, lambda: pt2e.export_program(q), time.perf_counter() - t0)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Manual(), FX(), PT2E())}
-
-
-def unsupported(method: str, weight_observers: Iterable[str], engine: str, alphas: Iterable[float],
-                centers: Iterable[str]) -> str:
-    """Why ``method`` cannot run this configuration, or "" when it can (the spec turns it into an error)."""
-    b = BACKENDS[method]
-    bad_w = sorted(set(weight_observers) - set(b.weight_schemes))
-    if bad_w:
-        return f"{method} builds weights {', '.join(b.weight_schemes)} only, not {', '.join(bad_w)}"
-    if engine not in b.engines:
-        return f"{method} runs on engines {', '.join(b.engines)} only, not {engine}"
-    return ""
-
-
-def shrinks(alphas: Iterable[float], centers: Iterable[str]) -> bool:
-    """Whether a sweep asks for any alpha/center other than the plain observed range."""
-    return set(alphas) != {1.0} or set(centers) != {"min"}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Manual(), FX(), PT2E())}  # catalog.BACKENDS' order

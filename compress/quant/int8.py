@@ -29,14 +29,12 @@ import torch.ao.nn.quantized as nnq
 import torch.nn.functional as F
 from torch import nn
 
+from compress.catalog import ENGINES, WEIGHT_SCHEMES
 from compress.models import CifarResNet, PadShortcut
 from compress.quant import quiet
 from compress.quant.fold import fold_model
 from compress.quant.observe import quant_sites
 from compress.quant.qparams import INT8, UINT8, QRange, affine_qparams, shrink_range, symmetric_qparams
-
-ENGINES = ("x86", "fbgemm", "qnnpack")
-WEIGHT_SCHEMES = ("per_channel", "per_tensor")
 
 QParams = tuple[float, int]
 

@@ -45,7 +45,6 @@ PT2E_OBSERVERS = {
     "histogram": ao_pt2e.HistogramObserver,
     "moving_average": ao_pt2e.MovingAverageMinMaxObserver,
 }
-WEIGHT_SCHEMES = ("per_channel",)
 MAX_BATCH = 65_536
 
 

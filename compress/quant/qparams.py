@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from compress.catalog import CENTERS
+
 EPS = torch.finfo(torch.float32).eps
-CENTERS = ("min", "zero")
 
 
 @dataclass(frozen=True)
