@@ -3,6 +3,12 @@
 Each spec field becomes ``--field-name`` with the field's default and help; bool fields become
 ``--flag/--no-flag``; tuple fields take a comma-separated list. ``spec_from_options`` builds the
 frozen spec back from the parsed values, and its ``ValueError`` becomes one line and exit code 2.
+
+``--help`` groups the options in panels (rich-click) by the spec class that declares them (run,
+model and data, training, pruning, distillation, quantization, search, SLURM); a field whose
+default comes from an environment variable shows that variable as its default. ``Cli`` is the
+command group: a usage error (unknown option, a value of the wrong type) is one ``error:`` line
+and exit 2 like every other bad input, and Ctrl-C is exit 130.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-import click
+import rich_click as click
+from rich_click import RichGroup
 
 
 def _base_type(tp: Any) -> Any:
@@ -23,8 +30,26 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
+# the --help panel of a field: by the spec class that declares it, then these fields by name
+PANELS = {"RunFields": "Run", "TrainFields": "Training", "PruneSpec": "Pruning", "PTQSpec": "Quantization",
+          "TuneSpec": "Search", "ExecutorOptions": "SLURM (with --partition; without it the job runs here)",
+          "ExportSpec": "Export"}
+FIELD_PANELS = {"model": "Model and data", "weights": "Model and data", "data_root": "Model and data",
+                "kd_weight": "Distillation", "kd_temperature": "Distillation", "teacher": "Distillation"}
+
+
+def panel_of(spec_cls: type, name: str) -> str:
+    """The help panel of field ``name`` of ``spec_cls`` (see ``PANELS``)."""
+    if name in FIELD_PANELS:
+        return FIELD_PANELS[name]
+    for cls in reversed(spec_cls.__mro__):  # the most basic class that declares the field
+        if name in cls.__dict__.get("__annotations__", {}):
+            return PANELS.get(cls.__name__, "Options")
+    return "Options"
+
+
 def spec_options(spec_cls: type, skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Decorator adding one click option per field of ``spec_cls`` (in field order)."""
+    """Decorator adding one click option per field of ``spec_cls`` (in field order), in its help panel."""
     hints = typing.get_type_hints(spec_cls)
 
     def decorate(fn: Callable) -> Callable:
@@ -35,19 +60,22 @@ def spec_options(spec_cls: type, skip: tuple[str, ...] = ()) -> Callable[[Callab
             flag = "--" + f.name.replace("_", "-")
             help_ = f.metadata.get("help", "")
             choices = f.metadata.get("choices")
+            env = f.metadata.get("env")
+            common = {"help": help_, "panel": panel_of(spec_cls, f.name),
+                      "show_default": f"${env}" if env else f.default not in ("", ())}
             if tp is bool:
-                fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, show_default=True,
-                                  help=help_)(fn)
+                fn = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, **common)(fn)
             elif f.metadata.get("multiple"):
-                fn = click.option(flag, f.name, multiple=True, default=f.default, help=help_ + " (repeatable)")(fn)
+                fn = click.option(flag, f.name, multiple=True, default=f.default,
+                                  **{**common, "help": help_ + " (repeatable)", "show_default": False})(fn)
             elif typing.get_origin(tp) is tuple or tp is tuple:
                 default = ",".join(map(str, f.default))
-                fn = click.option(flag, f.name, default=default, show_default=True, help=help_)(fn)
+                fn = click.option(flag, f.name, default=default, **common)(fn)
             else:
                 # choices are checked by the spec itself so the error lists them in one line
                 if choices:
-                    help_ = f"{help_} [{'|'.join(choices)}]"
-                fn = click.option(flag, f.name, type=tp, default=f.default, show_default=True, help=help_)(fn)
+                    common["help"] = f"{help_} [{'|'.join(choices)}]"
+                fn = click.option(flag, f.name, type=tp, default=f.default, **common)(fn)
         return fn
 
     return decorate
@@ -81,3 +109,25 @@ def fail(message: str, code: int = 2) -> typing.NoReturn:
     """One clear line on stderr and an exit code: 2 (click's usage-error code) for bad input, 1 for a failed run."""
     click.echo(f"error: {message}", err=True)
     raise click.exceptions.Exit(code)
+
+
+class Cli(RichGroup):
+    """The command group: click's usage errors become one ``error:`` line (exit 2), Ctrl-C exit 130."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        import sys
+
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.ClickException as e:  # UsageError, BadParameter, NoSuchOption...
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            rv = e.exit_code
+        except click.exceptions.Abort:  # Ctrl-C outside a job (a job says how to resume it itself)
+            click.echo("\ninterrupted", err=True)
+            rv = 130
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)

@@ -25,11 +25,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-import click
+import rich_click as click
 
 from compress.results import check_results_root
 from jobs import lease
-from jobs.cli import fail, spec_from_options, spec_options
+from jobs.cli import Cli, fail, spec_from_options, spec_options
 from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, executor_options, open_executor, render_sbatch
 from jobs.runs import check_run, run_dir
 from jobs.specs import PruneSpec, PTQSpec, TrainSpec
@@ -52,16 +52,18 @@ def _build_spec(cls: type, options: dict[str, Any]):
         fail(str(e))
 
 
-def _preflight(spec: Any, download: bool = False) -> None:
+def _preflight(spec: Any, download: bool = False) -> tuple[int, int]:
     """Check what a user can get wrong before anything is written: data and weights must load.
 
     With ``download``, CIFAR-10 is fetched into the data root first (here, so a SLURM job finds it).
     """
     from compress.data import load_cifar10
+    from compress.loops import pick_device
     from compress.models import WeightsError, load_model
 
     try:
-        load_cifar10(spec.data_root or None, download=download)
+        pick_device(spec.device)
+        data = load_cifar10(spec.data_root or None, download=download)
         if spec.needs_weights() and not spec.weights:
             raise WeightsError(f"{spec.kind()} needs starting weights: pass --weights FILE or set COMPRESS_WEIGHTS")
         model = load_model(spec.model, spec.weights or None)
@@ -72,6 +74,7 @@ def _preflight(spec: Any, download: bool = False) -> None:
         check_results_root(spec.results, 10 * param_bytes + 2**20)
     except USER_ERRORS as e:
         fail(str(e))
+    return len(data.train_x), len(data.test_x)
 
 
 def _seed_specs(cls: type, options: dict[str, Any], seeds: str) -> list[Any]:
@@ -180,6 +183,22 @@ def _new_specs(cls: type, options: dict[str, Any], seeds: str, resume: str, run:
     return specs
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else \
+        f"{seconds:.0f} s"
+
+
+def _plan_line(spec: Any, data_sizes: tuple[int, int]) -> str:
+    """What a new local run is about to do and roughly how long it takes on this machine."""
+    from jobs.training import estimate_seconds
+
+    seconds, how = estimate_seconds(spec, data_sizes)
+    line = f"plan: about {_duration(seconds)} here ({how})"
+    if seconds > 3600:
+        line += "; Ctrl-C stops it at the last finished epoch, --resume continues; --partition runs it on SLURM"
+    return line
+
+
 def _echo_summary(summary: dict[str, Any]) -> None:
     click.echo(summary["table"])
     click.echo(f"final: top-1 {summary['top1']:.2f}% (start {summary['dense_top1']:.2f}%), "
@@ -193,7 +212,7 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
         if not executor.local:
             click.echo(render_sbatch(executor))
         return
-    _preflight(specs[0], download)
+    sizes = _preflight(specs[0], download)
     try:
         states = [check_run(spec) for spec in specs]  # another spec's run under this id: refused before anything
     except USER_ERRORS as e:
@@ -202,6 +221,8 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
     if ex.local:
         for spec, state in zip(specs, states, strict=True):
             click.echo(f"run {spec.run_id} ({RUN_STATES[state]}): results under {spec.results}/")
+            if state == "new":
+                click.echo(_plan_line(spec, sizes))
             resume = f"python -m jobs.launch {spec.kind()} --resume {spec.run_id} --results {spec.results}"
             try:
                 summary = ex.submit(fn, spec).result()
@@ -255,7 +276,7 @@ def wait_for(jobs: list[Any], echo: Any) -> None:
         raise click.exceptions.Exit(1)
 
 
-@click.group()
+@click.group(cls=Cli)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def cli(verbose: bool) -> None:
     """Compress CIFAR ResNets: prune, retrain and quantize as resumable jobs."""
@@ -264,27 +285,27 @@ def cli(verbose: bool) -> None:
 
 SEEDS_HELP = "comma-separated seeds: one run per seed (one job array on SLURM); overrides --seed"
 resume_option = click.option(
-    "--resume", default="",
+    "--resume", default="", panel="Run",
     help="continue these runs (comma-separated run ids under --results) with their own stored specs; without "
          "it, a --run-id that exists is refused")
 run_option = click.option(
-    "--run", default="",
+    "--run", default="", panel="Run",
     help="start from this finished run's final model (instead of --weights), with its model and data root "
          "unless given")
 download_option = click.option(
-    "--download", is_flag=True,
+    "--download", is_flag=True, panel="Run",
     help="fetch CIFAR-10 (python version, 163 MB, checksum-verified by torchvision) into --data-root when it "
          "holds neither layout")
 
 
 @cli.command()
 @spec_options(PruneSpec)
-@click.option("--seeds", default="", help=SEEDS_HELP)
+@click.option("--seeds", default="", help=SEEDS_HELP, panel="Run")
 @executor_options
 @resume_option
 @run_option
 @download_option
-@click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit")
+@click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit", panel="Run")
 def prune(dry_run: bool, download: bool, resume: str, run: str, seeds: str, executor: ExecutorOptions,
           **options: Any) -> None:
     """Run a prune/retrain schedule (BN-gamma filters once, then global L1 magnitude phases)."""
@@ -296,12 +317,12 @@ def prune(dry_run: bool, download: bool, resume: str, run: str, seeds: str, exec
 
 @cli.command()
 @spec_options(TrainSpec)
-@click.option("--seeds", default="", help=SEEDS_HELP)
+@click.option("--seeds", default="", help=SEEDS_HELP, panel="Run")
 @executor_options
 @resume_option
 @run_option
 @download_option
-@click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit")
+@click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit", panel="Run")
 def train(dry_run: bool, download: bool, resume: str, run: str, seeds: str, executor: ExecutorOptions,
           **options: Any) -> None:
     """Train a dense model (from scratch, or fine-tune --weights)."""
@@ -438,11 +459,12 @@ def verify(artifact: str, data_root: str) -> None:
 @cli.command()
 @spec_options(PTQSpec)
 @click.option("--export", "export_select", default="", help=EXPORT_HELP + "; after the sweep (here, or with "
-              "--wait on SLURM) [default: no export]")
+              "--wait on SLURM) [default: no export]", panel="Run")
 @executor_options
 @run_option
 @download_option
-@click.option("--dry-run", is_flag=True, help="print the spec and its tasks (and the sbatch script) and exit")
+@click.option("--dry-run", is_flag=True, help="print the spec and its tasks (and the sbatch script) and exit",
+              panel="Run")
 def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: ExecutorOptions,
         **options: Any) -> None:
     """Post-training int8 sweep (FX graph mode and hand-written): one task per (observer, calibration size).

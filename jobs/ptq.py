@@ -94,7 +94,8 @@ def load_float_model(name: str, weights: str) -> nn.Module:
 
 
 def preflight(spec: PTQSpec, train_images: int) -> None:
-    """What the spec alone cannot check: the dataset's size and this machine's quantized engines."""
+    """What the spec alone cannot check: the dataset's size, this machine's quantized engines and device."""
+    pick_device(spec.device)
     for n in spec.calib_sizes:
         check(n <= train_images, "calib_sizes", n, f"larger than the training set ({train_images} images)")
     available = torch.backends.quantized.supported_engines

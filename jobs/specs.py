@@ -56,8 +56,8 @@ class RunFields:
     """Fields every job has: what model, which data, where results go, and the seed."""
 
     model: str = opt("resnet20a", "model architecture", choices=tuple(MODELS))
-    weights: str = opt("", "weights file (or 'pretrained' to download); default $COMPRESS_WEIGHTS")
-    data_root: str = opt("", "CIFAR-10 root (holds cifar-10-batches-bin/ or -py/); default $COMPRESS_DATA")
+    weights: str = opt("", "weights file (or 'pretrained' to download)", env="COMPRESS_WEIGHTS")
+    data_root: str = opt("", "CIFAR-10 root (holds cifar-10-batches-bin/ or -py/)", env="COMPRESS_DATA")
     results: str = opt("results", "results root (Parquet tables and checkpoints)")
     run_id: str = opt("", "run name; default <kind>-<time>-<spec hash>; one that exists is refused (see --resume)")
     seed: int = opt(0, "seed of initialisation, data order, augmentation and subsets")

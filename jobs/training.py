@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from compress.artifacts import LOAD_PACKED, write_artifact
+from compress.catalog import TEST_IMAGES, TRAIN_IMAGES
 from compress.data import BatchLoader, Cifar10, load_cifar10, subset_indices
 from compress.loops import build_optimizer, cosine_lr, evaluate, pick_device, reestimate_bn, train_one_epoch
 from compress.models import load_model
@@ -92,6 +93,39 @@ class _Run:
         prov = provenance(self.prov["device_name"])
         write_rows(Path(self.spec.results) / table / f"{name}.parquet",
                    [{**self.base, "written_at": prov["written_at"], **r} for r in rows], schema)
+
+
+def estimate_seconds(spec: TrainFields, data_sizes: tuple[int, int] = (TRAIN_IMAGES, TEST_IMAGES),
+                     batches: int = 3) -> tuple[float, str]:
+    """How long ``spec`` would take here, from a few timed batches of the real loops; (seconds, how).
+
+    Times ``batches`` training batches (augmentation, forward, backward, step; the first one is a
+    warm-up and not counted) and as many evaluation batches, on random images of the run's sizes,
+    then scales to the plan's epochs and evaluations over ``data_sizes`` (training, test images of
+    the data set). Loading the data and the model is not counted.
+    """
+    device = pick_device(spec.device)
+    model = load_model(spec.model).to(device, memory_format=torch.channels_last)
+    n = spec.batch_size * batches
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (n,))
+    train = BatchLoader(x, y, spec.batch_size, device, train=True, randaugment=spec.randaugment, seed=0)
+    opt = build_optimizer(spec.optimizer, model.parameters(), spec.lr, spec.weight_decay)
+    warm = BatchLoader(x[:spec.batch_size], y[:spec.batch_size], spec.batch_size, device, train=True,
+                       randaugment=spec.randaugment)
+    train_one_epoch(model, warm, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16, progress=False)
+    st = train_one_epoch(model, train, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16, progress=False)
+    ev = evaluate(model, BatchLoader(x, y, min(spec.eval_batch_size, n), device), device, amp=spec.amp,
+                  progress=False)
+    plan = spec.plan()
+    epochs = sum(ph.epochs for ph in plan)
+    train_images = min(spec.train_size or data_sizes[0], data_sizes[0])
+    test_images = min(spec.test_size or data_sizes[1], data_sizes[1])
+    evals = 1 + (epochs if spec.eval_every_epoch else len(plan))
+    seconds = epochs * train_images * st.seconds / st.images + evals * test_images * ev.seconds / ev.images
+    how = (f"{len(plan)} phase(s), {epochs} epoch(s) over {train_images:,} images, {evals} evaluation(s) of "
+           f"{test_images:,}; from {batches} timed batches on {device.type}")
+    return seconds, how
 
 
 def run_schedule(spec: TrainFields, report: ReportFn | None = None,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import click
+import rich_click as click
 
 from jobs.cli import fail, spec_from_options, spec_options
 from jobs.executors import ExecutorOptions, executor_options, open_executor, render_sbatch
@@ -64,7 +64,7 @@ def _command(kind: str) -> click.Command:
     @spec_options(TuneSpec)
     @spec_options(jk.spec_cls, skip=("run_id",))
     @executor_options
-    @click.option("--dry-run", is_flag=True, help="print the specs (and the sbatch script) and exit")
+    @click.option("--dry-run", is_flag=True, help="print the specs (and the sbatch script) and exit", panel="Run")
     def command(dry_run: bool, executor: ExecutorOptions, **options: Any) -> None:
         try:
             base, tune_spec = search_specs(kind, options)

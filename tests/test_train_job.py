@@ -417,6 +417,18 @@ BAD_INPUT = {
         ["--keep-dense", "layer3.1.conv1,layer3.1.conv2,layer3.2.conv1,layer3.2.conv2,layer3.0.conv2",
          "--final-sparsity", "0.5"],
         "final_sparsity=0.5 is invalid: sparsity 0.5 needs 134,168 zeros but only 84,016 weights are outside"),
+    "not a number": (["--epochs", "ten"], "Invalid value for '--epochs': 'ten' is not a valid integer."),
+    "unknown option": (["--sparsity", "0.9"], "No such option '--sparsity'. (Did you mean one of: '--final-sparsity'"),
+    "lr 0": (["--lr", "0"], "lr=0.0 is invalid: must be in (0, 10]"),
+    "unknown schedule": (["--schedule", "exponential"], "schedule='exponential' is unknown"),
+    "repeated seeds": (["--seeds", "0,0"], "seeds='0,0' is invalid: give distinct seeds"),
+    "SLURM option without a partition": (["--gpus", "1"], "SLURM option(s) --gpus given without --partition"),
+    "weights of the other architecture": (["--model", "resnet20b"], "holds resnet20a weights"),
+    "missing weights file": (["--weights", "/nonexistent/w.th"], "weights file not found: /nonexistent/w.th"),
+    "results root is a file": (["--results", "FILE"], "is a file, not a folder"),
+    "resume with --run-id": (["--resume", "old"], "--seeds, --run-id and --run do not go with it"),
+    "CUDA device that is not there": (["--device", "cuda:99"], "device 'cuda:99' asked for but torch sees"),
+    "train size past the set": (["--train-size", "60000"], "train_size=60000 is invalid: must be in [0, 50000]"),
 }
 
 
@@ -424,15 +436,17 @@ BAD_INPUT = {
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: str, synthetic_cifar: Path, synthetic_weights: Path,
                                                          corrupt_weights: Path, tmp_path: Path) -> None:
     extra, message = BAD_INPUT[case]
-    extra = [str(corrupt_weights) if a == "CORRUPT" else a for a in extra]
+    (tmp_path / "file").write_text("")
+    extra = [{"CORRUPT": str(corrupt_weights), "FILE": str(tmp_path / "file")}.get(a, a) for a in extra]
     results = tmp_path / "results"
+    before = sorted(tmp_path.rglob("*"))
     out = CliRunner().invoke(cli, _prune_args(synthetic_cifar, synthetic_weights, results, "bad", *extra))
     assert out.exit_code == 2, out.output
     assert out.stdout == ""
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert message in lines[0]
-    assert not results.exists()
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_prune_without_starting_weights_is_refused(synthetic_cifar: Path, tmp_path: Path) -> None:
@@ -454,3 +468,20 @@ def test_bad_input_in_a_real_process(synthetic_cifar: Path, synthetic_weights: P
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: phases=0 is invalid: must be >= 1"]
     assert proc.stdout == "" and not results.exists()
+
+
+def test_help_groups_options_and_names_environment_defaults() -> None:
+    out = _invoke(["prune", "--help"])
+    assert out.exit_code == 0
+    text = out.stdout
+    for panel in ("Model and data", "Run", "Training", "Pruning", "Distillation", "SLURM"):
+        assert f"─ {panel}" in text, panel
+    assert "$COMPRESS_DATA" in text and "$COMPRESS_WEIGHTS" in text and '[default: ""]' not in text
+    assert text.index("─ Pruning") < text.index("--final-sparsity") < text.index("─ Distillation")
+
+
+@pytest.mark.slow  # shares one prune run
+def test_a_new_local_run_says_what_it_plans_and_how_long_it_takes(prune_run) -> None:
+    result, _ = prune_run
+    plan = next(ln for ln in result.stdout.splitlines() if ln.startswith("plan: about "))
+    assert "2 phase(s), 2 epoch(s) over 250 images, 3 evaluation(s) of 100; from 3 timed batches on" in plan
