@@ -334,27 +334,39 @@ def train(dry_run: bool, download: bool, resume: str, run: str, seeds: str, exec
 
 @cli.command()
 @click.argument("targets", nargs=-1)
+@click.option("--results", default="", help="results root whose runs to show [default: $COMPRESS_RESULTS or results]")
 @click.option("--folder", default=DEFAULT_FOLDER, show_default=True, help="the --folder the jobs were launched with")
-@click.option("--last", default=20, show_default=True, help="without targets: show the newest N jobs (0: all)")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per job instead of the table")
-def status(targets: tuple[str, ...], folder: str, last: int, as_json: bool) -> None:
-    """State, progress and log of SLURM jobs, by job id or job folder (default: the newest under --folder).
+@click.option("--last", default=20, show_default=True, help="without targets: the newest N runs and jobs (0: all)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per run, search and job instead of tables")
+def status(targets: tuple[str, ...], results: str, folder: str, last: int, as_json: bool) -> None:
+    """Runs, searches and SLURM jobs: state, phase/epoch, top-1, owner; by run id, job id or job folder.
 
-    A failed job's error line is shown under it; its full traceback is in its log.
+    Runs come from the results root (wherever they ran: here, on SLURM, in a Ray search), jobs from
+    the SLURM job folder. A failed job's error line is shown under it; its traceback is in its log.
     """
+    from compress.results import default_root
+    from jobs.runs import format_runs, format_searches, inspect_run, inspect_runs, inspect_searches
     from jobs.slurm_jobs import format_reports, inspect_jobs
 
-    try:
-        reports = inspect_jobs(targets, folder, 0 if targets else last)
-    except FileNotFoundError as e:
-        fail(str(e))
-    if not reports:
-        click.echo(f"no jobs under {folder}")
-    elif as_json:
-        for r in reports:
-            click.echo(json.dumps({**dataclasses.asdict(r), "log": str(r.log)}))
-    else:
-        click.echo(format_reports(reports))
+    root = Path(results or default_root())
+    run_targets = [t for t in targets if (root / "runs" / t).is_dir()]
+    job_targets = [t for t in targets if t not in run_targets]
+    runs = [inspect_run(root / "runs" / t) for t in run_targets] if targets else inspect_runs(root, last)
+    searches = inspect_searches(runs) if not targets else []
+    jobs: list[Any] = []
+    if job_targets or (not targets and Path(folder).is_dir()):
+        try:
+            jobs = inspect_jobs(job_targets, folder, 0 if job_targets else last)
+        except FileNotFoundError as e:
+            fail(f"{e}; and no run of that id under {root}/runs" if job_targets else str(e))
+    if as_json:
+        for kind, items in (("run", runs), ("search", searches), ("job", jobs)):
+            for item in items:
+                click.echo(json.dumps({"type": kind, **dataclasses.asdict(item)}, default=str))
+        return
+    sections = [fmt(items) for fmt, items in ((format_runs, runs), (format_searches, searches),
+                                              (format_reports, jobs)) if items]
+    click.echo("\n\n".join(sections) if sections else f"no runs under {root} and no SLURM jobs under {folder}")
 
 
 @cli.command()

@@ -1,20 +1,28 @@
 """A run folder on disk, read without torch: where it is, what it holds, whether a spec is its own.
 
     results/runs/<run_id>/spec.json      written when the run starts
+    results/runs/<run_id>/progress.json  where it stands (phase, epoch, last top-1, job), after every epoch
+    results/runs/<run_id>/lease.json     who runs it now (jobs/lease.py)
     results/runs/<run_id>/summary.json   written when it finishes
 
 The launcher calls ``check_run`` before it submits anything (a run id that another spec owns is
-refused there, not on a node after queueing); the job calls it again when it starts.
+refused there, not on a node after queueing); the job calls it again when it starts. ``status``
+reads every run's progress and lease (``inspect_runs``) and the searches they belong to
+(``inspect_searches``), whether they ran here or on SLURM.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs import lease
 from jobs.specs import TrainFields
+
+PROGRESS = "progress.json"
 
 
 class SpecMismatch(ValueError):
@@ -54,3 +62,115 @@ def check_run(spec: TrainFields) -> str:
                                f"choose another --run-id")
         return state
     return "new"
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """One run as ``status`` shows it."""
+
+    run_id: str
+    kind: str
+    state: str       # finished, running, queued, stopped (resumable), or new (nothing trained yet)
+    progress: str    # "phase 3/12, epoch 4/10", or "finished"
+    top1: float | None
+    sparsity: float | None
+    owner: str       # the job or process that holds it (running, queued) or last wrote it
+    search_id: str
+    updated: str
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def inspect_run(folder: Path) -> RunReport:
+    """A run folder's state from its own small files (no checkpoint is loaded)."""
+    p = _read_json(folder / PROGRESS)
+    spec = _read_json(folder / "spec.json")
+    held = lease.read_lease(folder)
+    live, why = lease.liveness(held) if held else (False, "")
+    top1, sparsity = p.get("top1"), p.get("sparsity")
+    if p.get("finished") or (folder / "summary.json").exists():
+        state = "finished"
+        if not p.get("finished"):  # finished before progress files existed: the summary has the figures
+            summary = _read_json(folder / "summary.json")
+            top1, sparsity = summary.get("top1"), summary.get("sparsity")
+    elif live:
+        state = "queued" if why.endswith("PENDING") else "running"
+    else:
+        state = "stopped" if p else "new"
+    if state == "finished":
+        progress = "finished"
+    elif p:
+        progress = f"phase {p.get('phase')}/{p.get('phases')}, epoch {p.get('epoch')}/{p.get('epochs')}"
+    else:
+        progress = "-"
+    kind = p.get("kind") or ("prune" if "phases" in spec else "train" if spec else "?")
+    return RunReport(folder.name, kind, state, progress, top1, sparsity,
+                     str(held.get("owner")) if live and held else str(p.get("job_id", "")),
+                     p.get("search_id", ""), p.get("updated_at", ""))
+
+
+def inspect_runs(results: str | Path, last: int = 0) -> list[RunReport]:
+    """Every run under a results root, newest first (``last``: the newest N only)."""
+    folders = [d for d in (Path(results) / "runs").glob("*") if (d / "spec.json").exists() or (d / PROGRESS).exists()]
+    folders.sort(key=lambda d: max((d / n).stat().st_mtime for n in ("spec.json", PROGRESS) if (d / n).exists()),
+                 reverse=True)
+    return [inspect_run(d) for d in (folders[:last] if last else folders)]
+
+
+@dataclass(frozen=True)
+class SearchReport:
+    """A search's trials by state (from its trials' run folders)."""
+
+    search_id: str
+    trials: int
+    finished: int
+    running: int
+    stopped: int
+    best_top1: float | None
+
+
+def inspect_searches(runs: list[RunReport]) -> list[SearchReport]:
+    out = []
+    for sid in dict.fromkeys(r.search_id for r in runs if r.search_id):
+        mine = [r for r in runs if r.search_id == sid]
+        done = [r.top1 for r in mine if r.state == "finished" and r.top1 is not None]
+        out.append(SearchReport(sid, len(mine), sum(r.state == "finished" for r in mine),
+                                sum(r.state in ("running", "queued") for r in mine),
+                                sum(r.state in ("stopped", "new") for r in mine), max(done) if done else None))
+    return out
+
+
+def search_progress(results: str | Path, search_id: str) -> str:
+    """"trials: 3 finished, 1 running, 0 stopped" for a search id, from its trials' run folders."""
+    runs = [inspect_run(d) for d in (Path(results) / "runs").glob(f"{search_id}-*")]
+    (s,) = inspect_searches(runs) or [SearchReport(search_id, 0, 0, 0, 0, None)]
+    return f"trials: {s.finished} finished, {s.running} running, {s.stopped} stopped"
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, two spaces apart (the first row is the header)."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def format_runs(runs: list[RunReport]) -> str:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}%"
+
+    rows = [("RUN", "KIND", "STATE", "PROGRESS", "TOP-1", "SPARSITY", "JOB", "UPDATED")]
+    rows += [(r.run_id, r.kind, r.state, r.progress, pct(r.top1),
+              "-" if r.sparsity is None else f"{100 * r.sparsity:.1f}%", r.owner or "-", r.updated or "-")
+             for r in runs]
+    return table(rows)
+
+
+def format_searches(searches: list[SearchReport]) -> str:
+    rows = [("SEARCH", "TRIALS", "FINISHED", "RUNNING", "STOPPED", "BEST TOP-1")]
+    rows += [(s.search_id, str(s.trials), str(s.finished), str(s.running), str(s.stopped),
+              "-" if s.best_top1 is None else f"{s.best_top1:.2f}%") for s in searches]
+    return table(rows)

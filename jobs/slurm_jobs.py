@@ -38,6 +38,8 @@ from typing import Any
 
 import submitit
 
+from jobs.runs import PROGRESS, inspect_run, search_progress
+
 log = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^\d+(_\d+)?$")
@@ -112,30 +114,27 @@ def finished_runs(results: str | os.PathLike) -> set[str]:
     return {p.parent.name for p in Path(results).glob("runs/*/summary.json")}
 
 
-def run_progress(spec: Any, workdir: Path | None = None) -> str:
-    """Where a run stands, from its own files: finished, phase/epoch of its checkpoint, or not started."""
+def run_progress(spec: Any, workdir: Path | None = None, job_id: str = "") -> str:
+    """Where a run stands, from its own small files: finished, phase/epoch and top-1, or not started.
+
+    With ``job_id``, a run whose progress another job wrote (a submission refused because the run
+    was busy) says so instead of showing that job's progress as this one's.
+    """
     if not hasattr(spec, "run_id") or not hasattr(spec, "results"):
         return "-"
     results = Path(spec.results)
     if not results.is_absolute() and workdir is not None:
         results = workdir / results
     run = results / "runs" / spec.run_id
-    if (run / "summary.json").exists():
-        s = json.loads((run / "summary.json").read_text())
-        return f"finished: top-1 {s['top1']:.2f}%, sparsity {100 * s['sparsity']:.1f}%"
-    if (run / "state.pt").exists():
-        import torch
-
-        try:
-            state = torch.load(run / "state.pt", map_location="cpu", weights_only=False)
-        except Exception as e:  # being replaced right now, or unreadable: say so, do not fail status
-            return f"checkpoint unreadable ({type(e).__name__})"
-        phases = len(spec.plan()) if hasattr(spec, "plan") else "?"
-        text = f"phase {state['phase']}/{phases}, epoch {state['epoch']}/{getattr(spec, 'epochs', '?')}"
-        rows = state.get("epoch_rows") or []
-        if rows and rows[-1]["top1"] == rows[-1]["top1"]:
-            text += f", top-1 {rows[-1]['top1']:.2f}%"
-        return text
+    if (run / PROGRESS).exists() or (run / "summary.json").exists():
+        r = inspect_run(run)
+        writer = json.loads((run / PROGRESS).read_text()).get("job_id", "") if (run / PROGRESS).exists() else ""
+        if job_id and writer and writer != job_id:
+            return f"run written by job {writer}, not this one"
+        if r.state == "finished":
+            return "finished" + (f": top-1 {r.top1:.2f}%" if r.top1 is not None else "") + (
+                f", sparsity {100 * r.sparsity:.1f}%" if r.sparsity is not None else "")
+        return r.progress + (f", top-1 {r.top1:.2f}%" if r.top1 is not None else "")
     if getattr(spec, "kind", None) and spec.kind() == "ptq":  # one task of a PTQ sweep: its own row file
         from jobs.ptq import task_path
 
@@ -253,16 +252,23 @@ def inspect_job(root: Path, job_id: str, records: dict[str, list[dict[str, str]]
                     submitit.core.utils.pickle_load(paths.result_pickle)[0], "UNKNOWN")
             except Exception:
                 state = "UNKNOWN"
-    spec, run_id = None, ""
+    spec, run_id, search = None, "", None
     if paths.submitted_pickle.exists():
         try:
             delayed = submitit.core.utils.DelayedSubmission.load(paths.submitted_pickle)
             spec = delayed.args[0] if delayed.args else None
-            run_id = getattr(spec, "run_id", "")
+            if isinstance(spec, str) and len(delayed.args) >= 3:  # run_search(kind, base, tune_spec)
+                spec, search = delayed.args[1], delayed.args[2]
+            run_id = search.search_id if search is not None else getattr(spec, "run_id", "")
         except Exception as e:
             log.debug("cannot read %s: %s", paths.submitted_pickle, e)
-    progress = run_progress(spec, workdir) if spec is not None and state != "PENDING" else "-"
-    if state in STOPPED and not progress.startswith(("finished", "-", "not started")):
+    if spec is None or state == "PENDING":
+        progress = "-"
+    elif search is not None:
+        progress = search_progress(Path(workdir or ".") / spec.results, search.search_id)
+    else:
+        progress = run_progress(spec, workdir, job_id)
+    if state in STOPPED and not progress.startswith(("finished", "-", "not started", "run written by")):
         progress = f"stopped at {progress}"
     error = _error_line(paths) if state in FAILED else ""
     return JobReport(job_id, state, requeues, run_id, progress, paths.stdout, error)

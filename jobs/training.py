@@ -46,7 +46,7 @@ from compress.prune import (
 from compress.quant.packed import pack_float
 from compress.results import atomic_write_bytes, provenance, spec_row, torch_save_atomic, write_rows
 from jobs import lease, tables
-from jobs.runs import SpecMismatch, check_run, run_dir, same_spec
+from jobs.runs import PROGRESS, SpecMismatch, check_run, run_dir, same_spec
 from jobs.specs import PruneSpec, TrainFields, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,18 @@ class _Run:
 
     def save(self, state: dict[str, Any]) -> None:
         torch_save_atomic(state, self.state_path)
+        plan = {ph.index: ph.epochs for ph in self.spec.plan()}
+        rows = [r for r in state.get("epoch_rows") or [] if r["top1"] == r["top1"]]  # evaluated epochs
+        self.progress(phase=state["phase"], epoch=state["epoch"], epochs=plan.get(state["phase"], 0),
+                      top1=rows[-1]["top1"] if rows else state.get("last_top1"), dense_top1=state["dense_top1"])
+
+    def progress(self, **fields: Any) -> None:
+        """``progress.json``: where the run stands, for ``status`` (a few hundred bytes, no torch to read it)."""
+        record = {"run_id": self.spec.run_id, "kind": self.spec.kind(), "search_id": self.base["search_id"],
+                  "trial_id": self.base["trial_id"], "job_id": self.prov["job_id"], "host": self.prov["host"],
+                  "phases": len(self.spec.plan()), "finished": False,
+                  "updated_at": provenance()["written_at"].isoformat(timespec="seconds"), **fields}
+        atomic_write_bytes(self.dir / PROGRESS, json.dumps(record).encode())
 
     def write(self, table: str, name: str, rows: list[dict[str, Any]], schema) -> None:
         prov = provenance(self.prov["device_name"])
@@ -263,7 +275,7 @@ def _schedule(spec: TrainFields, run: _Run) -> dict[str, Any]:
         if run.report is not None:
             run.report({**row, "dense_top1": state["dense_top1"]})
         summary = {**row, "dense_top1": state["dense_top1"]}
-        state.update(phase=ph.index + 1, epoch=0, pruned=False, epoch_rows=[], wall=0.0)
+        state.update(phase=ph.index + 1, epoch=0, pruned=False, epoch_rows=[], wall=0.0, last_top1=top1)
         run.save(state)
 
     make_permanent(model, masks)
@@ -287,6 +299,9 @@ def _schedule(spec: TrainFields, run: _Run) -> dict[str, Any]:
                "packed": str(packed), "total_epochs": sum(ph.epochs for ph in plan),
                "total_train_seconds": state["train_seconds"], "spec": dataclasses.asdict(spec)}
     atomic_write_bytes(done_path, json.dumps(summary, indent=2).encode())
+    run.progress(phase=summary["phase"], epoch=summary["last_phase_epochs"], epochs=summary["last_phase_epochs"],
+                 top1=summary["top1"], dense_top1=summary["dense_top1"], finished=True,
+                 sparsity=summary["sparsity"])
     run.state_path.unlink(missing_ok=True)
     return summary
 

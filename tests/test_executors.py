@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from jobs.executors import (
@@ -228,7 +227,7 @@ def test_status_shows_a_failed_jobs_error_from_its_pickle(tmp_path, monkeypatch)
     monkeypatch.setenv("PATH", str(tmp_path))  # no sacct
     res = CliRunner().invoke(cli, ["status", "--folder", str(jobs), "--json"])
     assert res.exit_code == 0, res.output
-    reports = {r["job_id"]: r for r in map(json.loads, res.output.splitlines())}
+    reports = {r["job_id"]: r for r in map(json.loads, res.output.splitlines()) if r["type"] == "job"}
     assert list(reports) == ["900002_1", "900002_0", "900001"]  # newest first
     assert reports["900001"]["state"] == "FAILED"
     assert reports["900001"]["error"] == "compress.data.DataError: no CIFAR-10 under /x"
@@ -247,8 +246,10 @@ def test_run_progress_reads_the_runs_own_files(tmp_path):
     assert run_progress(spec) == "not started"
     run = tmp_path / "runs" / "p"
     run.mkdir(parents=True)
-    torch.save({"phase": 2, "epoch": 1, "epoch_rows": [{"top1": 61.5}]}, run / "state.pt")
+    progress = {"phase": 2, "phases": 3, "epoch": 1, "epochs": 4, "top1": 61.5, "job_id": "77"}
+    (run / "progress.json").write_text(json.dumps(progress))
     assert run_progress(spec) == "phase 2/3, epoch 1/4, top-1 61.50%"
+    assert run_progress(spec, job_id="78") == "run written by job 77, not this one"  # a refused second job
     (run / "summary.json").write_text(json.dumps({"top1": 88.25, "sparsity": 0.5}))
-    assert run_progress(spec) == "finished: top-1 88.25%, sparsity 50.0%"
+    assert run_progress(spec) == "finished: top-1 88.25%, sparsity 50.0%"  # a run from before progress.json
     assert finished_runs(tmp_path) == {"p"}
