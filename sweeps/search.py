@@ -15,6 +15,7 @@ dashboard, and starts workers on the other nodes of the allocation with ``srun``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -198,6 +199,59 @@ def _temp_dir(folder: Path) -> str:
     return str(short)
 
 
+DRIVER = "driver.pid"
+
+
+def _processes_under(temp_dir: str) -> list[int]:
+    """Pids of processes (other than this one) of the Ray instance in ``temp_dir``.
+
+    Found by their command line or, for those that overwrite it with a title such as
+    ``ray::DashboardAgent``, by the files they hold open there (their session logs). Linux only.
+    """
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            held = temp_dir in cmdline or any(os.readlink(fd).startswith(temp_dir) for fd in (proc / "fd").iterdir())
+        except OSError:  # gone, or not ours to read
+            continue
+        if held:
+            pids.append(int(proc.name))
+    return pids
+
+
+def stop_leftovers(temp_dir: str) -> int:
+    """Before a search starts Ray in ``temp_dir``: end what a dead driver of that search left behind.
+
+    ``ray::DashboardAgent`` and ``ray::RuntimeEnvAgent`` (and the raylet, GCS...) of a driver that
+    was killed outlive it and ignore SIGTERM; they are found by the temp dir on their command lines
+    and killed. A driver of the search that is still alive is refused (``ValueError``). Ray starts
+    the dashboard agent even with the dashboard off (runtime environments and metrics need it), so it
+    is cleaned up, not kept from starting. Returns how many processes were ended.
+    """
+    import signal
+
+    driver = Path(temp_dir) / DRIVER
+    if driver.exists():
+        pid = int(driver.read_text().strip() or 0)
+        try:
+            if pid and pid != os.getpid():
+                os.kill(pid, 0)
+                raise ValueError(f"the search using {temp_dir} is running (driver process {pid}); wait for it, "
+                                 f"or stop it first")
+        except ProcessLookupError:
+            pass
+    pids = _processes_under(str(Path(temp_dir).resolve()))
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if pids:
+        log.warning("ended %d process(es) a stopped search left under %s", len(pids), temp_dir)
+    return len(pids)
+
+
 def start_ray(folder: Path) -> list[subprocess.Popen]:
     """Start a Ray head here (and workers on the allocation's other nodes); returns the worker steps."""
     import ray
@@ -205,7 +259,11 @@ def start_ray(folder: Path) -> list[subprocess.Popen]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a stray ~/.ray/auth_token breaks clients
     in_slurm = "SLURM_JOB_ID" in os.environ
     res = _slurm_resources() if in_slurm else {"num_cpus": os.cpu_count() or 1}
-    ray.init(include_dashboard=False, _temp_dir=_temp_dir(folder), log_to_driver=False,
+    if (folder / "ray").exists():  # the last start's temp dir (a short one under /tmp is linked from here)
+        stop_leftovers(str((folder / "ray").resolve()))
+    temp_dir = _temp_dir(folder)
+    (Path(temp_dir) / DRIVER).write_text(str(os.getpid()))
+    ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
              configure_logging=True, logging_level=logging.WARNING, **res)
     workers: list[subprocess.Popen] = []
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
@@ -292,10 +350,15 @@ def run_search(kind: str, base: Any, tune_spec: TuneSpec) -> dict[str, Any]:
     trials = []
     for r in grid:
         m = r.metrics or {}
-        iterations = m.get("training_iteration", 0)
+        trial_id = m.get("trial_id", r.path.rsplit("_", 1)[0] if r.path else "")
         expected = apply_config(base, r.config).reports_expected() if hasattr(base, "reports_expected") else 1
-        trials.append({"trial_id": m.get("trial_id", r.path.rsplit("_", 1)[0] if r.path else ""),
-                       "config": r.config, "score": m.get("score"), "iterations": iterations,
+        # Ray counts the reports since the trial last started; a trial resumed from its own checkpoint
+        # (after --resume, a killed driver or a requeue) reports only its remaining phases: its true
+        # count is the phase it reached, and a run folder with a summary finished all of them
+        iterations = int(m.get("phase", m.get("training_iteration", 0)))
+        if (root / "runs" / f"{tune_spec.search_id}-{trial_id}" / "summary.json").exists():
+            iterations = expected
+        trials.append({"trial_id": trial_id, "config": r.config, "score": m.get("score"), "iterations": iterations,
                        "stopped_early": not r.error and iterations < expected,
                        "error": _error_line(r.error)})
     ok = [t for t in trials if not t["error"] and t["score"] is not None]

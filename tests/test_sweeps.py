@@ -135,3 +135,45 @@ def test_ptq_search_with_optuna_tags_its_rows(synthetic_cifar, synthetic_weights
         row = rows[rows["trial_id"] == t["trial_id"]].iloc[0]
         assert row["alpha"] == pytest.approx(t["config"]["alphas"]) and row["center"] == t["config"]["centers"]
         assert t["score"] == pytest.approx(row["int8_top1"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_search_whose_driver_is_killed_resumes_cleanly(synthetic_cifar, synthetic_weights, tmp_path) -> None:
+    """kill -9 of the driver mid-search: the next start ends what the dead Ray left behind, the resumed
+    trials finish from their checkpoints, and are reported as finished with all their phases."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sweeps.search import _processes_under
+    from tests.conftest import REPO
+
+    results = tmp_path / "results"
+    args = [sys.executable, "-m", "jobs.launch", "tune", "prune", "--weights", str(synthetic_weights),
+            "--data-root", str(synthetic_cifar), "--results", str(results), "--phases", "3", "--epochs", "1",
+            "--final-sparsity", "0.6", "--filter-fraction", "0", "--no-randaugment", "--batch-size", "64",
+            "--eval-batch-size", "100", "--space", "lr=grid:0.001,0.002", "--searcher", "grid",
+            "--scheduler", "fifo", "--num-samples", "1", "--max-concurrent", "2", "--search-id", "killed"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPRESS_")}
+    driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(list((results / "phases").glob("killed-*-p01.parquet"))) < 2:  # both trials are past phase 1
+        assert driver.poll() is None and time.monotonic() < deadline, "the search ended or stalled"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    temp_dir = str((results / "tune" / "killed" / "ray").resolve())
+    time.sleep(3)
+    left = _processes_under(temp_dir)
+    assert left, "a killed driver's Ray leaves processes behind (the case this test is about)"
+
+    resumed = subprocess.run([*args, "--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in left)
+    trials = [ln for ln in resumed.stdout.splitlines() if ln.startswith("  ")]
+    assert len(trials) == 2 and all("after 3 reports" in ln and "stopped early" not in ln for ln in trials), trials
+    rows = ds.dataset(results / "phases").to_table().to_pandas()
+    assert sorted(rows.groupby("trial_id")["phase"].apply(sorted).tolist()) == [[0, 1, 2, 3]] * 2
