@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from compress import loops, models
 from compress.artifacts import LOAD_PACKED, write_artifact
 from compress.catalog import TEST_IMAGES, TRAIN_IMAGES
 from compress.data import BatchLoader, Cifar10, load_cifar10, subset_indices
@@ -116,8 +117,10 @@ def estimate_seconds(spec: TrainFields, data_sizes: tuple[int, int] = (TRAIN_IMA
     then scales to the plan's epochs and evaluations over ``data_sizes`` (training, test images of
     the data set). Loading the data and the model is not counted.
     """
+    # through the library modules themselves: an estimate is not part of the run (and a test that
+    # watches this module's loops or loaders sees only the run's own calls)
     device = pick_device(spec.device)
-    model = load_model(spec.model).to(device, memory_format=torch.channels_last)
+    model = models.build_model(spec.model).to(device, memory_format=torch.channels_last)
     n = spec.batch_size * batches
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 10, (n,))
@@ -125,10 +128,12 @@ def estimate_seconds(spec: TrainFields, data_sizes: tuple[int, int] = (TRAIN_IMA
     opt = build_optimizer(spec.optimizer, model.parameters(), spec.lr, spec.weight_decay)
     warm = BatchLoader(x[:spec.batch_size], y[:spec.batch_size], spec.batch_size, device, train=True,
                        randaugment=spec.randaugment)
-    train_one_epoch(model, warm, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16, progress=False)
-    st = train_one_epoch(model, train, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16, progress=False)
-    ev = evaluate(model, BatchLoader(x, y, min(spec.eval_batch_size, n), device), device, amp=spec.amp,
-                  progress=False)
+    loops.train_one_epoch(model, warm, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16, progress=False,
+                          desc="estimate")
+    st = loops.train_one_epoch(model, train, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16,
+                               progress=False, desc="estimate")
+    ev = loops.evaluate(model, BatchLoader(x, y, min(spec.eval_batch_size, n), device), device, amp=spec.amp,
+                        progress=False)
     plan = spec.plan()
     epochs = sum(ph.epochs for ph in plan)
     train_images = min(spec.train_size or data_sizes[0], data_sizes[0])

@@ -36,8 +36,10 @@ def test_unknown_optimizer_and_unavailable_device() -> None:
     with pytest.raises(ValueError, match="known: adamw, sgd"):
         build_optimizer("lamb", build_model("resnet20a").parameters(), 1e-3, 0.0)
     assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=rf"device 'cuda:99' asked for but torch sees {torch.cuda.device_count()} "):
+        pick_device("cuda:99")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
+        with pytest.raises(ValueError, match="torch sees 0 CUDA device"):
             pick_device("cuda")
 
 
