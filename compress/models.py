@@ -310,8 +310,3 @@ def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
             yield name, m
-
-
-def count_prunable(model: nn.Module) -> int:
-    """Number of conv+linear weights (biases excluded): 268,336 for resnet20a."""
-    return sum(m.weight.numel() for _, m in prunable(model))

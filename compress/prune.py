@@ -216,8 +216,3 @@ def global_sparsity(model: nn.Module) -> float:
     counts = nonzero_counts(model).values()
     total = sum(c[1] for c in counts)
     return 1 - sum(c[2] for c in counts) / total if total else 0.0
-
-
-def is_close_to(value: float, target: float, n: int) -> bool:
-    """True when ``value`` is ``target`` to within one weight out of ``n``."""
-    return math.isclose(value, target, abs_tol=1.0 / n + 1e-12)

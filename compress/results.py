@@ -23,7 +23,6 @@ import os
 import platform
 import socket
 import subprocess
-import sys
 import tempfile
 import types
 import typing
@@ -235,7 +234,3 @@ def torch_save_atomic(obj: Any, path: Path) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(Path(path), buf.getvalue())
-
-
-def echo_err(msg: str) -> None:
-    print(msg, file=sys.stderr)

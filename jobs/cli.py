@@ -14,6 +14,7 @@ and exit 2 like every other bad input, and Ctrl-C is exit 130.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Callable
@@ -21,6 +22,9 @@ from typing import Any
 
 import rich_click as click
 from rich_click import RichGroup
+
+from jobs.executors import ExecutorOptions, LocalExecutor, SlurmExecutor, build_executor
+from jobs.slurm_jobs import final_report
 
 
 def _base_type(tp: Any) -> Any:
@@ -131,3 +135,47 @@ class Cli(RichGroup):
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# --- the commands' shared steps: executor options, opening an executor, waiting for jobs ---------------------
+
+def executor_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Click decorator: one option per ``ExecutorOptions`` field, handed to the command as ``executor``.
+
+    A bad value (``--time 1h``, ``--gpus 1`` without ``--partition``) is one line and exit code 2.
+    """
+    names = [f.name for f in dataclasses.fields(ExecutorOptions)]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        given = {n: kwargs.pop(n) for n in names}
+        try:
+            options = spec_from_options(ExecutorOptions, given)
+        except ValueError as e:
+            fail(str(e))
+        return fn(executor=options, **kwargs)
+
+    return spec_options(ExecutorOptions)(command)
+
+
+def open_executor(options: ExecutorOptions) -> LocalExecutor | SlurmExecutor:
+    """``build_executor`` for the CLI: a cluster problem is one line and exit code 2."""
+    try:
+        return build_executor(options)
+    except ValueError as e:
+        fail(str(e))
+
+
+def wait_for(jobs: list[Any], echo: Callable[[Any], None]) -> None:
+    """Wait for submitted jobs; echo each result, a failed job's final state and error; exit 1 if any failed."""
+    failed = 0
+    for job in jobs:
+        try:
+            echo(job.result())
+        except Exception as e:  # submitit raises FailedJobError/UncompletedJobError with the job's traceback
+            failed += 1
+            r = final_report(job)
+            last = r.error or next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
+            click.echo(f"job {job.job_id} {r.state}: {last.strip()} (log {job.paths.stdout})", err=True)
+    if failed:
+        raise click.exceptions.Exit(1)

@@ -10,7 +10,7 @@ function; the same function runs in-process, on SLURM and inside a Ray trial. On
 function goes out wrapped in ``jobs.slurm_jobs.Requeueable``: on preemption or when the time limit
 nears, the job is requeued with the same arguments and the function resumes from its own checkpoint.
 
-The options (``ExecutorOptions``, one click option per field through ``executor_options``) are
+The options (``ExecutorOptions``, one click option per field through ``jobs.cli.executor_options``) are
 checked twice before anything is submitted: their form when they are parsed, then against the
 cluster (``sinfo``: the partition exists, it has the GPUs asked for; the job folder is writable).
 Each failure is one ``ExecutorError`` line; the CLI turns it into exit code 2.
@@ -23,7 +23,6 @@ and every compute node see (home or project space, not ``/tmp``), and so must ``
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.slurm_jobs import Requeueable
 from jobs.specs import check, opt
 
 log = logging.getLogger(__name__)
@@ -281,13 +281,9 @@ class SlurmExecutor:
         self._executor.update_parameters(**slurm_parameters(options))
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        from jobs.slurm_jobs import Requeueable
-
         return self._executor.submit(Requeueable(fn), *args, **kwargs)
 
     def map_array(self, fn: Callable[..., Any], *iterables: Sequence[Any]) -> list[Any]:
-        from jobs.slurm_jobs import Requeueable
-
         return self._executor.map_array(Requeueable(fn), *iterables)
 
 
@@ -306,34 +302,3 @@ def build_executor(options: ExecutorOptions | None = None, **fields: Any) -> Loc
     check_cluster(options, cluster_partitions())
     check_folder(options.folder)
     return SlurmExecutor(options)
-
-
-def executor_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Click decorator: one option per ``ExecutorOptions`` field, handed to the command as ``executor``.
-
-    A bad value (``--time 1h``, ``--gpus 1`` without ``--partition``) is one line and exit code 2.
-    """
-    from jobs.cli import fail, spec_from_options, spec_options
-
-    names = [f.name for f in dataclasses.fields(ExecutorOptions)]
-
-    @functools.wraps(fn)
-    def command(**kwargs: Any) -> Any:
-        given = {n: kwargs.pop(n) for n in names}
-        try:
-            options = spec_from_options(ExecutorOptions, given)
-        except ValueError as e:
-            fail(str(e))
-        return fn(executor=options, **kwargs)
-
-    return spec_options(ExecutorOptions)(command)
-
-
-def open_executor(options: ExecutorOptions) -> LocalExecutor | SlurmExecutor:
-    """``build_executor`` for the CLI: a cluster problem is one line and exit code 2."""
-    from jobs.cli import fail
-
-    try:
-        return build_executor(options)
-    except ValueError as e:
-        fail(str(e))

@@ -29,8 +29,8 @@ import rich_click as click
 
 from compress.results import check_results_root
 from jobs import lease
-from jobs.cli import Cli, fail, spec_from_options, spec_options
-from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, executor_options, open_executor, render_sbatch
+from jobs.cli import Cli, executor_options, fail, open_executor, spec_from_options, spec_options, wait_for
+from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, render_sbatch
 from jobs.runs import check_run, run_dir
 from jobs.specs import PruneSpec, PTQSpec, TrainSpec
 from jobs.tune_cmd import tune
@@ -259,23 +259,6 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
         wait_for(jobs, _echo_summary)
 
 
-def wait_for(jobs: list[Any], echo: Any) -> None:
-    """Wait for submitted jobs; echo each result, a failed job's final state and error; exit 1 if any failed."""
-    from jobs.slurm_jobs import final_report
-
-    failed = 0
-    for job in jobs:
-        try:
-            echo(job.result())
-        except Exception as e:  # submitit raises FailedJobError/UncompletedJobError with the job's traceback
-            failed += 1
-            r = final_report(job)
-            last = r.error or next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
-            click.echo(f"job {job.job_id} {r.state}: {last.strip()} (log {job.paths.stdout})", err=True)
-    if failed:
-        raise click.exceptions.Exit(1)
-
-
 @click.group(cls=Cli)
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def cli(verbose: bool) -> None:
@@ -384,9 +367,10 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
 
     Reads only the tables, so a results folder copied off the cluster is enough.
     """
-    from compress.report import Filters, ReportError, build_report
+    from analysis.report import Filters, ReportError, build_report
     from compress.results import default_root
     from jobs.specs import spec_defaults
+    from sweeps.search import TuneSpec, prune_score
 
     results = results or default_root()
     if max_drop < 0:
@@ -394,7 +378,7 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
     try:
         written = build_report(results, out or str(Path(results) / "report"),
                                Filters(runs=runs, searches=searches, models=models, kinds=kinds), max_drop,
-                               spec_defaults())
+                               spec_defaults(), lambda row: prune_score(row, TuneSpec(max_drop=max_drop)))
     except ReportError as e:
         fail(str(e))
     for line in written.summary:

@@ -47,6 +47,7 @@ from compress.prune import MaskSet, global_sparsity, make_permanent
 from compress.quant import quiet
 from compress.quant.backends import BACKENDS
 from compress.results import provenance, spec_row, write_rows
+from jobs import tables
 from jobs.runs import SpecMismatch
 from jobs.specs import METHODS, PTQSpec, check
 
@@ -139,8 +140,6 @@ def run_ptq(spec: PTQSpec, tags: dict[str, str] | None = None) -> dict[str, Any]
         return _summary(spec, path, done)
     with quiet():
         rows = [{**r, **(tags or {})} for r in _quantize_all(spec)]
-    from jobs import tables
-
     write_rows(path, rows, tables.PTQ)
     log.info("task %s: %d rows -> %s", spec.task_name(), len(rows), path)
     return _summary(spec, path, rows)

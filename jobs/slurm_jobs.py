@@ -136,7 +136,7 @@ def run_progress(spec: Any, workdir: Path | None = None, job_id: str = "") -> st
                 f", sparsity {100 * r.sparsity:.1f}%" if r.sparsity is not None else "")
         return r.progress + (f", top-1 {r.top1:.2f}%" if r.top1 is not None else "")
     if getattr(spec, "kind", None) and spec.kind() == "ptq":  # one task of a PTQ sweep: its own row file
-        from jobs.ptq import task_path
+        from jobs.ptq import task_path  # here: jobs.ptq loads torch, which status does not need otherwise
 
         path = results / task_path(spec).relative_to(spec.results)
         if not path.exists():

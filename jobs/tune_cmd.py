@@ -15,8 +15,8 @@ from typing import Any
 
 import rich_click as click
 
-from jobs.cli import fail, spec_from_options, spec_options
-from jobs.executors import ExecutorOptions, executor_options, open_executor, render_sbatch
+from jobs.cli import executor_options, fail, open_executor, spec_from_options, spec_options, wait_for
+from jobs.executors import ExecutorOptions, render_sbatch
 from sweeps.search import TuneSpec, check_search, job_kind, job_kinds, run_search
 
 
@@ -89,8 +89,6 @@ def _command(kind: str) -> click.Command:
                    f"log {job.paths.stdout}")
         click.echo(f"watch: python -m jobs.launch status {job.job_id} --folder {executor.folder}")
         if executor.wait:
-            from jobs.launch import wait_for
-
             wait_for([job], echo_summary)
 
     command.__doc__ = f"Search {kind} spec fields with Ray Tune (objective: {jk.metric_doc})."

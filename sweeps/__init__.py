@@ -1,1 +1,1 @@
-"""Ray Tune searches over job-spec fields: search spaces (``space``) and trainables (``trainables``)."""
+"""Ray Tune searches over job-spec fields: search spaces (``space``) and the search itself (``search``)."""

@@ -12,6 +12,7 @@ before ``_isolated_env`` clears the variables for each test.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,9 +118,29 @@ def device() -> torch.device:
 
 
 @pytest.fixture
+def cuda() -> torch.device:
+    """A CUDA device for a ``gpu`` test; skips, saying so, on a machine without one."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: torch sees none on this machine (run on a GPU node)")
+    return torch.device("cuda")
+
+
+@pytest.fixture
 def torch_threads() -> Iterator[int]:
     """torch's default intra-op thread count for the test, for big real-data batches; restored after."""
     saved = torch.get_num_threads()
     torch.set_num_threads(DEFAULT_THREADS)
     yield DEFAULT_THREADS
     torch.set_num_threads(saved)
+
+
+def count_prunable(model: torch.nn.Module) -> int:
+    """Number of conv+linear weights (biases excluded): 268,336 for resnet20a."""
+    from compress.models import prunable
+
+    return sum(m.weight.numel() for _, m in prunable(model))
+
+
+def is_close_to(value: float, target: float, n: int) -> bool:
+    """True when ``value`` is ``target`` to within one weight out of ``n``."""
+    return math.isclose(value, target, abs_tol=1.0 / n + 1e-12)

@@ -179,8 +179,10 @@ def test_fx_and_manual_models_have_the_same_size(loaders) -> None:
     assert a.weights == 268_336 and a.dense < float_bytes(model) / 3.5
 
 
-def test_calibration_on_the_job_device_matches_the_cpu(loaders, device: torch.device) -> None:
-    """Calibration runs where the job runs (CUDA when visible) and finds the CPU's ranges."""
+@pytest.mark.gpu
+def test_calibration_on_the_job_device_matches_the_cpu(loaders, cuda: torch.device) -> None:
+    """Calibration runs where the job runs (CUDA) and finds the CPU's ranges."""
+    device = cuda
     calib, _ = loaders
     model = randomise_bn(build_model("resnet20a"))
     folded = fold_model(model)

@@ -13,10 +13,10 @@ from compress.models import (
     WeightsError,
     build_model,
     conv_bn_pairs,
-    count_prunable,
     load_model,
     load_state,
 )
+from tests.conftest import count_prunable
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

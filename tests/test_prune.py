@@ -9,19 +9,19 @@ import torch
 from torch import nn
 
 from compress.loops import build_optimizer, train_one_epoch
-from compress.models import build_model, conv_bn_pairs, count_prunable, prunable
+from compress.models import build_model, conv_bn_pairs, prunable
 from compress.prune import (
     MaskSet,
     bn_gamma_filter_masks,
     format_table,
     global_magnitude_masks,
     global_sparsity,
-    is_close_to,
     make_permanent,
     module_table,
     nonzero_counts,
 )
 from compress.schedule import phase_targets
+from tests.conftest import count_prunable, is_close_to
 
 N_A = 268_336  # conv+linear weights of resnet20a
 

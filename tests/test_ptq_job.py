@@ -262,9 +262,11 @@ def test_pt2e_int8_close_to_float_beside_fx_on_real_data(real_data_root: Path, r
     assert rows[1]["program_bytes"] > 0 and rows[1]["int8_packed_bytes"] is None
 
 
+@pytest.mark.gpu
 def test_run_ptq_on_the_job_device(synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path,
-                                   device: torch.device) -> None:
-    """Calibration and the float evaluation on the job's device (CUDA when visible); int8 on the CPU."""
+                                   cuda: torch.device) -> None:
+    """Calibration and the float evaluation on the job's device (CUDA); int8 on the CPU."""
+    device = cuda
     spec = _spec(synthetic_cifar, synthetic_weights, tmp_path, device=str(device), methods=("fx", "manual"),
                  observers=("histogram",))
     rows = pq.read_table(Path(run_ptq(spec)["path"])).to_pylist()

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from compress.report import (
+from analysis.report import (
     Filters,
     build_report,
     configuration_table,

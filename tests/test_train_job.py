@@ -19,14 +19,14 @@ from click.testing import CliRunner, Result
 import jobs.training
 from compress.data import BatchLoader, load_cifar10
 from compress.loops import evaluate
-from compress.models import count_prunable, load_model
-from compress.prune import global_sparsity, is_close_to
+from compress.models import load_model
+from compress.prune import global_sparsity
 from compress.results import PROVENANCE_FIELDS
 from compress.schedule import phase_targets
 from jobs.launch import cli
 from jobs.specs import PruneSpec
 from jobs.training import run_prune
-from tests.conftest import REPO
+from tests.conftest import REPO, count_prunable, is_close_to
 
 N = 268_336  # resnet20a conv+linear weights
 # columns that legitimately differ between two runs of one spec: timing, where and when it ran

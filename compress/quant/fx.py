@@ -4,9 +4,9 @@
     calibrate(prepared, loader, device)                                     # observers see a training subset
     int8 = convert(prepared)                                                # CPU int8 GraphModule
 
-Every use of ``torch.ao.quantization`` is in this module, so another backend (torchao's PT2E
-``prepare_pt2e``/``convert_pt2e``) can sit beside it with the same three verbs. torch 2.14 marks
-``torch.ao.quantization`` deprecated; its notices are silenced inside these calls (``quiet``).
+The FX backend of ``compress/quant/backends.py``; the int8 modules of the manual path
+(``int8.py``) use ``torch.ao.nn.quantized`` as well, and ``pt2e.py`` holds the torchao flow. torch
+2.14 marks ``torch.ao.quantization`` deprecated; its notices are silenced in one place (``quiet``).
 
 Observers by name, as in ``observe.OBSERVERS``: ``minmax`` (MinMaxObserver), ``histogram``
 (HistogramObserver), ``moving_average`` (MovingAverageMinMaxObserver); uint8 affine activations in

@@ -709,19 +709,17 @@ def _prune_search(w: _Writer, search_id: str, phases: pd.DataFrame, epochs: pd.D
             f"(sparsity {100 * best['sparsity']:.2f}%, top-1 {best['top1']:.2f}%)")
 
 
-def _search_section(w: _Writer, tables: dict[str, pd.DataFrame], summary: list[str], max_drop: float) -> None:
+def _search_section(w: _Writer, tables: dict[str, pd.DataFrame], summary: list[str], max_drop: float,
+                    objective: Callable[[dict[str, Any]], float]) -> None:
     phases, ptq = tables.get("phases"), tables.get("ptq")
     prune_ids = sorted(set(phases["search_id"]) - {""}) if phases is not None else []
     ptq_ids = sorted(set(ptq["search_id"]) - {""}) if ptq is not None else []
     if not prune_ids and not ptq_ids:
         return
     w.text("## Searches")
-    from sweeps.search import TuneSpec, prune_score
-
-    tune_spec = TuneSpec(max_drop=max_drop)
     for search_id in prune_ids:
         summary.append(_prune_search(w, search_id, phases, tables.get("epochs"), tables.get("modules"),
-                                     lambda row: prune_score(row, tune_spec), max_drop))
+                                     objective, max_drop))
     for search_id in ptq_ids:
         summary.append(_ptq_search(w, search_id, ptq))
 
@@ -1002,12 +1000,16 @@ def _provenance(w: _Writer, tables: dict[str, pd.DataFrame]) -> None:
 
 
 def build_report(root: str | os.PathLike, out: str | os.PathLike, filters: Filters = Filters(),
-                 max_drop: float = 1.5, spec_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> Report:
+                 max_drop: float = 1.5, spec_defaults: Mapping[str, Mapping[str, Any]] | None = None,
+                 objective: Callable[[dict[str, Any]], float] | None = None) -> Report:
     """Read the tables under ``root``, write ``out/report.md`` and its PNGs; returns what was written.
 
-    ``max_drop`` is the allowed top-1 drop (points) of the prune searches' objective, as given to the
-    search (``--max-drop``), used to rank their trials. ``spec_defaults``: see ``load_tables``.
+    ``objective`` scores a prune search's trial from its last phase row (the search's own objective,
+    ``sweeps.search.prune_score`` with ``max_drop``, handed in by the caller so analysis does not import
+    the searches); ``max_drop`` is shown beside it. Without it, trials rank by top-1.
+    ``spec_defaults``: see ``load_tables``.
     """
+    objective = objective or (lambda row: float(row["top1"]))
     tables = load_tables(root, filters, spec_defaults)
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -1028,7 +1030,7 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, filters: Filte
     summary: list[str] = [f"read {counts} rows from {root} (filters: {filters.describe()})"]
     _prune_section(w, tables, summary)
     _ptq_section(w, tables.get("ptq"), summary)
-    _search_section(w, tables, summary, max_drop)
+    _search_section(w, tables, summary, max_drop, objective)
     _provenance(w, tables)
     atomic_write_bytes(w.report.path, "\n".join(w.lines).encode())
     summary.append(f"report: {w.report.path} ({len(w.report.figures)} figures, {len(w.report.tables)} tables)")
