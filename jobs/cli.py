@@ -25,6 +25,7 @@ from rich_click import RichGroup
 
 from jobs.executors import ExecutorOptions, LocalExecutor, SlurmExecutor, build_executor
 from jobs.slurm_jobs import final_report
+from jobs.specs import expand_ranges
 
 
 def _base_type(tp: Any) -> Any:
@@ -94,7 +95,11 @@ def _split(value: str, item_type: Any) -> tuple:
 
 
 def spec_from_options(spec_cls: type, options: dict[str, Any]) -> Any:
-    """Build ``spec_cls`` from parsed options (only its own fields are taken)."""
+    """Build ``spec_cls`` from parsed options (only its own fields are taken).
+
+    Every command reads a list the same way: comma-separated, and for float lists ``start:stop:step``
+    ranges too (``--alphas 0.95:1.0:0.01`` in ``ptq`` and in ``tune ptq`` alike).
+    """
     hints = typing.get_type_hints(spec_cls)
     kwargs = {}
     for f in dataclasses.fields(spec_cls):
@@ -104,7 +109,10 @@ def spec_from_options(spec_cls: type, options: dict[str, Any]) -> Any:
         tp = _base_type(hints[f.name])
         if typing.get_origin(tp) is tuple:
             args = typing.get_args(tp)
-            v = _split(v, args[0] if args else str) if isinstance(v, str) else tuple(v)
+            item = args[0] if args else str
+            if isinstance(v, str) and item is float:  # a float list may hold start:stop:step ranges
+                v = expand_ranges(v)
+            v = _split(v, item) if isinstance(v, str) else tuple(v)
         kwargs[f.name] = v
     return spec_cls(**kwargs)
 

@@ -472,12 +472,7 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: E
     from compress.data import load_cifar10
     from compress.models import WeightsError
     from jobs.ptq import format_rows, load_float_model, plan_tasks, preflight, run_ptq
-    from jobs.specs import expand_ranges
 
-    try:
-        options["alphas"] = expand_ranges(options["alphas"])
-    except ValueError as e:
-        fail(str(e))
     spec = _build_spec(PTQSpec, _from_run(options, run))
     tasks = plan_tasks(spec)
     export_spec = None

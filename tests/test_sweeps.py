@@ -177,3 +177,17 @@ def test_a_search_whose_driver_is_killed_resumes_cleanly(synthetic_cifar, synthe
     assert len(trials) == 2 and all("after 3 reports" in ln and "stopped early" not in ln for ln in trials), trials
     rows = ds.dataset(results / "phases").to_table().to_pandas()
     assert sorted(rows.groupby("trial_id")["phase"].apply(sorted).tolist()) == [[0, 1, 2, 3]] * 2
+
+
+def test_tune_ptq_reads_an_alpha_range_as_ptq_does(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    out = CliRunner().invoke(cli, ["tune", "ptq", "--weights", str(weights), "--methods", "manual", "--alphas",
+                                   "0.97:0.99:0.01", "--space", "centers=choice:min,zero", "--dry-run"])
+    assert out.exit_code == 0, out.output
+    import json
+
+    assert json.loads(out.stdout)["base"]["alphas"] == [0.97, 0.98, 0.99]
+    bad = CliRunner().invoke(cli, ["tune", "ptq", "--weights", str(weights), "--alphas", "0.99:0.97:0.01",
+                                   "--space", "centers=choice:min,zero", "--dry-run"])
+    assert bad.exit_code == 2 and "range '0.99:0.97:0.01' is invalid" in bad.stderr
