@@ -25,6 +25,7 @@ could both proceed, which this file does not try to prevent (a scheduler-side lo
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import getpass
 import json
@@ -183,4 +184,6 @@ def release(run_dir: str | os.PathLike, token: str = "") -> None:
     """Drop the lease if this job holds it (a lease another job took over is left alone)."""
     held = read_lease(run_dir)
     if held is not None and (held.get("owner") == job_id() or (token and held.get("token") == token)):
-        lease_path(run_dir).unlink(missing_ok=True)
+        # a read-only or vanished folder: the lease goes stale with this process anyway
+        with contextlib.suppress(OSError):
+            lease_path(run_dir).unlink(missing_ok=True)

@@ -114,3 +114,26 @@ def test_ctrl_c_exits_130_with_the_resume_command(synthetic_cifar: Path, synthet
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("run r (resuming where it stopped)"), done.stderr
     assert sorted(r["phase"] for r in ds.dataset(results / "phases").to_table().to_pylist()) == [0, 1, 2]
+
+
+@pytest.mark.slow  # a run stopped by a read-only remount, then resumed (~15 s)
+def test_results_made_read_only_mid_run_name_the_file_and_resume_finishes(
+        synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = jobs.training.train_one_epoch
+    with _tmpfs(tmp_path / "mnt", "24m") as mnt:
+        results = mnt / "results"
+
+        def read_only_in_phase_2(*args, **kwargs):
+            if kwargs["desc"].startswith("phase 2"):  # an admin, or a filesystem in trouble
+                subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(jobs.training, "train_one_epoch", read_only_in_phase_2)
+        out = CliRunner().invoke(cli, _prune(synthetic_cifar, synthetic_weights, results))
+        assert out.exit_code == 1 and len(out.stderr.splitlines()) == 1, out.output
+        assert out.stderr.startswith(f"error: cannot write {results}/") and "Read-only file system" in out.stderr
+        subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
+        monkeypatch.setattr(jobs.training, "train_one_epoch", real)
+        again = CliRunner().invoke(cli, ["prune", "--resume", "r", "--results", str(results)])
+        assert again.exit_code == 0, again.output
+        assert sorted(r["phase"] for r in ds.dataset(results / "phases").to_table().to_pylist()) == [0, 1, 2]
