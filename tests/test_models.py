@@ -213,3 +213,42 @@ def test_registry_entries_are_complete() -> None:
     for name, info in MODELS.items():
         assert info.weights_url and info.weights_sha256_prefix and info.about, name
         assert isinstance(info.build(), nn.Module)
+
+
+def test_pretrained_weights_download_once_and_are_hash_checked(tmp_path, monkeypatch) -> None:
+    """``--weights pretrained`` through torch.hub's downloader, from a server on this machine."""
+    import dataclasses
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    import compress.models as models
+
+    served = tmp_path / "served"
+    served.mkdir()
+    sd = build_model("resnet20a").state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items() if not k.startswith("normalize.")}},
+               served / "r20.th")
+    digest = hashlib.sha256((served / "r20.th").read_bytes()).hexdigest()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/r20.th"
+        monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+        info = models.MODELS["resnet20a"]
+        monkeypatch.setitem(models.MODELS, "resnet20a", dataclasses.replace(info, weights_url=url,
+                                                                             weights_sha256_prefix=digest[:8]))
+        loaded = load_model("resnet20a", "pretrained").state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in sd.items())
+        assert (tmp_path / "hub" / "checkpoints" / "r20.th").is_file()
+        (tmp_path / "hub" / "checkpoints" / "r20.th").unlink()
+        bad = "0" * 8 if not digest.startswith("0" * 8) else "1" * 8
+        monkeypatch.setitem(models.MODELS, "resnet20a", dataclasses.replace(info, weights_url=url,
+                                                                             weights_sha256_prefix=bad))
+        with pytest.raises(WeightsError, match=r"cannot download .*r20.th: invalid hash value"):
+            load_model("resnet20a", "pretrained")
+        assert not (tmp_path / "hub" / "checkpoints" / "r20.th").exists()  # nothing kept of a bad download
+    finally:
+        server.shutdown()
