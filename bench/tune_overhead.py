@@ -16,8 +16,8 @@ import tempfile
 import time
 
 from jobs.ptq import run_ptq_sweep
-from jobs.specs import PTQSpec
-from sweeps.search import TuneSpec, run_search
+from jobs.specs import PTQSpec, TuneSpec
+from sweeps.search import run_search
 
 
 def main() -> None:

@@ -30,7 +30,6 @@ import difflib
 import json
 import logging
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,29 +43,13 @@ from compress.quant.packed import pack_float
 from compress.results import provenance, read_table
 from jobs.ptq import _quantize_all, load_float_model, program_bytes
 from jobs.selection import Choice, describe, parse_selector, select_row
-from jobs.specs import PTQSpec, check
+from jobs.specs import ExportSpec, PTQSpec, check
 
 log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
     """A rebuilt model or a written file that does not reproduce what the run recorded."""
-
-
-@dataclass(frozen=True)
-class ExportSpec:
-    """Which run to export, which of its rows, and where the data is (default: the run's own spec)."""
-
-    run: str
-    select: str = "best"
-    results: str = "results"
-    data_root: str = ""
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        check(bool(self.run), "run", self.run, "give a run id")
-        check(bool(self.results), "results", self.results, "must be a folder")
-        parse_selector(self.select)  # a bad selector fails here, before anything runs
 
 
 def _ptq_rows(results: str, run: str) -> list[dict[str, Any]]:

@@ -369,8 +369,8 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
     """
     from analysis.report import Filters, ReportError, build_report
     from compress.results import default_root
-    from jobs.specs import spec_defaults
-    from sweeps.search import TuneSpec, prune_score
+    from jobs.specs import TuneSpec, spec_defaults
+    from sweeps.search import prune_score
 
     results = results or default_root()
     if max_drop < 0:
@@ -418,7 +418,8 @@ def export(run: str, select: str, results: str, data_root: str, device: str) -> 
     back and checked image by image before the command returns.
     """
     from compress.results import default_root
-    from jobs.export import ExportSpec, plan_export
+    from jobs.export import plan_export
+    from jobs.specs import ExportSpec
 
     try:
         spec = ExportSpec(run=run, select=select, results=results or default_root(),
@@ -477,7 +478,7 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: E
     tasks = plan_tasks(spec)
     export_spec = None
     if export_select:
-        from jobs.export import ExportSpec
+        from jobs.specs import ExportSpec
 
         try:
             export_spec = ExportSpec(run=spec.run_id, select=export_select, results=spec.results,

@@ -1,6 +1,8 @@
-"""Frozen, self-validating job specs: one per job kind.
+"""Frozen, self-validating specs, all in this module: train, prune and PTQ jobs, searches, exports.
 
-The CLI options of ``python -m jobs.launch`` are generated from these fields one to one (the
+``TrainSpec``, ``PruneSpec`` and ``PTQSpec`` are jobs; ``TuneSpec`` says how a search runs over one
+of them; ``ExportSpec`` which row of a run to ship. (``jobs/executors.ExecutorOptions`` says where a
+job runs, not what it computes, and stays beside the executors.) The CLI options of ``python -m jobs.launch`` are generated from these fields one to one (the
 field's ``help`` metadata is the option's help), and every result row carries the spec flattened
 to ``spec_<field>`` columns. A bad value raises ``ValueError`` naming the field, the value and
 what is allowed, before anything is submitted or written.
@@ -31,6 +33,7 @@ from compress.catalog import (
 )
 from compress.results import spec_value
 from compress.schedule import SCHEDULES, phase_targets
+from jobs.selection import parse_selector
 
 OPTIMIZERS = ("adamw", "sgd")
 ENV_WEIGHTS = "COMPRESS_WEIGHTS"
@@ -308,6 +311,54 @@ def expand_ranges(text: str) -> str:
             raise ValueError(f"range {part!r} has {n} values; at most 1000")
         out.extend(repr(round(start + i * step, 10)) for i in range(n))
     return ",".join(out)
+
+
+# --- searches and exports --------------------------------------------------------------------------
+
+SEARCHERS = ("random", "grid", "optuna")
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """How to search: the space, the searcher, the scheduler, the budget and the objective."""
+
+    space: tuple[str, ...] = opt((), "a searched field, FIELD=DIST:ARGS, e.g. lr=loguniform:1e-4:1e-2", multiple=True)
+    num_samples: int = opt(4, "trials (per grid point when the space has grid dimensions)")
+    max_concurrent: int = opt(2, "trials running at once")
+    searcher: str = opt("random", "how configurations are chosen", choices=SEARCHERS)
+    scheduler: str = opt("asha", "early stopping of poor trials (asha) or none (fifo)", choices=SCHEDULERS)
+    max_drop: float = opt(1.5, "prune objective: allowed top-1 drop from the starting model, in points")
+    search_id: str = opt("", "search name; default tune-<kind>-<time>; reuse one with --resume")
+    resume: bool = opt(False, "resume the interrupted search --search-id")
+    cpus_per_trial: float = opt(0.0, "CPUs per trial (0: the CPUs Ray has / max-concurrent)")
+    gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions share a GPU)")
+
+    def __post_init__(self) -> None:
+        check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
+        check(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, "must be >= 1")
+        check_choice("searcher", self.searcher, SEARCHERS)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check(self.max_drop >= 0, "max_drop", self.max_drop, "must be >= 0")
+        check(self.cpus_per_trial >= 0, "cpus_per_trial", self.cpus_per_trial, "must be >= 0")
+        check(self.gpus_per_trial >= 0, "gpus_per_trial", self.gpus_per_trial, "must be >= 0")
+        check(not self.resume or bool(self.search_id), "resume", self.resume, "needs --search-id of the search")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """Which run to export, which of its rows, and where the data is (default: the run's own spec)."""
+
+    run: str
+    select: str = "best"
+    results: str = "results"
+    data_root: str = ""
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check(bool(self.run), "run", self.run, "give a run id")
+        check(bool(self.results), "results", self.results, "must be a folder")
+        parse_selector(self.select)  # a bad selector fails here, before anything runs
 
 
 def spec_defaults() -> dict[str, dict[str, Any]]:

@@ -17,7 +17,8 @@ import rich_click as click
 
 from jobs.cli import executor_options, fail, open_executor, spec_from_options, spec_options, wait_for
 from jobs.executors import ExecutorOptions, render_sbatch
-from sweeps.search import TuneSpec, check_search, job_kind, job_kinds, run_search
+from jobs.specs import TuneSpec
+from sweeps.search import check_search, job_kind, job_kinds, run_search
 
 
 def _absolute(spec: Any) -> Any:

@@ -27,40 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.specs import PruneSpec, PTQSpec, check, check_choice, opt
+from jobs.specs import PruneSpec, PTQSpec, TuneSpec, check
 from sweeps.space import Dimension, apply_config, parse_space
 
 log = logging.getLogger(__name__)
-
-SEARCHERS = ("random", "grid", "optuna")
-SCHEDULERS = ("asha", "fifo")
-
-
-@dataclass(frozen=True)
-class TuneSpec:
-    """How to search: the space, the searcher, the scheduler, the budget and the objective."""
-
-    space: tuple[str, ...] = opt((), "a searched field, FIELD=DIST:ARGS, e.g. lr=loguniform:1e-4:1e-2", multiple=True)
-    num_samples: int = opt(4, "trials (per grid point when the space has grid dimensions)")
-    max_concurrent: int = opt(2, "trials running at once")
-    searcher: str = opt("random", "how configurations are chosen", choices=SEARCHERS)
-    scheduler: str = opt("asha", "early stopping of poor trials (asha) or none (fifo)", choices=SCHEDULERS)
-    max_drop: float = opt(1.5, "prune objective: allowed top-1 drop from the starting model, in points")
-    search_id: str = opt("", "search name; default tune-<kind>-<time>; reuse one with --resume")
-    resume: bool = opt(False, "resume the interrupted search --search-id")
-    cpus_per_trial: float = opt(0.0, "CPUs per trial (0: the CPUs Ray has / max-concurrent)")
-    gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions share a GPU)")
-
-    def __post_init__(self) -> None:
-        check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
-        check(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, "must be >= 1")
-        check_choice("searcher", self.searcher, SEARCHERS)
-        check_choice("scheduler", self.scheduler, SCHEDULERS)
-        check(self.max_drop >= 0, "max_drop", self.max_drop, "must be >= 0")
-        check(self.cpus_per_trial >= 0, "cpus_per_trial", self.cpus_per_trial, "must be >= 0")
-        check(self.gpus_per_trial >= 0, "gpus_per_trial", self.gpus_per_trial, "must be >= 0")
-        check(not self.resume or bool(self.search_id), "resume", self.resume, "needs --search-id of the search")
-
 
 @dataclass(frozen=True)
 class JobKind:

@@ -33,9 +33,9 @@ from compress.results import write_rows
 from jobs import tables as job_tables
 from jobs.launch import cli
 from jobs.ptq import plan_tasks, run_ptq
-from jobs.specs import PruneSpec, PTQSpec, spec_defaults
+from jobs.specs import PruneSpec, PTQSpec, TuneSpec, spec_defaults
 from jobs.training import run_prune
-from sweeps.search import TuneSpec, prune_score
+from sweeps.search import prune_score
 
 SEARCH = "srch"
 TRIAL_LRS = {"t0": 1e-3, "t1": 3e-3}

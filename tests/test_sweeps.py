@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.launch import cli
-from jobs.specs import PruneSpec
-from sweeps.search import TuneSpec, prune_score, run_search
+from jobs.specs import PruneSpec, TuneSpec
+from sweeps.search import prune_score, run_search
 from sweeps.space import apply_config, parse_dimension, parse_space
 
 
