@@ -24,6 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from compress.quant.packed import pack_float
 from compress.results import atomic_write_bytes, provenance, spec_row, torch_save_atomic, write_rows
 from jobs import lease, tables
 from jobs.runs import PROGRESS, SpecMismatch, check_run, run_dir, same_spec
-from jobs.specs import PruneSpec, TrainFields, TrainSpec
+from jobs.specs import Phase, PruneSpec, TrainFields, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -170,83 +171,110 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
     return summary
 
 
-def _schedule(spec: TrainFields, run: _Run) -> dict[str, Any]:
-    done_path = run.dir / "summary.json"
-    torch.manual_seed(spec.seed)
-    data = load_cifar10(spec.data_root or None)
-    model = load_model(spec.model, spec.weights or None).to(run.device, memory_format=torch.channels_last)
-    train_loader, test_loader = _loaders(spec, data, run.device)
-    plan = spec.plan()
-    is_prune = isinstance(spec, PruneSpec)
-    teacher = None
-    if is_prune and spec.kd_weight > 0:
+@dataclass(frozen=True)
+class Distill:
+    """Distillation during retraining, as data: no teacher (weight 0) for dense training and plain pruning."""
+
+    teacher: torch.nn.Module | None = None
+    weight: float = 0.0
+    temperature: float = 4.0
+
+    @classmethod
+    def of(cls, spec: TrainFields, device: torch.device) -> Distill:
+        if not isinstance(spec, PruneSpec) or spec.kd_weight <= 0:
+            return cls()
         teacher = load_model(spec.model, spec.teacher or spec.weights or None)
-        teacher = teacher.to(run.device, memory_format=torch.channels_last)
+        teacher = teacher.to(device, memory_format=torch.channels_last)
         teacher.eval().requires_grad_(False)
+        return cls(teacher, spec.kd_weight, spec.kd_temperature)
 
-    state: dict[str, Any] | None = None
-    if run.state_path.exists():
-        state = torch.load(run.state_path, map_location="cpu", weights_only=False)
-        diff = same_spec(state["spec"], spec)
-        if diff:
-            raise SpecMismatch(f"run {spec.run_id} under {spec.results} holds another spec ({diff}); "
-                               f"choose another --run-id")
-        log.info("resuming %s at phase %d epoch %d", spec.run_id, state["phase"], state["epoch"])
-        model.load_state_dict(state["model"])
-    masks = MaskSet.from_state_dict(state["masks"]) if state else MaskSet()
-    n_prunable = sum(c[1] for c in nonzero_counts(model).values())
 
-    def sparsity_now() -> tuple[float, int]:
-        nz = sum(c[2] for c in nonzero_counts(model).values())
-        return 1 - nz / n_prunable, nz
+# the columns of a phase row the job computes (the rest of a row is spec and provenance)
+PHASE_KEYS = ("phase", "target_sparsity", "sparsity", "nonzero", "prunable", "top1", "test_loss", "train_loss",
+              "train_acc", "epochs", "train_seconds", "wall_seconds")
 
-    if state is None:
-        run.dir.mkdir(parents=True, exist_ok=True)
-        (run.dir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
-        t0 = time.perf_counter()
-        ev = evaluate(model, test_loader, run.device, amp=spec.amp, desc="phase 0 eval")
-        s, nz = sparsity_now()
-        row0 = {"phase": 0, "target_sparsity": 0.0, "sparsity": s, "nonzero": nz, "prunable": n_prunable,
-                "top1": ev.top1, "test_loss": ev.loss, "train_loss": float("nan"), "train_acc": float("nan"),
-                "epochs": 0, "train_seconds": 0.0, "wall_seconds": time.perf_counter() - t0}
-        run.write("phases", f"{spec.run_id}-p00", [row0], tables.PHASES)
-        log.info("phase 0: top-1 %.2f%%, sparsity %.4f", ev.top1, s)
-        state = {"spec": dataclasses.asdict(spec), "phase": 1, "epoch": 0, "pruned": False, "epoch_rows": [],
-                 "before": nonzero_counts(model), "dense_top1": ev.top1, "wall": 0.0, "train_seconds": 0.0}
 
-    summary: dict[str, Any] = {}
-    for ph in plan:
-        if ph.index < state["phase"]:
-            continue
-        t_phase = time.perf_counter()
-        opt = build_optimizer(spec.optimizer, model.parameters(), spec.lr, spec.weight_decay)
-        sched = _scheduler(spec, opt, len(train_loader), ph.epochs)
-        if not state["pruned"]:
-            if ph.filter_fraction > 0:
-                masks = masks.merge(bn_gamma_filter_masks(model, ph.filter_fraction))
-                masks.apply(model)
-            if ph.target is not None:
-                masks = masks.merge(global_magnitude_masks(model, ph.target, spec.keep_dense, spec.max_layer_sparsity))
-                masks.apply(model)
-                if spec.bn_reestimate:
-                    reestimate_bn(model, train_loader, run.device)
-            state.update(pruned=True, model=model.state_dict(), masks=masks.state_dict(),
-                         optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=0, epoch_rows=[])
-            run.save(state)
-        else:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
+class _Schedule:
+    """One run's schedule in named steps: start or resume, then per phase prune, train, write; then finish.
+
+    ``state`` is what ``state.pt`` holds between epochs (see the module docstring).
+    """
+
+    def __init__(self, spec: TrainFields, run: _Run) -> None:
+        self.spec, self.run, self.device = spec, run, run.device
+        torch.manual_seed(spec.seed)
+        data = load_cifar10(spec.data_root or None)
+        self.model = load_model(spec.model, spec.weights or None).to(self.device, memory_format=torch.channels_last)
+        self.train_loader, self.test_loader = _loaders(spec, data, self.device)
+        self.plan = spec.plan()
+        self.distill = Distill.of(spec, self.device)
+        self.masks = MaskSet()
+        self.n_prunable = 0
+        self.state: dict[str, Any] = {}
+
+    def sparsity_now(self) -> tuple[float, int]:
+        nz = sum(c[2] for c in nonzero_counts(self.model).values())
+        return 1 - nz / self.n_prunable, nz
+
+    def start_or_resume(self) -> None:
+        """Resume from ``state.pt`` (same spec only), else evaluate the starting model and write phase 0."""
+        spec, run = self.spec, self.run
+        state = None
+        if run.state_path.exists():
+            state = torch.load(run.state_path, map_location="cpu", weights_only=False)
+            diff = same_spec(state["spec"], spec)
+            if diff:
+                raise SpecMismatch(f"run {spec.run_id} under {spec.results} holds another spec ({diff}); "
+                                   f"choose another --run-id")
+            log.info("resuming %s at phase %d epoch %d", spec.run_id, state["phase"], state["epoch"])
+            self.model.load_state_dict(state["model"])
+        self.masks = MaskSet.from_state_dict(state["masks"]) if state else MaskSet()
+        self.n_prunable = sum(c[1] for c in nonzero_counts(self.model).values())
+        if state is None:
+            run.dir.mkdir(parents=True, exist_ok=True)
+            (run.dir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+            t0 = time.perf_counter()
+            ev = evaluate(self.model, self.test_loader, self.device, amp=spec.amp, desc="phase 0 eval")
+            s, nz = self.sparsity_now()
+            row0 = {"phase": 0, "target_sparsity": 0.0, "sparsity": s, "nonzero": nz, "prunable": self.n_prunable,
+                    "top1": ev.top1, "test_loss": ev.loss, "train_loss": float("nan"), "train_acc": float("nan"),
+                    "epochs": 0, "train_seconds": 0.0, "wall_seconds": time.perf_counter() - t0}
+            run.write("phases", f"{spec.run_id}-p00", [row0], tables.PHASES)
+            log.info("phase 0: top-1 %.2f%%, sparsity %.4f", ev.top1, s)
+            state = {"spec": dataclasses.asdict(spec), "phase": 1, "epoch": 0, "pruned": False, "epoch_rows": [],
+                     "before": nonzero_counts(self.model), "dense_top1": ev.top1, "wall": 0.0, "train_seconds": 0.0}
+        self.state = state
+
+    def prune_step(self, ph: Phase, opt: torch.optim.Optimizer, sched: Any) -> None:
+        """The phase's pruning (BN-gamma filters in phase 1, then magnitude to its target), saved before training."""
+        spec, masks = self.spec, self.masks
+        if ph.filter_fraction > 0:
+            masks = masks.merge(bn_gamma_filter_masks(self.model, ph.filter_fraction))
+            masks.apply(self.model)
+        if ph.target is not None:
+            masks = masks.merge(global_magnitude_masks(self.model, ph.target, spec.keep_dense,
+                                                       spec.max_layer_sparsity))
+            masks.apply(self.model)
+            if spec.bn_reestimate:
+                reestimate_bn(self.model, self.train_loader, self.device)
+        self.masks = masks
+        self.state.update(pruned=True, model=self.model.state_dict(), masks=masks.state_dict(),
+                          optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=0, epoch_rows=[])
+        self.run.save(self.state)
+
+    def train_phase(self, ph: Phase, opt: torch.optim.Optimizer, sched: Any, t_phase: float) -> float:
+        """The phase's epochs from where the state stands, saving after each; returns the running phase clock."""
+        spec, state = self.spec, self.state
         for epoch in range(state["epoch"], ph.epochs):
-            train_loader.set_epoch(ph.index, epoch)
+            self.train_loader.set_epoch(ph.index, epoch)
             lr = opt.param_groups[0]["lr"]
-            st = train_one_epoch(model, train_loader, opt, sched, run.device,
-                                 after_step=functools.partial(masks.apply, model) if len(masks) else None,
-                                 teacher=teacher, kd_weight=getattr(spec, "kd_weight", 0.0),
-                                 kd_temperature=getattr(spec, "kd_temperature", 4.0), amp=spec.amp,
-                                 cpu_amp=spec.cpu_bf16,
+            st = train_one_epoch(self.model, self.train_loader, opt, sched, self.device,
+                                 after_step=functools.partial(self.masks.apply, self.model) if len(self.masks)
+                                 else None, teacher=self.distill.teacher, kd_weight=self.distill.weight,
+                                 kd_temperature=self.distill.temperature, amp=spec.amp, cpu_amp=spec.cpu_bf16,
                                  desc=f"phase {ph.index} epoch {epoch + 1}/{ph.epochs}")
             last = epoch == ph.epochs - 1
-            ev = (evaluate(model, test_loader, run.device, amp=spec.amp)
+            ev = (evaluate(self.model, self.test_loader, self.device, amp=spec.amp)
                   if spec.eval_every_epoch or last else None)
             state["epoch_rows"].append({
                 "phase": ph.index, "epoch": epoch + 1, "lr": lr, "train_loss": st.loss, "train_acc": st.accuracy,
@@ -255,21 +283,26 @@ def _schedule(spec: TrainFields, run: _Run) -> dict[str, Any]:
             state["train_seconds"] += st.seconds
             log.info("phase %d epoch %d/%d: train loss %.4f acc %.2f%%%s", ph.index, epoch + 1, ph.epochs,
                      st.loss, st.accuracy, f", test top-1 {ev.top1:.2f}%" if ev else "")
-            state.update(epoch=epoch + 1, model=model.state_dict(), optimizer=opt.state_dict(),
+            state.update(epoch=epoch + 1, model=self.model.state_dict(), optimizer=opt.state_dict(),
                          scheduler=sched.state_dict())
             state["wall"] += time.perf_counter() - t_phase
             t_phase = time.perf_counter()
-            run.save(state)
+            self.run.save(state)
+        return t_phase
+
+    def write_phase(self, ph: Phase, t_phase: float) -> dict[str, Any]:
+        """The phase's rows (its epochs, then its summary row), reported, and the state moved to the next phase."""
+        spec, state, run = self.spec, self.state, self.run
         rows = state["epoch_rows"]
         if rows and rows[-1]["top1"] == rows[-1]["top1"]:  # not NaN: evaluated after the last epoch
             top1, test_loss = rows[-1]["top1"], rows[-1]["test_loss"]
         else:
-            ev = evaluate(model, test_loader, run.device, amp=spec.amp)
+            ev = evaluate(self.model, self.test_loader, self.device, amp=spec.amp)
             top1, test_loss = ev.top1, ev.loss
-        s, nz = sparsity_now()
+        s, nz = self.sparsity_now()
         state["wall"] += time.perf_counter() - t_phase
         row = {"phase": ph.index, "target_sparsity": ph.target if ph.target is not None else 0.0,
-               "sparsity": s, "nonzero": nz, "prunable": n_prunable, "top1": top1, "test_loss": test_loss,
+               "sparsity": s, "nonzero": nz, "prunable": self.n_prunable, "top1": top1, "test_loss": test_loss,
                "train_loss": rows[-1]["train_loss"] if rows else float("nan"),
                "train_acc": rows[-1]["train_acc"] if rows else float("nan"),
                "epochs": ph.epochs, "train_seconds": sum(r["seconds"] for r in rows), "wall_seconds": state["wall"]}
@@ -279,36 +312,68 @@ def _schedule(spec: TrainFields, run: _Run) -> dict[str, Any]:
         log.info("phase %d: target %.4f sparsity %.4f top-1 %.2f%%", ph.index, row["target_sparsity"], s, top1)
         if run.report is not None:
             run.report({**row, "dense_top1": state["dense_top1"]})
-        summary = {**row, "dense_top1": state["dense_top1"]}
         state.update(phase=ph.index + 1, epoch=0, pruned=False, epoch_rows=[], wall=0.0, last_top1=top1)
         run.save(state)
+        return {**row, "dense_top1": state["dense_top1"]}
 
-    make_permanent(model, masks)
-    after = nonzero_counts(model)
-    table = module_table(state["before"], after)
-    run.write("modules", spec.run_id, [
-        {"module": r.module, "type": r.kind, "params": r.params, "nonzero_before": r.nonzero_before,
-         "nonzero_after": r.nonzero_after, "removed": r.removed, "sparsity": r.sparsity} for r in table],
-        tables.MODULES)
-    text = format_table(table)
-    torch_save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": spec.model,
-                       "spec": dataclasses.asdict(spec)}, run.dir / "final.pt")
-    packed = run.dir / "export" / "model.float.packed"  # what to ship: the sparse weights only, no optimizer
-    write_artifact(packed, pack_float(model.cpu(), spec.model), {
-        "kind": "float-packed", "expected_top1": summary["top1"], "load": LOAD_PACKED,
-        "source": {"run_id": spec.run_id, "phase": summary["phase"]}, "spec": dataclasses.asdict(spec),
-        "git_commit": provenance()["git_commit"]})
-    # the phase row's seconds are the last phase's; the run's totals are named as such beside them
-    last = {f"last_phase_{k}": summary.pop(k) for k in ("train_seconds", "wall_seconds", "epochs")}
-    summary = {**summary, **last, "run_id": spec.run_id, "checkpoint": str(run.dir / "final.pt"), "table": text,
-               "packed": str(packed), "total_epochs": sum(ph.epochs for ph in plan),
-               "total_train_seconds": state["train_seconds"], "spec": dataclasses.asdict(spec)}
-    atomic_write_bytes(done_path, json.dumps(summary, indent=2).encode())
-    run.progress(phase=summary["phase"], epoch=summary["last_phase_epochs"], epochs=summary["last_phase_epochs"],
-                 top1=summary["top1"], dense_top1=summary["dense_top1"], finished=True,
-                 sparsity=summary["sparsity"])
-    run.state_path.unlink(missing_ok=True)
-    return summary
+    def last_phase_row(self) -> dict[str, Any]:
+        """The last phase's row as written, for a run stopped after writing it and before finishing."""
+        import pyarrow.parquet as pq
+
+        last = self.plan[-1].index
+        (row,) = pq.read_table(Path(self.spec.results) / "phases" / f"{self.spec.run_id}-p{last:02d}.parquet",
+                               columns=list(PHASE_KEYS)).to_pylist()
+        return {**row, "dense_top1": self.state["dense_top1"]}
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Masks made permanent; the module table, final.pt, the packed float model, summary.json."""
+        spec, run, model = self.spec, self.run, self.model
+        make_permanent(model, self.masks)
+        table = module_table(self.state["before"], nonzero_counts(model))
+        run.write("modules", spec.run_id, [
+            {"module": r.module, "type": r.kind, "params": r.params, "nonzero_before": r.nonzero_before,
+             "nonzero_after": r.nonzero_after, "removed": r.removed, "sparsity": r.sparsity} for r in table],
+            tables.MODULES)
+        torch_save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": spec.model,
+                           "spec": dataclasses.asdict(spec)}, run.dir / "final.pt")
+        packed = run.dir / "export" / "model.float.packed"  # what to ship: the sparse weights only, no optimizer
+        write_artifact(packed, pack_float(model.cpu(), spec.model), {
+            "kind": "float-packed", "expected_top1": summary["top1"], "load": LOAD_PACKED,
+            "source": {"run_id": spec.run_id, "phase": summary["phase"]}, "spec": dataclasses.asdict(spec),
+            "git_commit": provenance()["git_commit"]})
+        # the phase row's seconds are the last phase's; the run's totals are named as such beside them
+        last = {f"last_phase_{k}": summary.pop(k) for k in ("train_seconds", "wall_seconds", "epochs")}
+        summary = {**summary, **last, "run_id": spec.run_id, "checkpoint": str(run.dir / "final.pt"),
+                   "table": format_table(table), "packed": str(packed),
+                   "total_epochs": sum(ph.epochs for ph in self.plan),
+                   "total_train_seconds": self.state["train_seconds"], "spec": dataclasses.asdict(spec)}
+        atomic_write_bytes(run.dir / "summary.json", json.dumps(summary, indent=2).encode())
+        run.progress(phase=summary["phase"], epoch=summary["last_phase_epochs"],
+                     epochs=summary["last_phase_epochs"], top1=summary["top1"], dense_top1=summary["dense_top1"],
+                     finished=True, sparsity=summary["sparsity"])
+        run.state_path.unlink(missing_ok=True)
+        return summary
+
+
+def _schedule(spec: TrainFields, run: _Run) -> dict[str, Any]:
+    """Start or resume, then each phase not done yet: prune, train, write; then finish."""
+    job = _Schedule(spec, run)
+    job.start_or_resume()
+    summary: dict[str, Any] = {}
+    for ph in job.plan:
+        if ph.index < job.state["phase"]:
+            continue
+        t_phase = time.perf_counter()
+        opt = build_optimizer(spec.optimizer, job.model.parameters(), spec.lr, spec.weight_decay)
+        sched = _scheduler(spec, opt, len(job.train_loader), ph.epochs)
+        if not job.state["pruned"]:
+            job.prune_step(ph, opt, sched)
+        else:
+            opt.load_state_dict(job.state["optimizer"])
+            sched.load_state_dict(job.state["scheduler"])
+        t_phase = job.train_phase(ph, opt, sched, t_phase)
+        summary = job.write_phase(ph, t_phase)
+    return job.finish(summary or job.last_phase_row())
 
 
 def run_prune(spec: PruneSpec, report: ReportFn | None = None, tags: dict[str, str] | None = None,

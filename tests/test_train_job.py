@@ -318,6 +318,30 @@ def test_run_killed_inside_phase_2_resumes_from_its_pruning_step(synthetic_cifar
     _same_as_straight(tmp_path, straight_run[1])
 
 
+@pytest.mark.slow  # one run stopped before finishing and its resume, and the shared reference (~8 s)
+def test_run_stopped_after_its_last_phase_row_finishes_on_resume(synthetic_cifar: Path, synthetic_weights: Path,
+                                                                 tmp_path: Path, trained: list[str],
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 straight_run) -> None:
+    """Killed between the last phase's row and summary.json: the resume trains nothing and finishes."""
+    real = jobs.training._Schedule.finish
+
+    def killed(self, summary):
+        raise Interrupted
+
+    spec = _spec(tmp_path, synthetic_cifar, synthetic_weights)
+    monkeypatch.setattr(jobs.training._Schedule, "finish", killed)
+    with pytest.raises(Interrupted):
+        run_prune(spec)
+    monkeypatch.setattr(jobs.training._Schedule, "finish", real)
+    resumed = run_prune(spec)
+    assert trained == ["phase 1 epoch 1/1", "phase 2 epoch 1/1"]
+    straight, straight_results = straight_run
+    _same_as_straight(tmp_path, straight_results)
+    assert resumed["top1"] == straight["top1"] and resumed["sparsity"] == straight["sparsity"]
+    assert resumed["last_phase_epochs"] == straight["last_phase_epochs"] == 1
+
+
 def _json_like(obj):
     """What a value looks like after a JSON round trip (tuples become lists)."""
     if isinstance(obj, dict):
