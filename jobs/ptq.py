@@ -46,9 +46,9 @@ from compress.models import build_model, load_model, load_state
 from compress.prune import MaskSet, global_sparsity, make_permanent
 from compress.quant import quiet
 from compress.quant.backends import BACKENDS
-from compress.results import provenance, spec_row, write_rows
+from compress.results import write_rows
 from jobs import tables
-from jobs.runs import SpecMismatch
+from jobs.runs import SpecMismatch, require_run_id, row_base, same_spec_row
 from jobs.specs import METHODS, PTQSpec, check
 
 log = logging.getLogger(__name__)
@@ -111,9 +111,9 @@ def _done_rows(path: Path, spec: PTQSpec) -> list[dict[str, Any]] | None:
     import pyarrow.parquet as pq
 
     rows = pq.read_table(path).to_pylist()
-    want = spec_row(spec)
-    if not rows or any(rows[0].get(k) != v for k, v in want.items()):
-        raise SpecMismatch(f"{path} holds PTQ results of another spec; choose another --run-id")
+    diff = same_spec_row(rows[0], spec) if rows else "no rows"
+    if diff:
+        raise SpecMismatch(f"{path} holds PTQ results of another spec ({diff}); choose another --run-id")
     return rows
 
 
@@ -131,8 +131,7 @@ def run_ptq(spec: PTQSpec, tags: dict[str, str] | None = None) -> dict[str, Any]
     Module-level and picklable: the same call runs here, in a SLURM array task and in a Ray trial;
     ``tags`` (``search_id``, ``trial_id``) are added to every row.
     """
-    if not spec.run_id:
-        raise ValueError("spec.run_id is empty: call spec.with_defaults() first")
+    require_run_id(spec)
     path = task_path(spec)
     done = _done_rows(path, spec)
     if done is not None:
@@ -154,7 +153,6 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
     set_engine(spec.engine)
     device = pick_device(spec.device)
     cpu = torch.device("cpu")
-    prov = provenance(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     observer, n_calib = spec.observers[0], spec.calib_sizes[0]
     reduce = effective_reduce_range(spec.engine, spec.reduce_range)
 
@@ -171,10 +169,10 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
                             amp=False, desc="float eval")
     model.cpu()
     test_cpu = BatchLoader(test_x, test_y, spec.eval_batch_size, cpu)
-    base = {"run_id": spec.run_id, "kind": spec.kind(), "task": spec.task_name(), "observer": observer,
-            "engine": spec.engine, "activation_bits": 7 if reduce else 8, "calib_size": n_calib,
-            "float_top1": float_ev.top1, "test_images": float_ev.images, "float_bytes": float_bytes(model),
-            "sparsity": global_sparsity(model), "search_id": "", "trial_id": "", **spec_row(spec), **prov}
+    base = {**row_base(spec, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+            "task": spec.task_name(), "observer": observer, "engine": spec.engine,
+            "activation_bits": 7 if reduce else 8, "calib_size": n_calib, "float_top1": float_ev.top1,
+            "test_images": float_ev.images, "float_bytes": float_bytes(model), "sparsity": global_sparsity(model)}
     log.info("task %s: float top-1 %.2f%% on %d test images (%s), sparsity %.4f", spec.task_name(),
              float_ev.top1, float_ev.images, device, base["sparsity"])
     rows: list[dict[str, Any]] = []

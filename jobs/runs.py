@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compress.results import provenance, spec_row
 from jobs import lease
 from jobs.specs import TrainFields
 
@@ -33,10 +34,32 @@ def run_dir(spec: TrainFields) -> Path:
     return Path(spec.results) / "runs" / spec.run_id
 
 
+def require_run_id(spec: Any) -> None:
+    """A job needs its run id fixed before it runs (a requeued job must find the same folder and rows)."""
+    if not spec.run_id:
+        raise ValueError("spec.run_id is empty: call spec.with_defaults() first")
+
+
+def row_base(spec: Any, device_name: str, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """What every result row of a job starts with: run id, kind, the spec's columns, provenance, search tags."""
+    return {"run_id": spec.run_id, "kind": spec.kind(), **spec_row(spec), **provenance(device_name),
+            "search_id": "", "trial_id": "", **(tags or {})}
+
+
+def same_spec_row(row: dict[str, Any], spec: Any) -> str:
+    """``same_spec`` for a result row: its ``spec_<field>`` columns against ``spec`` ("" when the same)."""
+    want = spec_row(spec)
+    diff = [f"{k[5:]} {row.get(k)!r} there, {v!r} here" for k, v in want.items()
+            if row.get(k) != v and k != "spec_results"]
+    return ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
+
+
 def same_spec(stored: dict[str, Any], spec: TrainFields) -> str:
     """"" when ``stored`` (a spec as saved) is ``spec``, else the fields that differ, for the error line.
 
-    ``results`` is left out: the run folder is under it, so a moved or differently spelled root is the same run.
+    The one spec-identity rule (``same_spec_row`` applies it to a row's spec columns): every field but
+    ``results``, which is left out because the run folder is under it (a moved or differently spelled
+    root is the same run).
     """
     there, here = json.loads(json.dumps(stored)), json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples: lists
     diff = [f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(there) | set(here))

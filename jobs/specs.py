@@ -2,10 +2,11 @@
 
 ``TrainSpec``, ``PruneSpec`` and ``PTQSpec`` are jobs; ``TuneSpec`` says how a search runs over one
 of them; ``ExportSpec`` which row of a run to ship. (``jobs/executors.ExecutorOptions`` says where a
-job runs, not what it computes, and stays beside the executors.) The CLI options of ``python -m jobs.launch`` are generated from these fields one to one (the
-field's ``help`` metadata is the option's help), and every result row carries the spec flattened
-to ``spec_<field>`` columns. A bad value raises ``ValueError`` naming the field, the value and
-what is allowed, before anything is submitted or written.
+job runs, not what it computes, and stays beside the executors.) The CLI options of ``python -m
+jobs.launch`` are generated from these fields one to one (the field's ``help`` metadata is the
+option's help), and every result row carries the spec flattened to ``spec_<field>`` columns. A
+bad value raises ``ValueError`` naming the field, the value and what is allowed, before anything is
+submitted or written.
 """
 
 from __future__ import annotations

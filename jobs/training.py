@@ -46,9 +46,9 @@ from compress.prune import (
     nonzero_counts,
 )
 from compress.quant.packed import pack_float
-from compress.results import atomic_write_bytes, provenance, spec_row, torch_save_atomic, write_rows
+from compress.results import PROVENANCE_FIELDS, atomic_write_bytes, provenance, torch_save_atomic, write_rows
 from jobs import lease, tables
-from jobs.runs import PROGRESS, SpecMismatch, check_run, run_dir, same_spec
+from jobs.runs import PROGRESS, SpecMismatch, check_run, require_run_id, row_base, run_dir, same_spec
 from jobs.specs import Phase, PruneSpec, TrainFields, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,9 @@ class _Run:
         self.dir = run_dir(spec)
         self.state_path = self.dir / "state.pt"
         self.device = pick_device(spec.device)
-        self.prov = provenance(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu")
-        self.base = {"run_id": spec.run_id, "kind": spec.kind(), **spec_row(spec), **self.prov,
-                     "search_id": "", "trial_id": "", **(tags or {})}
+        self.base = row_base(spec, torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                             tags)
+        self.prov = {k: self.base[k] for k in PROVENANCE_FIELDS}
 
     def save(self, state: dict[str, Any]) -> None:
         torch_save_atomic(state, self.state_path)
@@ -155,8 +155,7 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
     (``jobs/lease.py``) is held while it runs; ``claim`` is the token of the lease the launcher
     took for this job when it submitted it.
     """
-    if not spec.run_id:
-        raise ValueError("spec.run_id is empty: call spec.with_defaults() first")
+    require_run_id(spec)
     run = _Run(spec, report, tags)
     if check_run(spec) == "finished":
         log.info("run %s already finished", spec.run_id)
