@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,13 @@ from jobs import lease
 from jobs.cli import Cli, executor_options, fail, open_executor, spec_from_options, spec_options, wait_for
 from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, render_sbatch
 from jobs.runs import check_run, run_dir
+from jobs.slurm_jobs import setup_logging
 from jobs.specs import PruneSpec, PTQSpec, TrainSpec
 from jobs.tune_cmd import tune
 
 # bad input of every kind (specs, data, weights, a run of another spec, a busy run) is a ValueError
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 RUN_STATES = {"new": "new run", "resumes": "resuming where it stopped", "finished": "already finished"}
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
 def _build_spec(cls: type, options: dict[str, Any]):
@@ -263,7 +260,7 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def cli(verbose: bool) -> None:
     """Compress CIFAR ResNets: prune, retrain and quantize as resumable jobs."""
-    _setup_logging(verbose)
+    setup_logging(sys.stderr, logging.DEBUG if verbose else logging.INFO)
 
 
 SEEDS_HELP = "comma-separated seeds: one run per seed (one job array on SLURM); overrides --seed"

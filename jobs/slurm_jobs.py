@@ -49,15 +49,19 @@ FAILED = STOPPED - {"CANCELLED"}
 PROJECT_LOGGERS = ("compress", "jobs", "sweeps")
 
 
-def _job_logging() -> None:
-    """INFO lines of the project's loggers into the job log (submitit configures only its own)."""
-    handler = logging.StreamHandler(sys.stdout)
+def setup_logging(stream: Any = None, level: int = logging.INFO) -> None:
+    """The project's log lines (``compress``, ``jobs``, ``sweeps``) to ``stream``, one format, set up once.
+
+    The launcher sends them to stderr (stdout is for results); a SLURM job to its log (stdout, which
+    submitit configures only for its own logger); libraries' loggers are left as they are.
+    """
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     for name in PROJECT_LOGGERS:
         lg = logging.getLogger(name)
         if not lg.handlers:
             lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
+        lg.setLevel(level)
 
 
 class Requeueable(submitit.helpers.Checkpointable):
@@ -75,7 +79,7 @@ class Requeueable(submitit.helpers.Checkpointable):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # set by the sbatch script: a job of its own
-            _job_logging()
+            setup_logging(sys.stdout)
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)
         torch = sys.modules.get("torch")  # imported with the job function, if it needs it
         where = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
