@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -399,3 +400,29 @@ def test_wait_prints_the_final_state_and_error_of_a_failed_job(cluster, syntheti
     job_id = res.output.split("submitted job ", 1)[1].split(":", 1)[0]
     assert res.stderr.startswith(f"job {job_id} FAILED: compress.data.DataError: CIFAR-10 not found under {data}")
     assert len(res.stderr.splitlines()) == 1
+
+
+def test_plain_sbatch_template_requeues_and_resumes(cluster, tiny, work):
+    """slurm/templates/prune.sbatch (no submitit): a requeued job continues its run, rows exactly once."""
+    from tests.conftest import REPO
+
+    spec = tiny("template", epochs=3)
+    logs = work / "template-logs"
+    logs.mkdir()
+    args = ["--data-root", spec.data_root, "--weights", spec.weights, "--results", spec.results, "--phases", "2",
+            "--epochs", "3", "--final-sparsity", "0.5", "--batch-size", "25", "--test-size", "100",
+            "--eval-batch-size", "100", "--lr", "0.002"]
+    env = {**os.environ, "RUN_ID": "template", "PYTHON": str(Path(sys.executable))}
+    out = subprocess.run(["sbatch", "--parsable", "--partition=debug", "--gpus-per-node=0", "--cpus-per-task=1",
+                          "--mem=0", f"--output={logs}/%j.out", "--export=ALL",
+                          str(REPO / "slurm" / "templates" / "prune.sbatch"), *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    job_id = out.stdout.strip().split(";")[0]
+    wait_until("the job to be inside a phase", mid_phase(spec))
+    scontrol("requeue", job_id)
+    wait_until("the requeued job to finish", lambda: (run_dir(spec) / "summary.json").exists(), 300, 1.0)
+    log = (logs / f"{job_id}.out").read_text()
+    assert "restart 1" in log and "resuming where it stopped" in log, log[-2000:]
+    phases = rows(spec, "phases")
+    assert sorted(phases["phase"]) == [0, 1, 2]
+    assert len(rows(spec, "epochs")) == 2 * 3
