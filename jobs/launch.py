@@ -19,6 +19,7 @@ a bad value is one line on stderr and exit code 2, before anything is submitted 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -88,14 +89,25 @@ def _seed_specs(cls: type, options: dict[str, Any], seeds: str) -> list[Any]:
     return [_build_spec(cls, {**options, "seed": s, "run_id": f"{run_id}-s{s}" if run_id else ""}) for s in values]
 
 
+def _given_on_command_line(options: dict[str, Any]) -> set[str]:
+    """The options the user typed (not defaults, not environment variables)."""
+    ctx = click.get_current_context()
+    return {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+
+
+def _closest(name: str, known: list[str]) -> list[str]:
+    """Up to three known run ids that look like ``name`` (for a typo's error line)."""
+    import difflib
+
+    return difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+
+
 def _from_run(options: dict[str, Any], run: str) -> dict[str, Any]:
     """Options for a job that consumes a run's model: ``--run ID`` (its final.pt), or ``--weights`` of a run's file.
 
     The model and the data root come from that run's spec.json unless given on the command line
     (the data root only while that folder exists; else $COMPRESS_DATA as usual).
     """
-    import difflib
-
     from compress.results import default_root
 
     results = Path(options.get("results") or default_root())
@@ -103,7 +115,7 @@ def _from_run(options: dict[str, Any], run: str) -> dict[str, Any]:
         final = results / "runs" / run / "final.pt"
         if not final.is_file():
             known = sorted(p.parent.name for p in results.glob("runs/*/final.pt"))
-            close = difflib.get_close_matches(run, known, n=3, cutoff=0.5)
+            close = _closest(run, known)
             fail(f"no finished run {run!r} under {results}/runs (a run has final.pt once it finished)" +
                  (f"; the closest: {', '.join(close)}" if close else ""))
         if options.get("weights"):
@@ -114,8 +126,7 @@ def _from_run(options: dict[str, Any], run: str) -> dict[str, Any]:
     if source is None or not source.is_file():
         return options
     stored = json.loads(source.read_text())
-    ctx = click.get_current_context()
-    given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    given = _given_on_command_line(options)
     out = dict(options)
     if "model" not in given and stored.get("model"):
         out["model"] = stored["model"]
@@ -129,18 +140,15 @@ def _resume_specs(cls: type, ids: str, options: dict[str, Any]) -> list[Any]:
 
     Spec options given on the command line must agree with the stored spec (a resumed run keeps it).
     """
-    import difflib
-
     from compress.results import default_root
 
     results = Path(options.get("results") or default_root())
     known = sorted(p.parent.name for p in results.glob("runs/*/spec.json"))
-    ctx = click.get_current_context()
-    given = {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    given = _given_on_command_line(options)
     specs = []
     for run_id in [r.strip() for r in ids.split(",") if r.strip()]:
         if run_id not in known:
-            close = difflib.get_close_matches(run_id, known, n=3, cutoff=0.5)
+            close = _closest(run_id, known)
             fail(f"no run {run_id!r} under {results}/runs to resume" +
                  (f"; the closest: {', '.join(close)}" if close else f" ({len(known)} run(s) there)"))
         stored = json.loads((results / "runs" / run_id / "spec.json").read_text())
@@ -278,38 +286,40 @@ download_option = click.option(
          "holds neither layout")
 
 
+def _schedule_command(spec_cls: type, job: str) -> Any:
+    """The options and body prune and train share: spec fields, seeds, SLURM, resume, --run, download, dry run."""
+
+    def decorate(fn: Any) -> Any:
+        @spec_options(spec_cls)
+        @click.option("--seeds", default="", help=SEEDS_HELP, panel="Run")
+        @executor_options
+        @resume_option
+        @run_option
+        @download_option
+        @click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit", panel="Run")
+        @functools.wraps(fn)
+        def command(dry_run: bool, download: bool, resume: str, run: str, seeds: str, executor: ExecutorOptions,
+                    **options: Any) -> None:
+            specs = _new_specs(spec_cls, options, seeds, resume, run)
+            import jobs.training  # the job (and torch) loads when the command runs, not for --help
+
+            _run(specs, getattr(jobs.training, job), dry_run, executor, download)
+
+        return command
+
+    return decorate
+
+
 @cli.command()
-@spec_options(PruneSpec)
-@click.option("--seeds", default="", help=SEEDS_HELP, panel="Run")
-@executor_options
-@resume_option
-@run_option
-@download_option
-@click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit", panel="Run")
-def prune(dry_run: bool, download: bool, resume: str, run: str, seeds: str, executor: ExecutorOptions,
-          **options: Any) -> None:
+@_schedule_command(PruneSpec, "run_prune")
+def prune() -> None:
     """Run a prune/retrain schedule (BN-gamma filters once, then global L1 magnitude phases)."""
-    specs = _new_specs(PruneSpec, options, seeds, resume, run)
-    from jobs.training import run_prune  # the job (and torch) loads when the command runs, not for --help
-
-    _run(specs, run_prune, dry_run, executor, download)
 
 
 @cli.command()
-@spec_options(TrainSpec)
-@click.option("--seeds", default="", help=SEEDS_HELP, panel="Run")
-@executor_options
-@resume_option
-@run_option
-@download_option
-@click.option("--dry-run", is_flag=True, help="print the spec (and the sbatch script) and exit", panel="Run")
-def train(dry_run: bool, download: bool, resume: str, run: str, seeds: str, executor: ExecutorOptions,
-          **options: Any) -> None:
+@_schedule_command(TrainSpec, "run_train")
+def train() -> None:
     """Train a dense model (from scratch, or fine-tune --weights)."""
-    specs = _new_specs(TrainSpec, options, seeds, resume, run)
-    from jobs.training import run_train  # the job (and torch) loads when the command runs, not for --help
-
-    _run(specs, run_train, dry_run, executor, download)
 
 
 @cli.command()
