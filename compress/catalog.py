@@ -8,10 +8,12 @@ hold the same names; ``tests/test_catalog.py`` checks that they agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 MODELS = ("resnet20a", "resnet20b")
+CLASSIFIERS = {"resnet20a": "linear", "resnet20b": "fc"}
 TRAIN_IMAGES = 50_000
 TEST_IMAGES = 10_000
 
@@ -53,3 +55,48 @@ def unsupported(method: str, weight_observers: Iterable[str], engine: str, alpha
 def shrinks(alphas: Iterable[float], centers: Iterable[str]) -> bool:
     """Whether a sweep asks for any alpha/center other than the plain observed range."""
     return set(alphas) != {1.0} or set(centers) != {"min"}
+
+
+def prunable_layers(model: str) -> dict[str, int]:
+    """Every conv/linear layer of ``model`` and its weight count, in the order the model holds them.
+
+    Derived from the architecture (ResNet-20: 16/32/64 channels, 3 blocks a stage; option B adds a
+    1x1 downsample conv where the stage widens), so a spec can check a sparsity budget without
+    building the model. E.g. resnet20a: 20 layers, 268,336 weights. ``tests/test_catalog.py`` checks
+    it against ``prunable(build_model(model))``.
+    """
+    layers = {"conv1": 3 * 16 * 9}
+    planes_in = 16
+    for stage, planes in enumerate((16, 32, 64), start=1):
+        for block in range(3):
+            layers[f"layer{stage}.{block}.conv1"] = planes_in * planes * 9
+            layers[f"layer{stage}.{block}.conv2"] = planes * planes * 9
+            if model == "resnet20b" and planes_in != planes:
+                layers[f"layer{stage}.{block}.downsample.0"] = planes_in * planes
+            planes_in = planes
+    layers[CLASSIFIERS[model]] = 64 * 10
+    return layers
+
+
+def sparsity_budget_error(sizes: dict[str, int], sparsity: float, exclude: Iterable[str] = (),
+                          max_layer_sparsity: float = 1.0, zeros: dict[str, int] | None = None) -> str:
+    """Why ``round(sparsity * N)`` zeros cannot be placed in the layers ``sizes`` ("" when they can).
+
+    The rule global magnitude pruning applies: kept-dense layers (``exclude``) count in N but take no
+    new zeros; each other layer holds at most ``floor(cap * n)`` zeros (or the zeros it already has).
+    ``zeros`` are the zeros already there (none on a fresh model). E.g. resnet20a at 0.99 with
+    layer3 kept dense needs 265,653 zeros but only 65,584 weights are outside it.
+    """
+    zeros = zeros or {}
+    skip = set(exclude)
+    k = round(sparsity * sum(sizes.values())) - sum(zeros.get(n, 0) for n in sizes if n in skip)
+    outside = sum(n for name, n in sizes.items() if name not in skip)
+    if k >= outside:
+        return (f"sparsity {sparsity} needs {k:,} zeros but only {outside:,} weights are outside "
+                f"the kept-dense layers {sorted(skip)}")
+    allowed = sum(max(math.floor(max_layer_sparsity * n), zeros.get(name, 0))
+                  for name, n in sizes.items() if name not in skip)
+    if k > allowed:
+        return (f"sparsity {sparsity} needs {k:,} zeros but a per-layer cap of {max_layer_sparsity} "
+                f"allows only {allowed:,}")
+    return ""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from compress import catalog
 from compress.models import conv_bn_pairs, prunable
 
 
@@ -79,21 +80,20 @@ def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    every = prunable_weights(model)
-    skip = {f"{n}.weight" for n in exclude}
-    weights = [(n, w) for n, w in every if n not in skip]
-    flat = torch.cat([w.detach().abs().flatten().float().cpu() for _, w in weights])
-    k = round(sparsity * sum(w.numel() for _, w in every)) - sum(int((w == 0).sum()) for n, w in every if n in skip)
-    if k >= flat.numel():
-        raise ValueError(f"sparsity {sparsity} needs {k:,} zeros but only {flat.numel():,} weights are outside "
-                         f"the kept-dense layers {sorted(set(exclude))}")
-    k = max(k, 0)
     if not 0.0 < max_layer_sparsity <= 1.0:
         raise ValueError(f"max_layer_sparsity must be in (0, 1], got {max_layer_sparsity}")
-    caps = [max(math.floor(max_layer_sparsity * w.numel()), int((w == 0).sum())) for _, w in weights]
-    if k > sum(caps):  # only with a cap: without one, caps are the layer sizes, checked above
-        raise ValueError(f"sparsity {sparsity} needs {k:,} zeros but a per-layer cap of {max_layer_sparsity} "
-                         f"allows only {sum(caps):,}")
+    every = [(n, m.weight) for n, m in prunable(model)]  # by module name, as ``exclude`` names them
+    skip = set(exclude)
+    weights = [(n, w) for n, w in every if n not in skip]
+    sizes = {n: w.numel() for n, w in every}
+    zeros = {n: int((w == 0).sum()) for n, w in every}
+    # the budget rule is the catalog's, so a spec checks it without building the model
+    error = catalog.sparsity_budget_error(sizes, sparsity, skip, max_layer_sparsity, zeros)
+    if error:
+        raise ValueError(error)
+    flat = torch.cat([w.detach().abs().flatten().float().cpu() for _, w in weights])
+    k = max(round(sparsity * sum(sizes.values())) - sum(zeros[n] for n in skip), 0)
+    caps = [max(math.floor(max_layer_sparsity * w.numel()), zeros[n]) for n, w in weights]
     layer = torch.cat([torch.full((w.numel(),), i) for i, (_, w) in enumerate(weights)])
     keep = torch.ones_like(flat, dtype=torch.bool)
     capped: set[int] = set()
@@ -115,7 +115,7 @@ def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[
             seg = flat[start:start + w.numel()]
             keep[start + torch.topk(seg, caps[i], largest=False, sorted=False).indices] = False
         start += w.numel()
-    return _split(keep, weights)
+    return _split(keep, [(f"{n}.weight", w) for n, w in weights])
 
 
 def _split(keep: torch.Tensor, weights: list[tuple[str, torch.Tensor]]) -> MaskSet:

@@ -185,20 +185,14 @@ class PruneSpec(TrainFields):
         check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "must be > 0")
         check(not self.teacher or self.kd_weight > 0, "teacher", self.teacher,
               "is only used for distillation: give --kd-weight > 0 too")
-        if self.keep_dense or self.max_layer_sparsity < 1.0:
-            # imported here: the rest of this module stays torch-free (the CLI imports it for --help)
-            from compress.models import build_model, prunable
-            from compress.prune import global_magnitude_masks
-
-            model = build_model(self.model)
-            unknown = sorted(set(self.keep_dense) - {n for n, _ in prunable(model)})
-            check(not unknown, "keep_dense", ",".join(self.keep_dense),
-                  f"unknown module(s) {unknown}; conv/linear modules are e.g. conv1, layer1.0.conv1, "
-                  f"{model.classifier_name}")
-            try:  # the masks of the last phase, on a fresh model: cheap, and the same rule the job applies
-                global_magnitude_masks(model, self.final_sparsity, self.keep_dense, self.max_layer_sparsity)
-            except ValueError as e:
-                raise ValueError(f"final_sparsity={self.final_sparsity!r} is invalid: {e}") from None
+        layers = catalog.prunable_layers(self.model)
+        unknown = sorted(set(self.keep_dense) - set(layers))
+        check(not unknown, "keep_dense", ",".join(self.keep_dense),
+              f"unknown module(s) {unknown}; conv/linear modules are e.g. conv1, layer1.0.conv1, "
+              f"{catalog.CLASSIFIERS[self.model]}")
+        # the last phase's budget on a fresh model, by the rule the job's masks follow
+        error = catalog.sparsity_budget_error(layers, self.final_sparsity, self.keep_dense, self.max_layer_sparsity)
+        check(not error, "final_sparsity", self.final_sparsity, error)
 
     def kind(self) -> str:
         return "prune"
