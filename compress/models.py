@@ -217,6 +217,12 @@ def _download(url: str, sha_prefix: str | None, cache: Path) -> Path:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights in any checkpoint this project meets, with pruning made permanent.
+
+    Reads plain state dicts (``{"state_dict": ...}`` too), project checkpoints (``{"model": ...}``; a
+    prune run's ``state.pt`` also carries ``masks``, which are multiplied in) and
+    ``torch.nn.utils.prune`` state dicts (``weight_orig`` x ``weight_mask`` becomes ``weight``).
+    """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as e:
@@ -224,12 +230,22 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # torch raises many types for a damaged file (pickle, zip, EOF)
         raise WeightsError(f"cannot read weights file {path}: not a PyTorch checkpoint, or damaged "
                            f"({type(e).__name__})") from e
+    masks = obj.get("masks") if isinstance(obj, dict) else None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors")
+    if any(k.endswith("_orig") for k in obj):
+        merged = {k: v for k, v in obj.items() if not k.endswith(("_orig", "_mask"))}
+        for k, v in obj.items():
+            if k.endswith("_orig"):
+                mask = obj.get(k.removesuffix("_orig") + "_mask")
+                merged[k.removesuffix("_orig")] = v * mask if mask is not None else v
+        obj = merged
+    if isinstance(masks, dict):
+        obj = {k: v * masks[k].to(v.dtype) if k in masks else v for k, v in obj.items()}
     return obj
 
 
@@ -262,7 +278,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], key_prefix: str
 def load_model(name: str, weights: str | Path | None = None) -> CifarResNet:
     """Build ``name`` and load ``weights``: a path, ``"pretrained"`` (download, hash-checked) or None.
 
-    A project checkpoint (``{"model": state_dict, ...}`` with the normalisation buffers) loads too.
+    The one checkpoint reader: any file ``_read_state_dict`` reads, pruning masks made permanent.
     """
     model = build_model(name)
     if weights is None:

@@ -38,10 +38,11 @@ import torch
 from compress.artifacts import COMPILE_PT2, LOAD_PACKED, LOAD_PT2, load_artifact, manifest_path, write_artifact
 from compress.data import BatchLoader, load_cifar10
 from compress.loops import evaluate, pick_device
+from compress.models import load_model
 from compress.quant import quiet
 from compress.quant.packed import pack_float
 from compress.results import provenance, read_table
-from jobs.ptq import _quantize_all, load_float_model, program_bytes
+from jobs.ptq import _quantize_all, program_bytes
 from jobs.selection import Choice, describe, parse_selector, select_row
 from jobs.specs import ExportSpec, PTQSpec, check
 
@@ -185,7 +186,7 @@ def _export_model(spec: ExportSpec) -> dict[str, Any]:
     ckpt = torch.load(final, map_location="cpu", weights_only=True)
     run_spec = ckpt.get("spec", {})
     name = ckpt.get("arch") or run_spec.get("model", "resnet20a")
-    model = load_float_model(name, str(final))
+    model = load_model(name, final).eval()
     data = load_cifar10(spec.data_root or run_spec.get("data_root") or None)
     n_test = run_spec.get("test_size") or len(data.test_x)
     device = pick_device(spec.device)

@@ -478,8 +478,8 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: E
     """
     # the job modules (and torch) load when a command runs, not for --help or a bad option
     from compress.data import load_cifar10
-    from compress.models import WeightsError
-    from jobs.ptq import format_rows, load_float_model, plan_tasks, preflight, run_ptq
+    from compress.models import WeightsError, load_model
+    from jobs.ptq import format_rows, plan_tasks, preflight, run_ptq
 
     spec = _build_spec(PTQSpec, _from_run(options, run))
     tasks = plan_tasks(spec)
@@ -502,7 +502,7 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: E
         if not spec.weights:
             raise WeightsError("ptq needs weights to quantize: pass --weights FILE or set COMPRESS_WEIGHTS")
         preflight(spec, len(load_cifar10(spec.data_root or None, download=download).train_x))
-        load_float_model(spec.model, spec.weights)
+        load_model(spec.model, spec.weights or None)
         check_results_root(spec.results, 2**20)
     except USER_ERRORS as e:
         fail(str(e))

@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from compress.data import BatchLoader, load_cifar10, subset_indices
 from compress.loops import evaluate, pick_device
-from compress.models import build_model, load_model, load_state
-from compress.prune import MaskSet, global_sparsity, make_permanent
+from compress.models import load_model
+from compress.prune import global_sparsity
 from compress.quant import quiet
 from compress.quant.backends import BACKENDS
 from compress.results import write_rows
@@ -61,37 +60,6 @@ def plan_tasks(spec: PTQSpec) -> list[PTQSpec]:
 
 def task_path(spec: PTQSpec) -> Path:
     return Path(spec.results) / "ptq" / f"{spec.run_id}-{spec.task_name()}.parquet"
-
-
-def load_float_model(name: str, weights: str) -> nn.Module:
-    """The float model to quantize, with any pruning masks made permanent first.
-
-    Reads plain state dicts, published weights, project checkpoints (``{"model": ...}``; a prune
-    run's ``state.pt`` also carries ``masks``, which are applied and dropped) and
-    ``torch.nn.utils.prune`` state dicts (``weight_orig`` x ``weight_mask`` becomes ``weight``).
-    """
-    obj = None
-    path = Path(weights) if weights and weights != "pretrained" else None
-    if path is not None and path.is_file():
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # unreadable here: load_model reports it as a WeightsError
-            obj = None
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if isinstance(state, dict) and any(k.endswith("_orig") for k in state):
-        merged = {k: v for k, v in state.items() if not k.endswith(("_orig", "_mask"))}
-        for k, v in state.items():
-            if k.endswith("_orig"):
-                base = k.removesuffix("_orig")
-                mask = state.get(base + "_mask")
-                merged[base] = v * mask if mask is not None else v
-        model = build_model(name)
-        load_state(model, merged, source=str(path))
-    else:
-        model = load_model(name, weights or None)
-    if isinstance(obj, dict) and isinstance(obj.get("masks"), dict) and obj["masks"]:
-        make_permanent(model, MaskSet.from_state_dict(obj["masks"]))
-    return model.eval()
 
 
 def preflight(spec: PTQSpec, train_images: int) -> None:
@@ -159,7 +127,7 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
     torch.manual_seed(spec.seed)
     data = load_cifar10(spec.data_root or None)
     preflight(spec, len(data.train_x))
-    model = load_float_model(spec.model, spec.weights)
+    model = load_model(spec.model, spec.weights or None).eval()
     idx = subset_indices(len(data.train_x), n_calib, spec.seed, spec.calib_selection)
     calib = BatchLoader(data.train_x[idx], data.train_y[idx], spec.calib_batch_size, device)
     n_test = spec.test_size or len(data.test_x)

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 
 import compress.quant.fx as fx_module
 import compress.quant.observe as observe_module
-from compress.models import build_model
+from compress.models import build_model, load_model
 from compress.prune import global_magnitude_masks
 from jobs import tables
 from jobs.launch import cli
-from jobs.ptq import load_float_model, plan_tasks, run_ptq, task_path
+from jobs.ptq import plan_tasks, run_ptq, task_path
 from jobs.runs import SpecMismatch
 from jobs.specs import PTQSpec, expand_ranges
 
@@ -150,7 +150,7 @@ def test_pruned_checkpoints_are_made_permanent(synthetic_cifar: Path, tmp_path: 
     state_path = tmp_path / "state.pt"
     dense = {k: v + (v == 0) * 0.5 for k, v in model.state_dict().items()}  # masked weights not yet zeroed
     torch.save({"model": dense, "masks": masks.state_dict()}, state_path)
-    loaded = load_float_model("resnet20a", str(state_path))
+    loaded = load_model("resnet20a", state_path).eval()
     assert all(torch.all(p[~masks.masks[n]] == 0) for n, p in loaded.named_parameters() if n in masks.masks)
     # torch.nn.utils.prune layout: weight_orig * weight_mask
     pruned_state = {}
@@ -162,7 +162,7 @@ def test_pruned_checkpoints_are_made_permanent(synthetic_cifar: Path, tmp_path: 
             pruned_state[k] = v
     torch_prune_path = tmp_path / "torch-prune.pt"
     torch.save(pruned_state, torch_prune_path)
-    loaded2 = load_float_model("resnet20a", str(torch_prune_path))
+    loaded2 = load_model("resnet20a", torch_prune_path).eval()
     assert all(torch.equal(dict(loaded2.named_parameters())[n], dict(loaded.named_parameters())[n])
                for n in masks.masks)
 
