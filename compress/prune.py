@@ -196,21 +196,6 @@ def module_table(before: dict[str, tuple[str, int, int]], after: dict[str, tuple
     return [ModuleRow(n, k, p, before[n][2], after[n][2]) for n, (k, p, _) in after.items()]
 
 
-def format_table(rows: list[ModuleRow]) -> str:
-    """Fixed-width text of the per-module table with a total line, as printed by the prune job."""
-    head = f"{'module':<24} {'params':>9} {'before':>9} {'after':>9} {'removed':>9} {'sparsity':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.module:<24} {r.params:>9,} {r.nonzero_before:>9,} {r.nonzero_after:>9,} "
-                     f"{r.removed:>9,} {100 * r.sparsity:>8.2f}%")
-    p = sum(r.params for r in rows)
-    b = sum(r.nonzero_before for r in rows)
-    a = sum(r.nonzero_after for r in rows)
-    lines.append("-" * len(head))
-    lines.append(f"{'total':<24} {p:>9,} {b:>9,} {a:>9,} {b - a:>9,} {100 * (1 - a / p):>8.2f}%")
-    return "\n".join(lines)
-
-
 def global_sparsity(model: nn.Module) -> float:
     """Fraction of zero weights over all conv+linear weights."""
     counts = nonzero_counts(model).values()

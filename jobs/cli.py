@@ -26,6 +26,7 @@ from rich_click import RichGroup
 from jobs.executors import ExecutorOptions, LocalExecutor, SlurmExecutor, build_executor
 from jobs.slurm_jobs import final_report
 from jobs.specs import expand_ranges
+from jobs.text import error_line
 
 
 def _base_type(tp: Any) -> Any:
@@ -183,7 +184,7 @@ def wait_for(jobs: list[Any], echo: Callable[[Any], None]) -> None:
         except Exception as e:  # submitit raises FailedJobError/UncompletedJobError with the job's traceback
             failed += 1
             r = final_report(job)
-            last = r.error or next((ln for ln in reversed(str(e).splitlines()) if ln.strip()), type(e).__name__)
-            click.echo(f"job {job.job_id} {r.state}: {last.strip()} (log {job.paths.stdout})", err=True)
+            last = r.error or error_line(str(e)) or type(e).__name__
+            click.echo(f"job {job.job_id} {r.state}: {last} (log {job.paths.stdout})", err=True)
     if failed:
         raise click.exceptions.Exit(1)

@@ -51,6 +51,7 @@ from jobs.runs import SpecMismatch, require_run_id, row_base, same_spec_row
 from jobs.specs import METHODS, PTQSpec, check
 
 log = logging.getLogger(__name__)
+from jobs.text import table
 
 def plan_tasks(spec: PTQSpec) -> list[PTQSpec]:
     """One spec per (observer, calibration size), all other lists kept: the units of a job array."""
@@ -194,16 +195,11 @@ def _kb(n: int | None) -> str:
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """The rows of one or more tasks as a fixed-width table, as the ``ptq`` command prints them."""
-    head = (f"{'method':<7} {'observer':<15} {'weights':<12} {'calib':>6} {'alpha':>6} {'center':<6} "
-            f"{'float':>7} {'int8':>7} {'delta':>6} {'int8 KB':>8} {'packed KB':>9} {'.pt2 KB':>8} {'calib s':>8} "
-            f"{'eval s':>7}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        alpha = f"{r['alpha']:g}" if r["alpha"] is not None else "-"
-        lines.append(
-            f"{r['method']:<7} {r['observer']:<15} {r['weight_observer']:<12} {r['calib_size']:>6} {alpha:>6} "
-            f"{r['center'] or '-':<6} {r['float_top1']:>7.2f} {r['int8_top1']:>7.2f} "
-            f"{r['int8_top1'] - r['float_top1']:>+6.2f} {_kb(r.get('int8_bytes')):>8} "
-            f"{_kb(r.get('int8_packed_bytes')):>9} {_kb(r.get('program_bytes')):>8} {r['calib_seconds']:>8.1f} "
-            f"{r['eval_seconds']:>7.1f}")
-    return "\n".join(lines)
+    head = ("method", "observer", "weights", "calib", "alpha", "center", "float", "int8", "delta", "int8 KB",
+            "packed KB", ".pt2 KB", "calib s", "eval s")
+    body = [(r["method"], r["observer"], r["weight_observer"], str(r["calib_size"]),
+             "-" if r["alpha"] is None else f"{r['alpha']:g}", r["center"] or "-", f"{r['float_top1']:.2f}",
+             f"{r['int8_top1']:.2f}", f"{r['int8_top1'] - r['float_top1']:+.2f}", _kb(r.get("int8_bytes")),
+             _kb(r.get("int8_packed_bytes")), _kb(r.get("program_bytes")), f"{r['calib_seconds']:.1f}",
+             f"{r['eval_seconds']:.1f}") for r in rows]
+    return table([head, *body], right={3, 4, *range(6, 14)}, rule=True)

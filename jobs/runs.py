@@ -22,6 +22,7 @@ from typing import Any
 from compress.results import provenance, spec_row
 from jobs import lease
 from jobs.specs import TrainFields
+from jobs.text import table
 
 PROGRESS = "progress.json"
 
@@ -173,12 +174,6 @@ def search_progress(results: str | Path, search_id: str) -> str:
     runs = [inspect_run(d) for d in (Path(results) / "runs").glob(f"{search_id}-*")]
     (s,) = inspect_searches(runs) or [SearchReport(search_id, 0, 0, 0, 0, None)]
     return f"trials: {s.finished} finished, {s.running} running, {s.stopped} stopped"
-
-
-def table(rows: list[tuple[str, ...]]) -> str:
-    """Left-aligned columns, two spaces apart (the first row is the header)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def format_runs(runs: list[RunReport]) -> str:

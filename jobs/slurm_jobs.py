@@ -39,6 +39,7 @@ from typing import Any
 import submitit
 
 from jobs.runs import PROGRESS, inspect_run, search_progress
+from jobs.text import error_line, table
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +230,9 @@ def _error_line(paths: submitit.core.utils.JobPaths) -> str:
             kind, value = submitit.core.utils.pickle_load(paths.result_pickle)
         except Exception as e:  # a result that cannot be unpickled here is itself worth showing
             return f"result pickle unreadable: {type(e).__name__}: {e}"
-        if kind == "error":
-            return next((ln for ln in reversed(str(value).splitlines()) if ln.strip()), "")
-        return ""
+        return error_line(str(value)) if kind == "error" else ""
     if paths.stdout.exists():
-        lines = [ln for ln in paths.stdout.read_text(errors="replace").splitlines() if ln.strip()]
-        errs = [ln for ln in lines if re.search(r"Error|error:|Killed|CANCELLED|DUE TO", ln)]
-        return (errs or lines or [""])[-1].strip()
+        return error_line(paths.stdout.read_text(errors="replace"), log=True)
     return ""
 
 
@@ -317,13 +314,10 @@ def format_reports(reports: Sequence[JobReport], cwd: Path | None = None) -> str
             return str(p)
 
     rows = [("JOB", "STATE", "RUN", "PROGRESS", "LOG")]
-    for r in reports:
-        state = r.state + (f" (requeued {r.requeues}x)" if r.requeues else "")
-        rows.append((r.job_id, state, r.run_id or "-", r.progress, rel(r.log)))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = []
-    for row, r in zip(rows, [None, *reports], strict=True):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
-        if r is not None and r.error:
-            lines.append(f"    error: {r.error}")
-    return "\n".join(lines)
+    rows += [(r.job_id, r.state + (f" (requeued {r.requeues}x)" if r.requeues else ""), r.run_id or "-", r.progress,
+              rel(r.log)) for r in reports]
+    lines = table(rows, last_free=True).splitlines()
+    out = lines[:1]
+    for ln, r in zip(lines[1:], reports, strict=True):
+        out += [ln, f"    error: {r.error}"] if r.error else [ln]
+    return "\n".join(out)

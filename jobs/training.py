@@ -39,7 +39,6 @@ from compress.models import load_model
 from compress.prune import (
     MaskSet,
     bn_gamma_filter_masks,
-    format_table,
     global_magnitude_masks,
     make_permanent,
     module_table,
@@ -51,6 +50,7 @@ from jobs import lease, tables
 from jobs.runs import PROGRESS, SpecMismatch, check_run, require_run_id, row_base, run_dir, same_spec
 from jobs.specs import Phase, PruneSpec, TrainFields, TrainSpec
 
+from jobs.text import format_modules
 log = logging.getLogger(__name__)
 
 ReportFn = Callable[[dict[str, Any]], None]
@@ -343,7 +343,7 @@ class _Schedule:
         # the phase row's seconds are the last phase's; the run's totals are named as such beside them
         last = {f"last_phase_{k}": summary.pop(k) for k in ("train_seconds", "wall_seconds", "epochs")}
         summary = {**summary, **last, "run_id": spec.run_id, "checkpoint": str(run.dir / "final.pt"),
-                   "table": format_table(table), "packed": str(packed),
+                   "table": format_modules(table), "packed": str(packed),
                    "total_epochs": sum(ph.epochs for ph in self.plan),
                    "total_train_seconds": self.state["train_seconds"], "spec": dataclasses.asdict(spec)}
         atomic_write_bytes(run.dir / "summary.json", json.dumps(summary, indent=2).encode())

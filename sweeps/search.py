@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.specs import PruneSpec, PTQSpec, TuneSpec, check
+from jobs.text import error_line
 from sweeps.space import Dimension, apply_config, parse_space
 
 log = logging.getLogger(__name__)
@@ -251,15 +252,6 @@ def start_ray(folder: Path) -> list[subprocess.Popen]:
     return workers
 
 
-def _error_line(error: BaseException | None) -> str:
-    """``Type: message`` of the exception a trial raised (Ray wraps it; its ``cause`` is the original)."""
-    if error is None:
-        return ""
-    cause = getattr(error, "cause", None) or error
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[0] if text else ''}"
-
-
 def run_search(kind: str, base: Any, tune_spec: TuneSpec) -> dict[str, Any]:
     """Run (or resume) a search to the end; returns the best trial's config and metrics.
 
@@ -330,7 +322,7 @@ def run_search(kind: str, base: Any, tune_spec: TuneSpec) -> dict[str, Any]:
             iterations = expected
         trials.append({"trial_id": trial_id, "config": r.config, "score": m.get("score"), "iterations": iterations,
                        "stopped_early": not r.error and iterations < expected,
-                       "error": _error_line(r.error)})
+                       "error": error_line(r.error)})
     ok = [t for t in trials if not t["error"] and t["score"] is not None]
     best = max(ok, key=lambda t: t["score"]) if ok else None
     return {"search_id": tune_spec.search_id, "kind": kind, "metric": jk.metric_doc, "best": best,

@@ -13,7 +13,6 @@ from compress.models import build_model, conv_bn_pairs, prunable
 from compress.prune import (
     MaskSet,
     bn_gamma_filter_masks,
-    format_table,
     global_magnitude_masks,
     global_sparsity,
     make_permanent,
@@ -21,6 +20,7 @@ from compress.prune import (
     nonzero_counts,
 )
 from compress.schedule import phase_targets
+from jobs.text import format_modules
 from tests.conftest import count_prunable, is_close_to
 
 N_A = 268_336  # conv+linear weights of resnet20a
@@ -282,7 +282,7 @@ def test_module_table_counts_and_total_line() -> None:
     assert [r.module for r in rows] == [n for n, _ in prunable(model)]
     assert sum(r.params for r in rows) == count_prunable(model)
     assert sum(r.removed for r in rows) == round(0.5 * N_A)
-    text = format_table(rows)
+    text = format_modules(rows)  # the text a prune run prints (jobs layer) over the library's rows
     total = text.splitlines()[-1].split()
     assert total[:5] == ["total", "268,336", "268,336", "134,168", "134,168"] and total[5] == "50.00%"
 
