@@ -9,11 +9,17 @@ from jobs.specs import PruneSpec, PTQSpec, TrainSpec
 
 SEARCH_COLUMNS = {"search_id": pa.string(), "trial_id": pa.string()}
 
+# PREDICTIONS: the predicted class of every test image of the row's final evaluation, in test-set
+# order, one uint8 each (10,000 bytes for the full test set; ``EvalStats.predictions`` as bytes).
+# Null in files written before the column existed. With the test labels they give per-image
+# correctness: intervals and paired tests in ``analysis.stats``.
+
 PHASES = make_schema({
     "run_id": pa.string(), "kind": pa.string(), "phase": pa.int64(),
     "target_sparsity": pa.float64(), "sparsity": pa.float64(), "nonzero": pa.int64(), "prunable": pa.int64(),
     "top1": pa.float64(), "test_loss": pa.float64(), "train_loss": pa.float64(), "train_acc": pa.float64(),
     "epochs": pa.int64(), "train_seconds": pa.float64(), "wall_seconds": pa.float64(),
+    "predictions": pa.binary(),  # PREDICTIONS
     **SEARCH_COLUMNS,
 }, PruneSpec, TrainSpec)
 
@@ -39,5 +45,6 @@ PTQ = make_schema({
     "float_bytes": pa.int64(), "int8_bytes": pa.int64(), "int8_packed_bytes": pa.int64(), "program_bytes": pa.int64(),
     "sparsity": pa.float64(), "int8_sparsity": pa.float64(),
     "calib_seconds": pa.float64(), "convert_seconds": pa.float64(), "eval_seconds": pa.float64(),
+    "predictions": pa.binary(), "float_predictions": pa.binary(),  # PREDICTIONS: the int8 and the float model's
     **SEARCH_COLUMNS,
 }, PTQSpec)

@@ -11,7 +11,8 @@ State (model, masks, optimizer, LR schedule, position, the phase's epoch rows) i
 after every epoch to ``<results>/runs/<run_id>/state.pt``; a job started again with the same spec
 resumes there. Data order and augmentation depend only on (seed, phase, epoch), so a resumed run
 ends with the same metrics as an uninterrupted one. Rows go out once per phase under a fixed file
-name, so a requeued job can neither lose nor duplicate them.
+name, so a requeued job can neither lose nor duplicate them. A phase row keeps the predicted class
+of every test image of its evaluation (``predictions``, uint8 bytes in test-set order).
 
 Where it runs: everything here on ``spec.device`` (CUDA if the job has one, else CPU).
 """
@@ -49,8 +50,8 @@ from compress.results import PROVENANCE_FIELDS, atomic_write_bytes, provenance, 
 from jobs import lease, tables
 from jobs.runs import PROGRESS, SpecMismatch, check_run, require_run_id, row_base, run_dir, same_spec
 from jobs.specs import Phase, PruneSpec, TrainFields, TrainSpec
-
 from jobs.text import format_modules
+
 log = logging.getLogger(__name__)
 
 ReportFn = Callable[[dict[str, Any]], None]
@@ -233,11 +234,13 @@ class _Schedule:
             run.dir.mkdir(parents=True, exist_ok=True)
             (run.dir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
             t0 = time.perf_counter()
-            ev = evaluate(self.model, self.test_loader, self.device, amp=spec.amp, desc="phase 0 eval")
+            ev = evaluate(self.model, self.test_loader, self.device, amp=spec.amp, desc="phase 0 eval",
+                          keep_predictions=True)
             s, nz = self.sparsity_now()
             row0 = {"phase": 0, "target_sparsity": 0.0, "sparsity": s, "nonzero": nz, "prunable": self.n_prunable,
                     "top1": ev.top1, "test_loss": ev.loss, "train_loss": float("nan"), "train_acc": float("nan"),
-                    "epochs": 0, "train_seconds": 0.0, "wall_seconds": time.perf_counter() - t0}
+                    "epochs": 0, "train_seconds": 0.0, "wall_seconds": time.perf_counter() - t0,
+                    "predictions": ev.predictions.numpy().tobytes()}
             run.write("phases", f"{spec.run_id}-p00", [row0], tables.PHASES)
             log.info("phase 0: top-1 %.2f%%, sparsity %.4f", ev.top1, s)
             state = {"spec": dataclasses.asdict(spec), "phase": 1, "epoch": 0, "pruned": False, "epoch_rows": [],
@@ -273,8 +276,10 @@ class _Schedule:
                                  kd_temperature=self.distill.temperature, amp=spec.amp, cpu_amp=spec.cpu_bf16,
                                  desc=f"phase {ph.index} epoch {epoch + 1}/{ph.epochs}")
             last = epoch == ph.epochs - 1
-            ev = (evaluate(self.model, self.test_loader, self.device, amp=spec.amp)
+            ev = (evaluate(self.model, self.test_loader, self.device, amp=spec.amp, keep_predictions=last)
                   if spec.eval_every_epoch or last else None)
+            if last and ev is not None:  # the phase row's predictions, kept in the state until it is written
+                state["predictions"] = ev.predictions
             state["epoch_rows"].append({
                 "phase": ph.index, "epoch": epoch + 1, "lr": lr, "train_loss": st.loss, "train_acc": st.accuracy,
                 "test_loss": ev.loss if ev else float("nan"), "top1": ev.top1 if ev else float("nan"),
@@ -293,11 +298,12 @@ class _Schedule:
         """The phase's rows (its epochs, then its summary row), reported, and the state moved to the next phase."""
         spec, state, run = self.spec, self.state, self.run
         rows = state["epoch_rows"]
-        if rows and rows[-1]["top1"] == rows[-1]["top1"]:  # not NaN: evaluated after the last epoch
+        preds = state.get("predictions")  # absent in a state saved before predictions were kept
+        if rows and rows[-1]["top1"] == rows[-1]["top1"] and preds is not None:  # evaluated after the last epoch
             top1, test_loss = rows[-1]["top1"], rows[-1]["test_loss"]
         else:
-            ev = evaluate(self.model, self.test_loader, self.device, amp=spec.amp)
-            top1, test_loss = ev.top1, ev.loss
+            ev = evaluate(self.model, self.test_loader, self.device, amp=spec.amp, keep_predictions=True)
+            top1, test_loss, preds = ev.top1, ev.loss, ev.predictions
         s, nz = self.sparsity_now()
         state["wall"] += time.perf_counter() - t_phase
         row = {"phase": ph.index, "target_sparsity": ph.target if ph.target is not None else 0.0,
@@ -307,11 +313,14 @@ class _Schedule:
                "epochs": ph.epochs, "train_seconds": sum(r["seconds"] for r in rows), "wall_seconds": state["wall"]}
         if rows:
             run.write("epochs", f"{spec.run_id}-p{ph.index:02d}", rows, tables.EPOCHS)
-        run.write("phases", f"{spec.run_id}-p{ph.index:02d}", [row], tables.PHASES)
+        # the predictions go to the table only: not to Tune, the summary or its JSON
+        run.write("phases", f"{spec.run_id}-p{ph.index:02d}", [{**row, "predictions": preds.numpy().tobytes()}],
+                  tables.PHASES)
         log.info("phase %d: target %.4f sparsity %.4f top-1 %.2f%%", ph.index, row["target_sparsity"], s, top1)
         if run.report is not None:
             run.report({**row, "dense_top1": state["dense_top1"]})
-        state.update(phase=ph.index + 1, epoch=0, pruned=False, epoch_rows=[], wall=0.0, last_top1=top1)
+        state.update(phase=ph.index + 1, epoch=0, pruned=False, epoch_rows=[], wall=0.0, last_top1=top1,
+                     predictions=None)
         run.save(state)
         return {**row, "dense_top1": state["dense_top1"]}
 
