@@ -167,8 +167,14 @@ def executor_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return spec_options(ExecutorOptions)(command)
 
 
-def open_executor(options: ExecutorOptions) -> LocalExecutor | SlurmExecutor:
-    """``build_executor`` for the CLI: a cluster problem is one line and exit code 2."""
+def open_executor(options: ExecutorOptions, spans_nodes: bool = False) -> LocalExecutor | SlurmExecutor:
+    """``build_executor`` for the CLI: a cluster problem is one line and exit code 2.
+
+    Only a search (``spans_nodes``) uses more than one node; other jobs spread over nodes as arrays.
+    """
+    if options.nodes > 1 and not spans_nodes:
+        fail(f"nodes={options.nodes} is invalid: only a search (tune) spans nodes; this job runs on one node "
+             f"(spread runs over nodes with --seeds, an array)")
     try:
         return build_executor(options)
     except ValueError as e:

@@ -45,7 +45,7 @@ DEFAULT_FOLDER = "slurm-jobs"
 MANAGED_FLAGS = {"partition", "time", "gpus-per-node", "gpus", "cpus-per-task", "mem", "account", "qos",
                  "array", "signal", "output", "error", "job-name", "open-mode", "ntasks-per-node", "nodes"}
 # options that change what a SLURM job gets; without --partition they would be silently ignored
-RESOURCES = ("gpus", "cpus", "mem", "time", "account", "qos", "sbatch", "setup")
+RESOURCES = ("gpus", "cpus", "nodes", "mem", "time", "account", "qos", "sbatch", "setup")
 _TIME = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
 _MEM = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
 _FLAG = re.compile(r"^(?P<key>[a-z][a-z0-9-]*)(?:=(?P<value>.+))?$")
@@ -98,6 +98,7 @@ class ExecutorOptions:
     partition: str = opt("", "SLURM partition to submit to (checked with sinfo); empty: run here")
     gpus: int = opt(0, "GPUs per job (sbatch --gpus-per-node)")
     cpus: int = opt(1, "CPUs per job (sbatch --cpus-per-task; torch uses as many threads)")
+    nodes: int = opt(1, "nodes per job: a search starts Ray on each (sbatch --nodes); other jobs use one")
     mem: str = opt("", "memory per job, SLURM form: 4G, 500M (empty: the partition default)")
     time: str = opt("60", "time limit: minutes, HH:MM:SS or D-HH:MM:SS; the job requeues itself before it")
     array_parallelism: int = opt(16, "tasks of one job array running at once")
@@ -116,6 +117,7 @@ class ExecutorOptions:
     def __post_init__(self) -> None:
         check(self.gpus >= 0, "gpus", self.gpus, "must be >= 0")
         check(self.cpus >= 1, "cpus", self.cpus, "must be >= 1")
+        check(self.nodes >= 1, "nodes", self.nodes, "must be >= 1")
         check(not self.mem or bool(_MEM.match(self.mem)), "mem", self.mem, "use a number with K, M, G or T, e.g. 4G")
         parse_time(self.time)
         check(parse_time(self.time) >= 1, "time", self.time, "must be at least one minute")
@@ -156,6 +158,10 @@ def slurm_parameters(options: ExecutorOptions) -> dict[str, Any]:
     }
     if options.gpus:
         params["gpus_per_node"] = options.gpus
+    if options.nodes > 1:
+        # one driver task on the first node (it starts Ray's workers on the others with srun);
+        # --no-kill: losing a node costs its trials, not the search
+        params.update(nodes=options.nodes, ntasks_per_node=1, srun_args=["--nodes=1", "--ntasks=1"])
     if options.mem:
         params["mem"] = options.mem.upper()
     if options.account:
@@ -165,6 +171,8 @@ def slurm_parameters(options: ExecutorOptions) -> dict[str, Any]:
     if options.setup:
         params["setup"] = list(options.setup)
     extra = parse_sbatch_flags(options.sbatch)
+    if options.nodes > 1:
+        extra = {"no-kill": True, **extra}
     if extra:
         params["additional_parameters"] = extra
     return params
@@ -175,6 +183,19 @@ def render_sbatch(options: ExecutorOptions, command: str = "<python> -u -m submi
     from submitit.slurm.slurm import _make_sbatch_string
 
     return _make_sbatch_string(command=command, folder=str(Path(options.folder) / "%j"), **slurm_parameters(options))
+
+
+def max_array_size(default: int = 1001) -> int:
+    """Tasks one job array may hold: the cluster's ``MaxArraySize`` minus one (indices start at 0).
+
+    One ``scontrol show config`` call; SLURM's default (1001) where it cannot be read.
+    """
+    try:
+        res = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return default - 1
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", res.stdout, re.M)
+    return max(int(m.group(1)) - 1, 1) if m else default - 1
 
 
 def parse_sinfo(text: str) -> dict[str, int]:
@@ -284,7 +305,18 @@ class SlurmExecutor:
         return self._executor.submit(Requeueable(fn), *args, **kwargs)
 
     def map_array(self, fn: Callable[..., Any], *iterables: Sequence[Any]) -> list[Any]:
-        return self._executor.map_array(Requeueable(fn), *iterables)
+        """One job array, or several when there are more tasks than the cluster's ``MaxArraySize``.
+
+        Each array runs at most ``array_parallelism`` tasks at once (``%`` throttling), so a split
+        sweep may run that many per array.
+        """
+        args = list(zip(*iterables, strict=True))
+        size = max_array_size()
+        jobs: list[Any] = []
+        for start in range(0, len(args), size):
+            part = args[start:start + size]
+            jobs += self._executor.map_array(Requeueable(fn), *zip(*part, strict=True))
+        return jobs
 
 
 def build_executor(options: ExecutorOptions | None = None, **fields: Any) -> LocalExecutor | SlurmExecutor:

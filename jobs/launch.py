@@ -469,20 +469,26 @@ def verify(artifact: str, data_root: str) -> None:
 @download_option
 @click.option("--dry-run", is_flag=True, help="print the spec and its tasks (and the sbatch script) and exit",
               panel="Run")
-def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: ExecutorOptions,
-        **options: Any) -> None:
+def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str, tasks_per_job: int,
+        executor: ExecutorOptions, **options: Any) -> None:
     """Post-training int8 sweep (FX graph mode and hand-written): one task per (observer, calibration size).
 
     Each task calibrates once and evaluates every weight-scheme/alpha/center variant from those
     statistics; on SLURM the tasks go out as one job array. Rows: <results>/ptq/<run_id>-<task>.parquet.
     """
+@click.option("--seeds", default="", help="comma-separated seeds of the calibration subset: one run each "
+              "(run id -s<seed>), every task of every seed in one job array on SLURM", panel="Run")
+@click.option("--tasks-per-job", default=1, show_default=True, type=click.IntRange(min=1),
+              help="tasks each array job runs one after another (fewer, longer jobs for large sweeps)",
+              panel="SLURM")
     # the job modules (and torch) load when a command runs, not for --help or a bad option
     from compress.data import load_cifar10
     from compress.models import WeightsError, load_model
-    from jobs.ptq import format_rows, plan_tasks, preflight, run_ptq
+    from jobs.ptq import format_rows, plan_tasks, preflight, run_ptq, run_ptq_tasks
 
-    spec = _build_spec(PTQSpec, _from_run(options, run))
-    tasks = plan_tasks(spec)
+    specs = _seed_specs(PTQSpec, _from_run(options, run), seeds)
+    spec = specs[0]
+    tasks = [t for s in specs for t in plan_tasks(s)]
     export_spec = None
     if export_select:
         from jobs.specs import ExportSpec
@@ -494,8 +500,10 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: E
             fail(str(e))
     if dry_run:
         click.echo(json.dumps(dataclasses.asdict(spec), indent=2))
-        click.echo(f"{len(tasks)} task(s): {', '.join(t.task_name() for t in tasks)}")
+        click.echo(f"{len(tasks)} task(s): {', '.join(f'{t.run_id}/{t.task_name()}' for t in tasks)}")
         if not executor.local:
+    if export_select and len(specs) > 1:
+        fail("--export takes the rows of one run: drop --seeds, or export each run (export RUN_ID) afterwards")
             click.echo(render_sbatch(executor))
         return
     try:
@@ -507,11 +515,13 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: E
     except USER_ERRORS as e:
         fail(str(e))
     ex = open_executor(executor)
-    click.echo(f"run {spec.run_id}: {len(tasks)} task(s), results under {spec.results}/ptq/")
+    click.echo(f"run{'s' if len(specs) > 1 else ''} {', '.join(s.run_id for s in specs)}: {len(tasks)} task(s), "
+               f"results under {spec.results}/ptq/")
 
-    def echo(summary: dict[str, Any]) -> None:
-        click.echo(f"task {summary['task']} -> {summary['path']}")
-        click.echo(format_rows(summary["rows"]))
+    def echo(summary: dict[str, Any] | list[dict[str, Any]]) -> None:
+        for one in summary if isinstance(summary, list) else [summary]:
+            click.echo(f"task {one['task']} -> {one['path']}")
+            click.echo(format_rows(one["rows"]))
 
     if ex.local:
         try:
@@ -529,10 +539,15 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, executor: E
         if export_spec is not None:
             _export(export_spec)
         return
-    jobs = ex.map_array(run_ptq, tasks)
-    for job, task in zip(jobs, tasks, strict=True):
-        click.echo(f"submitted job {job.job_id}: task {task.task_name()}, log {job.paths.stdout}")
-    click.echo(f"watch: python -m jobs.launch status {jobs[0].job_id.split('_')[0]} --folder {executor.folder}")
+    chunks = [tasks[i:i + tasks_per_job] for i in range(0, len(tasks), tasks_per_job)]
+    jobs = ex.map_array(run_ptq_tasks, chunks) if tasks_per_job > 1 else ex.map_array(run_ptq, tasks)
+    if len(jobs) <= 20:
+        for job, chunk in zip(jobs, chunks, strict=True):
+            click.echo(f"submitted job {job.job_id}: task {', '.join(t.task_name() for t in chunk)}, "
+                       f"log {job.paths.stdout}")
+    arrays = sorted({j.job_id.split("_")[0] for j in jobs}, key=int)
+    click.echo(f"submitted {len(jobs)} array job(s) in {len(arrays)} array(s): {', '.join(arrays)}")
+    click.echo(f"watch: python -m jobs.launch status {' '.join(arrays)} --folder {executor.folder}")
     if executor.wait:
         wait_for(jobs, echo)
         if export_spec is not None:

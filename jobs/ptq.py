@@ -183,6 +183,14 @@ def run_ptq_sweep(spec: PTQSpec, report: Callable[[dict[str, Any]], None] | None
                   tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Every task of ``spec`` in this process, then ``report`` of the best int8 row (a Ray trial's result)."""
     rows = [r for task in plan_tasks(spec) for r in run_ptq(task, tags)["rows"]]
+def run_ptq_tasks(specs: list[PTQSpec]) -> list[dict[str, Any]]:
+    """Several tasks one after another: one array job of a large sweep (``--tasks-per-job``).
+
+    Each task writes its own file as it finishes, so a requeued job skips the ones already written.
+    """
+    return [run_ptq(s) for s in specs]
+
+
     best = max(rows, key=lambda r: r["int8_top1"])
     if report is not None:
         report({k: v for k, v in best.items() if v is not None})

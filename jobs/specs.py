@@ -328,6 +328,8 @@ class TuneSpec:
     resume: bool = opt(False, "resume the interrupted search --search-id")
     cpus_per_trial: float = opt(0.0, "CPUs per trial (0: the CPUs Ray has / max-concurrent)")
     gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions share a GPU)")
+    max_failures: int = opt(0, "times a failed trial is retried (e.g. after losing its node); it resumes from "
+                               "its own checkpoint")
 
     def __post_init__(self) -> None:
         check(self.num_samples >= 1, "num_samples", self.num_samples, "must be >= 1")
@@ -337,6 +339,7 @@ class TuneSpec:
         check(self.max_drop >= 0, "max_drop", self.max_drop, "must be >= 0")
         check(self.cpus_per_trial >= 0, "cpus_per_trial", self.cpus_per_trial, "must be >= 0")
         check(self.gpus_per_trial >= 0, "gpus_per_trial", self.gpus_per_trial, "must be >= 0")
+        check(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
         check(not self.resume or bool(self.search_id), "resume", self.resume, "needs --search-id of the search")
 
 

@@ -19,7 +19,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -223,8 +226,63 @@ def stop_leftovers(temp_dir: str) -> int:
     return len(pids)
 
 
+def node_address() -> str:
+    """This node's address as SLURM knows it (its ``NodeAddr``), for Ray to bind and advertise.
+
+    Ray's own guess is the source address of a route to the internet, which a compute node in a
+    private network may not have (it then falls back to 127.0.0.1 and no other node can reach it).
+    E.g. ``NodeAddr=10.77.0.12`` for ``devnode2``; a host name is resolved.
+    """
+    name = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    out = subprocess.run(["scontrol", "show", "node", name], capture_output=True, text=True, timeout=30)
+    m = re.search(r"NodeAddr=(\S+)", out.stdout)
+    if out.returncode != 0 or not m:
+        raise RuntimeError(f"SLURM does not know node {name!r}: {out.stderr.strip() or out.stdout.strip()}")
+    return socket.gethostbyname(m.group(1))
+
+
+def ray_ports(job_id: str) -> dict[str, int]:
+    """Ray's ports for one search job: a block of 100 chosen by the job id, never Ray's defaults.
+
+    Two searches that share a node would otherwise both take Ray's fixed defaults (the GCS on 6379,
+    the dashboard agent on 52365) and the second would fail. The blocks lie in 10000-31999, below
+    Linux's ephemeral range (32768+). E.g. job 4711 -> 19100-19199: the GCS on 19100, worker
+    processes on 19110-19199 (at most 90 per node).
+    """
+    base = 10000 + (int(job_id.split("_")[0]) % 220) * 100
+    return {"port": base, "node-manager-port": base + 1, "object-manager-port": base + 2,
+            "runtime-env-agent-port": base + 3, "dashboard-agent-grpc-port": base + 4,
+            "dashboard-agent-listen-port": base + 5, "metrics-export-port": base + 6,
+            "min-worker-port": base + 10, "max-worker-port": base + 99}
+
+
+def _ray_start(ip: str, ports: dict[str, int], res: dict[str, Any], temp_dir: str, head: str = "") -> list[str]:
+    """The ``ray start`` command of one node: the head (``head=""``) or a worker joining ``head``."""
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
+           f"--node-ip-address={ip}", f"--num-cpus={res['num_cpus']}", f"--num-gpus={res['num_gpus']}",
+           f"--temp-dir={temp_dir}"]
+    cmd += [f"--{k}={v}" for k, v in ports.items() if k != "port"]
+    return cmd + (["--head", f"--port={ports['port']}", "--include-dashboard=false"] if not head
+                  else [f"--address={head}"])
+
+
+def ray_worker_main(head: str, job_id: str, temp_root: str) -> None:
+    """Entry point of the Ray worker step on each other node (``python -m sweeps.search worker ...``)."""
+    res = _slurm_resources()
+    temp_dir = tempfile.mkdtemp(prefix=f"ray-{job_id}-", dir=temp_root)  # per node: nodes may share /tmp
+    cmd = _ray_start(node_address(), ray_ports(job_id), res, temp_dir, head=head)
+    os.execv(cmd[0], cmd)
+
+
 def start_ray(folder: Path) -> list[subprocess.Popen]:
-    """Start a Ray head here (and workers on the allocation's other nodes); returns the worker steps."""
+    """Start Ray for a search: here, or across the nodes of a SLURM allocation; returns what to stop after.
+
+    On one node, ``ray.init`` starts a private instance sized from the SLURM allocation (or this
+    machine). On several nodes (``SLURM_JOB_NUM_NODES`` > 1) the head starts on this node, on its
+    SLURM address and the job's own ports (``ray_ports``), and one ``srun`` step starts a worker on
+    every other node of the allocation with that node's CPUs and GPUs; the search waits until all
+    have joined (a node that never joins is logged, and its share of trials runs elsewhere).
+    """
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a stray ~/.ray/auth_token breaks clients
@@ -234,22 +292,33 @@ def start_ray(folder: Path) -> list[subprocess.Popen]:
         stop_leftovers(str((folder / "ray").resolve()))
     temp_dir = _temp_dir(folder)
     (Path(temp_dir) / DRIVER).write_text(str(os.getpid()))
-    ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
-             configure_logging=True, logging_level=logging.WARNING, **res)
-    workers: list[subprocess.Popen] = []
-    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1"))
-    if in_slurm and nodes > 1:
-        address = ray.get_runtime_context().gcs_address
-        cmd = ["srun", f"--nodes={nodes - 1}", f"--ntasks={nodes - 1}", "--ntasks-per-node=1",
-               f"--exclude={os.uname().nodename}", "ray", "start", f"--address={address}", "--block",
-               f"--num-cpus={res['num_cpus']}", f"--num-gpus={res['num_gpus']}"]
-        workers.append(subprocess.Popen(cmd))
-        want = nodes
-        deadline = time.time() + 120
-        while len([n for n in ray.nodes() if n["Alive"]]) < want and time.time() < deadline:
-            time.sleep(1)
-    log.info("ray up: %s", ray.cluster_resources())
-    return workers
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) if in_slurm else 1
+    if nodes == 1:
+        ray.init(include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+                 configure_logging=True, logging_level=logging.WARNING, **res)
+        log.info("ray up: %s", ray.cluster_resources())
+        return []
+    job = os.environ["SLURM_JOB_ID"]
+    ip, ports = node_address(), ray_ports(job)
+    head = f"{ip}:{ports['port']}"
+    steps = [subprocess.Popen(_ray_start(ip, ports, {k: res[k] for k in ("num_cpus", "num_gpus")}, temp_dir))]
+    deadline = time.time() + 60
+    while subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "health-check", f"--address={head}"],
+                         capture_output=True).returncode != 0:
+        if steps[0].poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"the Ray head did not start on {head} (log under {temp_dir})")
+        time.sleep(1)
+    steps.append(subprocess.Popen(
+        ["srun", f"--nodes={nodes - 1}", f"--ntasks={nodes - 1}", "--ntasks-per-node=1", "--overlap",
+         f"--exclude={os.environ.get('SLURMD_NODENAME') or socket.gethostname()}",
+         sys.executable, "-m", "sweeps.search", "worker", head, job, str(Path(temp_dir).parent)]))
+    ray.init(address=head, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+    deadline = time.time() + 120
+    while len([n for n in ray.nodes() if n["Alive"]]) < nodes and time.time() < deadline:
+        time.sleep(1)
+    alive = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
+    log.info("ray up on %d of %d nodes (%s): %s", len(alive), nodes, ", ".join(alive), ray.cluster_resources())
+    return steps
 
 
 def run_search(kind: str, base: Any, tune_spec: TuneSpec) -> dict[str, Any]:
@@ -288,7 +357,7 @@ def run_search(kind: str, base: Any, tune_spec: TuneSpec) -> dict[str, Any]:
 
             search_alg = OptunaSearch(seed=base.seed)
         run_config = tune.RunConfig(name=tune_spec.search_id, storage_path=str(storage),
-                                    failure_config=tune.FailureConfig(max_failures=0), verbose=0)
+                                    failure_config=tune.FailureConfig(max_failures=tune_spec.max_failures), verbose=0)
         # a requeued SLURM job (preemption, time limit) carries on with the search it started
         requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
         if tune_spec.resume or (requeued and tune.Tuner.can_restore(str(folder))):
@@ -327,3 +396,7 @@ def run_search(kind: str, base: Any, tune_spec: TuneSpec) -> dict[str, Any]:
     best = max(ok, key=lambda t: t["score"]) if ok else None
     return {"search_id": tune_spec.search_id, "kind": kind, "metric": jk.metric_doc, "best": best,
             "trials": trials, "ray_start_seconds": t_ray, "search_seconds": t_fit, "folder": str(folder)}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:  # the srun step of start_ray on the other nodes
+    ray_worker_main(*sys.argv[2:5])

@@ -253,3 +253,25 @@ def test_run_progress_reads_the_runs_own_files(tmp_path):
     (run / "summary.json").write_text(json.dumps({"top1": 88.25, "sparsity": 0.5}))
     assert run_progress(spec) == "finished: top-1 88.25%, sparsity 50.0%"  # a run from before progress.json
     assert finished_runs(tmp_path) == {"p"}
+
+
+def test_a_search_over_nodes_asks_for_them_and_runs_one_driver() -> None:
+    """--nodes 3: three nodes, one task each, the driver alone on the first; the job survives a lost node."""
+    script = render_sbatch(ExecutorOptions(partition="debug", nodes=3, cpus=2))
+    assert "#SBATCH --nodes=3" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert "#SBATCH --no-kill" in script
+    srun = next(ln for ln in script.splitlines() if ln.startswith("srun "))
+    assert "--nodes=1 --ntasks=1" in srun  # one copy of the driver, not one per node
+    single = render_sbatch(ExecutorOptions(partition="debug"))
+    assert "#SBATCH --nodes=1" in single and "--no-kill" not in single and "--ntasks=1" not in single
+
+
+def test_ray_ports_are_a_block_per_job_below_the_ephemeral_range() -> None:
+    from sweeps.search import ray_ports
+
+    a, b = ray_ports("4711"), ray_ports("4712_3")
+    assert a["port"] == 19100 and a["max-worker-port"] == 19199 and b["port"] == 19200
+    for ports in (a, b, ray_ports("219"), ray_ports("220")):
+        values = set(ports.values()) - {ports["max-worker-port"]}
+        assert len(values) == len(ports) - 1 and min(values) >= 10000 and max(ports.values()) < 32768
+        assert not {6379, 8265, 52365} & set(range(min(values), ports["max-worker-port"] + 1))

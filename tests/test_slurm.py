@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,6 +202,32 @@ def test_ptq_sweep_goes_out_as_one_array(cluster, synthetic_cifar, synthetic_wei
     assert len(table) == 16  # 2 observers x 2 calibration sizes x 2 alphas x 2 centers, each once
     assert not table[["observer", "calib_size", "alpha", "center"]].duplicated().any()
     assert set(table["job_id"]) == {r.job_id for r in reports}  # each task wrote its own rows
+
+
+def test_large_ptq_sweep_splits_into_arrays_of_chunked_tasks(cluster, synthetic_cifar, synthetic_weights, work,
+                                                             monkeypatch):
+    """More tasks than MaxArraySize: several arrays, each job runs a chunk of tasks; every row once."""
+    import jobs.executors
+
+    assert jobs.executors.max_array_size() == int(re.search(r"MaxArraySize\s*=\s*(\d+)",
+                                                            scontrol("show", "config")).group(1)) - 1
+    monkeypatch.setattr(jobs.executors, "max_array_size", lambda: 2)  # as on a cluster with MaxArraySize=3
+    results, folder = work / "big-results", work / "big-jobs"
+    res = launch("ptq", "--partition", "debug", "--array-parallelism", "2", "--tasks-per-job", "2", "--wait",
+                 "--folder", str(folder), "--results", str(results), "--run-id", "big", "--seeds", "0,1",
+                 "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights), "--methods", "manual",
+                 "--calib-sizes", "20,40,60", "--alphas", "0.9,1.0", "--centers", "min,zero", "--test-size", "100",
+                 "--eval-batch-size", "100", "--calib-batch-size", "20")
+    assert res.exit_code == 0, res.output + res.stderr
+    reports = [settled(r.job_id, folder) for r in inspect_jobs([], folder)]
+    arrays = {r.job_id.split("_")[0] for r in reports}
+    assert len(reports) == 3 and len(arrays) == 2  # 6 tasks in chunks of 2 -> 3 jobs, arrays of at most 2
+    assert all(r.state == "COMPLETED" for r in reports)
+    table = read_table(results, "ptq").to_pandas()
+    assert len(table) == 2 * 3 * 2 * 2  # seeds x calibration sizes x alphas x centers, each once
+    assert not table[["run_id", "calib_size", "alpha", "center"]].duplicated().any()
+    assert sorted(table.groupby("run_id")["spec_seed"].first().items()) == [("big-s0", 0), ("big-s1", 1)]
+    assert len(set(table["job_id"])) == 3  # each job wrote the rows of its two tasks
 
 
 def test_preempted_prune_resumes_with_identical_rows(reference, tiny, work):
