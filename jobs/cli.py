@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import rich_click as click
@@ -167,7 +167,8 @@ def executor_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return spec_options(ExecutorOptions)(command)
 
 
-def open_executor(options: ExecutorOptions, spans_nodes: bool = False) -> LocalExecutor | SlurmExecutor:
+def open_executor(options: ExecutorOptions, spans_nodes: bool = False,
+                  shared: Sequence[str] = ()) -> LocalExecutor | SlurmExecutor:
     """``build_executor`` for the CLI: a cluster problem is one line and exit code 2.
 
     Only a search (``spans_nodes``) uses more than one node; other jobs spread over nodes as arrays.
@@ -176,7 +177,7 @@ def open_executor(options: ExecutorOptions, spans_nodes: bool = False) -> LocalE
         fail(f"nodes={options.nodes} is invalid: only a search (tune) spans nodes; this job runs on one node "
              f"(spread runs over nodes with --seeds, an array)")
     try:
-        return build_executor(options)
+        return build_executor(options, shared=shared)
     except ValueError as e:
         fail(str(e))
 

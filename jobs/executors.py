@@ -238,6 +238,40 @@ def check_cluster(options: ExecutorOptions, partitions: dict[str, int]) -> None:
                             f"{', '.join(f'{p} ({n})' for p, n in sorted(partitions.items()) if n) or 'none'}")
 
 
+# filesystems that live in one machine's memory: a path on them is never visible from another node
+NODE_LOCAL_FS = {"tmpfs", "ramfs", "devtmpfs"}
+
+
+def filesystem_type(path: str | os.PathLike) -> str:
+    """The type of the filesystem ``path`` lies on (its longest mount point in /proc/self/mounts)."""
+    target = Path(path).expanduser().resolve()
+    best, kind = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, point, fstype, *_ = line.split()
+            point = point.replace("\\040", " ")
+            if (target == Path(point) or Path(point) in target.parents) and len(point) > len(best):
+                best, kind = point, fstype
+    return kind
+
+
+def check_shared(name: str, path: str | os.PathLike) -> None:
+    """Refuse a job folder or results root that compute nodes cannot see (one line, before submitting).
+
+    A path in memory (tmpfs, ramfs) is local to this machine by nature; a path under /tmp on a local
+    disk usually is too, but cannot be told from a shared one here, so it is only warned about. E.g.
+    ``--results /dev/shm/r`` -> "results='/dev/shm/r' is invalid: on tmpfs, local to this machine...".
+    """
+    p = Path(path).expanduser().resolve()
+    probe = next((q for q in (p, *p.parents) if q.exists()), Path("/"))
+    kind = filesystem_type(probe)
+    check(kind not in NODE_LOCAL_FS, name, str(path),
+          f"on {kind}, local to this machine: compute nodes cannot see it; use a shared filesystem "
+          f"(the one your home or project space is on)")
+    if str(p).startswith(("/tmp/", "/var/tmp/")):
+        log.warning("%s %s is usually node-local: compute nodes must see it", name, p)
+
+
 def check_folder(folder: str | os.PathLike) -> Path:
     """Create the job folder and prove it writable with a probe file (root bypasses mode bits)."""
     path = Path(folder).expanduser().resolve()
@@ -247,8 +281,6 @@ def check_folder(folder: str | os.PathLike) -> Path:
             pass
     except OSError as e:
         raise ExecutorError(f"folder={str(folder)!r} is not writable: {e.strerror or e}") from e
-    if str(path).startswith(("/tmp/", "/dev/shm/", "/var/tmp/")):
-        log.warning("job folder %s is usually node-local: compute nodes must see it", path)
     return path
 
 
@@ -319,11 +351,13 @@ class SlurmExecutor:
         return jobs
 
 
-def build_executor(options: ExecutorOptions | None = None, **fields: Any) -> LocalExecutor | SlurmExecutor:
+def build_executor(options: ExecutorOptions | None = None, shared: Sequence[str | os.PathLike] = (),
+                   **fields: Any) -> LocalExecutor | SlurmExecutor:
     """The executor for the launch options; no partition means this machine.
 
     ``fields`` override single options (``build_executor(partition="gpu", gpus=1)``). For SLURM the
-    cluster is asked first (``sinfo``) and the job folder is created; any problem raises
+    cluster is asked first (``sinfo``), the job folder and the ``shared`` results roots must be on a
+    filesystem the nodes see (``check_shared``), and the job folder is created; any problem raises
     ``ExecutorError`` before anything is submitted.
     """
     options = options or ExecutorOptions()
@@ -332,5 +366,8 @@ def build_executor(options: ExecutorOptions | None = None, **fields: Any) -> Loc
     if options.local:
         return LocalExecutor()
     check_cluster(options, cluster_partitions())
+    check_shared("folder", options.folder)
+    for path in shared:
+        check_shared("results", path)
     check_folder(options.folder)
     return SlurmExecutor(options)

@@ -222,7 +222,7 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
         states = [check_run(spec) for spec in specs]  # another spec's run under this id: refused before anything
     except USER_ERRORS as e:
         fail(str(e))
-    ex = open_executor(executor)
+    ex = open_executor(executor, shared=sorted({s.results for s in specs}))
     if ex.local:
         for spec, state in zip(specs, states, strict=True):
             click.echo(f"run {spec.run_id} ({RUN_STATES[state]}): results under {spec.results}/")
@@ -514,7 +514,7 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
         check_results_root(spec.results, 2**20)
     except USER_ERRORS as e:
         fail(str(e))
-    ex = open_executor(executor)
+    ex = open_executor(executor, shared=[spec.results])
     click.echo(f"run{'s' if len(specs) > 1 else ''} {', '.join(s.run_id for s in specs)}: {len(tasks)} task(s), "
                f"results under {spec.results}/ptq/")
 

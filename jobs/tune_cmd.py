@@ -77,7 +77,7 @@ def _command(kind: str) -> click.Command:
             if not executor.local:
                 click.echo(render_sbatch(executor))
             return
-        ex = open_executor(executor, spans_nodes=True)
+        ex = open_executor(executor, spans_nodes=True, shared=[base.results])
         if ex.local:
             try:
                 summary = run_search(kind, base, tune_spec)

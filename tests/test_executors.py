@@ -275,3 +275,13 @@ def test_ray_ports_are_a_block_per_job_below_the_ephemeral_range() -> None:
         values = set(ports.values()) - {ports["max-worker-port"]}
         assert len(values) == len(ports) - 1 and min(values) >= 10000 and max(ports.values()) < 32768
         assert not {6379, 8265, 52365} & set(range(min(values), ports["max-worker-port"] + 1))
+
+
+def test_a_path_in_memory_is_refused_as_a_shared_folder(tmp_path) -> None:
+    from jobs.executors import check_shared, filesystem_type
+
+    assert filesystem_type("/dev/shm") == "tmpfs"  # Linux mounts /dev/shm as tmpfs
+    with pytest.raises(ValueError, match=r"results='/dev/shm/x/y' is invalid: on tmpfs, local to this machine"):
+        check_shared("results", "/dev/shm/x/y")  # judged by its nearest existing parent; nothing is created
+    assert not Path("/dev/shm/x").exists()
+    check_shared("results", Path.cwd() / "results")  # the checkout's disk: accepted

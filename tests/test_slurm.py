@@ -331,6 +331,10 @@ def test_cancelled_job_shows_cancelled_and_no_partial_rows(cluster, tiny, work):
     (["--partition", "gpu", "--gpus", "99"], "gpus=99 is more than a node of partition 'gpu' has"),
     (["--partition", "gpu", "--folder", "{file}/jobs"], "is not writable"),
     (["--partition", "gpu", "--time", "2h"], "time='2h' is invalid"),
+    (["--partition", "debug", "--results", "/dev/shm/compress-test-results"],  # tmpfs: no other node sees it
+     "results='/dev/shm/compress-test-results' is invalid: on tmpfs, local to this machine"),
+    (["--partition", "debug", "--folder", "/dev/shm/compress-test-jobs"],
+     "folder='/dev/shm/compress-test-jobs' is invalid: on tmpfs, local to this machine"),
 ])
 def test_bad_input_is_one_line_and_submits_nothing(cluster, synthetic_cifar, synthetic_weights, tmp_path, bad,
                                                    expected):
@@ -346,6 +350,7 @@ def test_bad_input_is_one_line_and_submits_nothing(cluster, synthetic_cifar, syn
     assert res.exit_code == 2
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and expected in res.stderr
     assert not folder.exists() and not (tmp_path / "results").exists()
+    assert not list(Path("/dev/shm").glob("compress-test-*"))
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
 
 
