@@ -3,6 +3,7 @@
     python -m jobs.launch report results --out results/report
     python -m jobs.launch report ~/copied/results --out /tmp/report --search tune-prune-20250101-120000
     python -m jobs.launch report results --out r --kind prune --model resnet20a --run 'prune-2025*'
+    python -m jobs.launch report results --out r --data-root ../shared/data    # with intervals and p-values
 
 Only the tables under a results root are read (``phases/``, ``epochs/``, ``modules/``, ``ptq/``):
 a results folder copied off the cluster is enough, without checkpoints, SLURM, a GPU or torch.
@@ -18,6 +19,13 @@ for each kind of result that has rows after filtering:
 
 The values in the Markdown tables are the values of the rows (top-1 and sparsity in percent, shown
 with two decimals); ``Report.tables`` holds the same tables unformatted, as DataFrames.
+
+Decided by significance, not by digits: given the test labels (``labels``, the CLI's ``--data-root``),
+each top-1 of a row that keeps its predicted classes gets a 95% bootstrap interval over the test
+images, int8 is tested against its float model, and each configuration (runs paired by seed) or
+search trial against the best one, by the exact McNemar test (``analysis.stats``). At 90% on 10,000
+images the interval is about +-0.59 points, wider than most seed-to-seed differences. Rows written
+before predictions were kept show ``-`` there.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from analysis.stats import bootstrap_interval, mcnemar
 from compress.results import atomic_write_bytes, read_table
 
 log = logging.getLogger(__name__)
@@ -217,6 +226,77 @@ def safe_name(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# intervals and paired tests (analysis.stats) from the predictions the rows keep
+
+
+SIGNIFICANCE = 0.05  # the level of the "significant at 0.05" calls
+CI = "top-1 95% CI"
+NONE = "-"  # a cell that cannot be computed: no predictions in the row, no labels, nothing to pair
+
+
+def format_interval(interval: tuple[float, float] | None) -> str:
+    """An interval in percent, two decimals like the top-1 beside it: (89.685, 90.851) -> ``[89.69, 90.85]``."""
+    return NONE if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def format_p(p: float | None) -> str:
+    """A p-value: three decimals, two significant digits below 0.001: 0.03857 -> ``0.039``, 2.1e-05 -> ``2.1e-05``."""
+    if p is None:
+        return NONE
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+class Significance:
+    """Per-image correctness of rows, and the table cells made from it: intervals and McNemar p-values.
+
+    ``labels``: the test labels in test-set order (a row evaluated on the first N test images uses the
+    first N); None: every cell shows ``-``. A row's predictions count only when they reproduce the row's
+    top-1 against these labels exactly, so labels of another data set give ``-``, not wrong numbers
+    (``mismatched`` names those rows).
+    """
+
+    def __init__(self, labels: np.ndarray | None) -> None:
+        self.labels = None if labels is None else np.asarray(labels)
+        self.mismatched: set[str] = set()
+        self._seen: dict[tuple[bytes, float], np.ndarray | None] = {}
+
+    def correct(self, row: Mapping[str, Any], top1: str = "top1",
+                predictions: str = "predictions") -> np.ndarray | None:
+        """Which test images the row's model got right (bool, test-set order), or None."""
+        pred, value = row.get(predictions), row.get(top1)
+        if self.labels is None or not isinstance(pred, bytes | bytearray) or value is None or value != value:
+            return None
+        key = (bytes(pred), float(value))
+        if key not in self._seen:
+            p = np.frombuffer(key[0], dtype=np.uint8)
+            right = p == self.labels[:len(p)] if len(p) <= len(self.labels) else None
+            ok = right is not None and abs(100.0 * int(right.sum()) / max(1, len(p)) - key[1]) <= 1e-9
+            self._seen[key] = right if ok else None
+        if self._seen[key] is None:
+            self.mismatched.add(" ".join(str(row.get(k)) for k in ("run_id", "phase", "method", "observer",
+                                                                   "calib_size") if row.get(k) is not None))
+        return self._seen[key]
+
+    def interval(self, runs: Sequence[np.ndarray | None]) -> str:
+        """The 95% interval of the runs' mean top-1 (one run: its top-1); ``-`` unless every run has its images."""
+        if not runs or any(r is None for r in runs) or len({len(r) for r in runs}) != 1:
+            return NONE
+        return format_interval(bootstrap_interval(np.stack(runs)))
+
+    @staticmethod
+    def paired(a: Sequence[np.ndarray | None], b: Sequence[np.ndarray | None]) -> float | None:
+        """McNemar p of runs ``a`` against runs ``b``, paired in order (pooled); None when they cannot pair up."""
+        if not a or len(a) != len(b) or any(r is None for r in (*a, *b)) or len({len(r) for r in (*a, *b)}) != 1:
+            return None
+        return mcnemar(np.stack(a), np.stack(b))[2]
+
+
+def significant(p: float | None) -> str:
+    """The call of a p-value at ``SIGNIFICANCE``: ``yes``, ``no``, or ``-`` without one."""
+    return NONE if p is None else ("yes" if p < SIGNIFICANCE else "no")
+
+
+# ----------------------------------------------------------------------------------------------------
 # plotting helpers (matplotlib's Agg backend: no display needed)
 
 
@@ -303,8 +383,9 @@ def _natural_key(text: str) -> tuple:
 class _Writer:
     """Collects Markdown, figures and tables while the sections are built."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, sig: Significance | None = None) -> None:
         self.out = out
+        self.sig = sig or Significance(None)
         self.lines: list[str] = []
         self.report = Report(path=out / "report.md")
 
@@ -340,7 +421,7 @@ def _weights_name(value: Any) -> str:
     return f"{path.parent.name}/{path.name}" if path.name in ("final.pt", "state.pt") else path.name
 
 
-def _run_table(phases: pd.DataFrame) -> pd.DataFrame:
+def _run_table(phases: pd.DataFrame, sig: Significance) -> pd.DataFrame:
     """One line per run: how far it got and where it ended."""
     rows = []
     for run_id, g in phases.groupby("run_id", sort=True):
@@ -354,6 +435,7 @@ def _run_table(phases: pd.DataFrame) -> pd.DataFrame:
             "phases done": f"{int(last['phase'])}/{planned}",
             "start top-1 (%)": first["top1"] if first["phase"] == 0 else float("nan"),
             "final sparsity (%)": 100 * last["sparsity"], "final top-1 (%)": last["top1"],
+            f"final {CI}": sig.interval([sig.correct(last)]),
             "change (pp)": last["top1"] - first["top1"] if first["phase"] == 0 else float("nan"),
             "train time (min)": g["train_seconds"].sum() / 60, "job": last.get("job_id", ""),
         })
@@ -365,13 +447,18 @@ NOT_CONFIGURATION = (*NOT_SEARCHED, "spec_seed", "spec_data_root", "spec_device"
                      "spec_eval_batch_size")
 
 
-def configuration_table(phases: pd.DataFrame) -> pd.DataFrame:
+def configuration_table(phases: pd.DataFrame, labels: np.ndarray | None = None) -> pd.DataFrame:
     """Finished prune runs grouped by their spec less the seed: one line per configuration, best first.
 
     A configuration is named by the spec fields that differ between configurations. Its top-1 is the
     mean over its runs (seeds), with the min, max and spread; the drop is from the starting (phase 0)
     top-1. Best first: the highest final sparsity (to 0.01%), then the highest mean top-1.
+
+    With the test ``labels`` and the rows' predictions: the 95% interval of the mean top-1 over the
+    test images, and each configuration against the best one: its runs paired with the best's by seed
+    (seed 0 with seed 0; seeds only one side ran are left out), pooled in one exact McNemar test.
     """
+    sig = Significance(labels)
     prune = phases[phases["kind"] == "prune"]
     finals = []
     for _run_id, g in prune.groupby("run_id", sort=True):
@@ -381,7 +468,7 @@ def configuration_table(phases: pd.DataFrame) -> pd.DataFrame:
             continue  # unfinished: it would compare an intermediate sparsity
         start = g.iloc[0]["top1"] if g.iloc[0]["phase"] == 0 else float("nan")
         finals.append({**last.to_dict(), "start_top1": start, "total_epochs": int(g["epochs"].sum()),
-                       "total_train_seconds": float(g["train_seconds"].sum())})
+                       "total_train_seconds": float(g["train_seconds"].sum()), "_correct": sig.correct(last)})
     if not finals:
         return pd.DataFrame()
     runs = pd.DataFrame(finals)
@@ -393,21 +480,33 @@ def configuration_table(phases: pd.DataFrame) -> pd.DataFrame:
     keys = [c for c in runs.columns if c.startswith("spec_") and c not in NOT_CONFIGURATION]
     runs["_key"] = runs[keys].apply(lambda r: tuple("" if pd.isna(v) else str(v) for v in r), axis=1)
     named = [c for c in keys if runs.groupby("_key")[c].first().map(str).nunique() > 1]
-    out = []
+    out, by_seed = [], []
     for _key, g in runs.groupby("_key", sort=False):
         first = g.iloc[0]
         top = g["top1"]
+        g = g.sort_values(["spec_seed", "run_id"], kind="stable")
+        by_seed.append({seed: list(s["_correct"]) for seed, s in g.groupby("spec_seed", sort=True)})
         out.append({
             "configuration": ", ".join(f"{c[5:]}={first[c]}" for c in named) or "(all runs share one spec)",
             "runs": len(g), "seeds": ",".join(str(int(v)) for v in sorted(g["spec_seed"])),
             "epochs": int(first["total_epochs"]), "sparsity (%)": 100 * g["sparsity"].mean(),
-            "top-1 mean (%)": top.mean(), "top-1 min (%)": top.min(), "top-1 max (%)": top.max(),
-            "spread (pp)": top.max() - top.min(), "drop (pp)": (g["start_top1"] - top).mean(),
-            "train time (min)": g["total_train_seconds"].mean() / 60,
+            "top-1 mean (%)": top.mean(), CI: sig.interval(list(g["_correct"])), "top-1 min (%)": top.min(),
+            "top-1 max (%)": top.max(), "spread (pp)": top.max() - top.min(),
+            "drop (pp)": (g["start_top1"] - top).mean(), "train time (min)": g["total_train_seconds"].mean() / 60,
         })
     table = pd.DataFrame(out)
     order = table.assign(_s=table["sparsity (%)"].round(2)).sort_values(["_s", "top-1 mean (%)"],
                                                                          ascending=False, kind="stable")
+    best = by_seed[order.index[0]]
+    paired, ps = [], []
+    for i in order.index:
+        seeds = sorted(set(by_seed[i]) & set(best))
+        a = [r for s in seeds for r in by_seed[i][s][:len(best[s])]]  # the k-th run of a seed with the k-th
+        b = [r for s in seeds for r in best[s][:len(by_seed[i][s])]]
+        paired.append(",".join(str(int(s)) for s in seeds) if i != order.index[0] else "(best)")
+        ps.append(Significance.paired(a, b) if i != order.index[0] else None)
+    order = order.assign(**{"seeds paired with best": paired, "p vs best": [format_p(p) for p in ps],
+                            "significant at 0.05": [significant(p) for p in ps]})
     return order.drop(columns="_s").reset_index(drop=True)
 
 
@@ -494,14 +593,15 @@ def _loss_figure(w: _Writer, name: str, title: str, runs: list[tuple[str, pd.Dat
     w.figure(fig, name, title)
 
 
-def _dense_baselines(phases: pd.DataFrame) -> pd.DataFrame:
+def _dense_baselines(phases: pd.DataFrame, sig: Significance) -> pd.DataFrame:
     """Phase-0 top-1 of the prune runs per (model, weights, test subset): the dense starting models."""
     p0 = phases[(phases["phase"] == 0) & (phases["kind"] == "prune")].copy()
     if not len(p0):
-        return pd.DataFrame(columns=["model", "weights", "test images", "runs", "top-1 (%)"])
+        return pd.DataFrame(columns=["model", "weights", "test images", "runs", "top-1 (%)", CI])
     p0["weights_name"] = p0["spec_weights"].map(_weights_name)
     g = p0.groupby(["spec_model", "weights_name", "spec_test_size"], dropna=False)
     out = g.agg(runs=("run_id", "nunique"), top1=("top1", "mean")).reset_index()
+    out[CI] = [sig.interval([sig.correct(r) for r in rows.to_dict("records")]) for _, rows in g]
     out["spec_test_size"] = out["spec_test_size"].map(lambda n: "all" if not n or pd.isna(n) else f"first {int(n)}")
     return out.rename(columns={"spec_model": "model", "weights_name": "weights", "spec_test_size": "test images",
                                "top1": PCT})
@@ -517,7 +617,7 @@ def _sparsity_section(w: _Writer, phases: pd.DataFrame) -> None:
            "marker). The Pareto front is taken over all of those points, phase 0 included, per model: each is a "
            "model that was evaluated on the test set after its retraining, though only a run's last phase is "
            "kept as a checkpoint. Dashed lines: the dense starting models (phase 0).")
-    bases = _dense_baselines(phases)
+    bases = _dense_baselines(phases, w.sig)
     w.table("dense_baselines", bases, note="Dense starting models (phase 0 of the prune runs):")
     plt = _plt()
     for model, g in prune.groupby("spec_model", sort=True):
@@ -554,8 +654,9 @@ def _sparsity_section(w: _Writer, phases: pd.DataFrame) -> None:
         legend(ax)
         w.figure(fig, f"top1_vs_sparsity_{model}", f"top-1 against sparsity, {model}")
         last = g.groupby("run_id")["phase"].max()
-        table = pd.DataFrame({"sparsity (%)": 100 * front["sparsity"], PCT: front["top1"], "run": front["run_id"],
-                              "phase": front["phase"],
+        table = pd.DataFrame({"sparsity (%)": 100 * front["sparsity"], PCT: front["top1"],
+                              CI: [w.sig.interval([w.sig.correct(r)]) for r in front.to_dict("records")],
+                              "run": front["run_id"], "phase": front["phase"],
                               "last phase": [p == last[r] for r, p in zip(front["run_id"], front["phase"],
                                                                           strict=True)]})
         w.table(f"pareto:{model}", table, note=f"Pareto front, {model}:")
@@ -575,7 +676,8 @@ def _run_details(w: _Writer, run_id: str, phases: pd.DataFrame, epochs: pd.DataF
            + f"job {last.get('job_id', '')} on {last.get('host', '')}, commit {str(last.get('git_commit', ''))[:10]}")
     table = pd.DataFrame({
         "phase": ph["phase"], "target sparsity (%)": 100 * ph["target_sparsity"], "sparsity (%)": 100 * ph["sparsity"],
-        PCT: ph["top1"], "test loss": ph["test_loss"], "train loss": ph["train_loss"],
+        PCT: ph["top1"], CI: [w.sig.interval([w.sig.correct(r)]) for r in ph.to_dict("records")],
+        "test loss": ph["test_loss"], "train loss": ph["train_loss"],
         "train acc (%)": ph["train_acc"], "epochs": ph["epochs"], "train time (s)": ph["train_seconds"]})
     w.table(f"phases:{run_id}", table, {"test loss": ".4f", "train loss": ".4f", "train time (s)": ".1f"})
     _loss_figure(w, f"loss_{run_id}", f"loss across phases and epochs, {run_id}", [(run_id, ph, ep)])
@@ -613,9 +715,9 @@ def _prune_section(w: _Writer, tables: dict[str, pd.DataFrame], summary: list[st
                 _module_part(w, run_id, modules)
         return
     w.text("## Pruning and training")
-    runs = _run_table(phases)
+    runs = _run_table(phases, w.sig)
     w.table("runs", runs, {"train time (min)": ".1f"}, note="One line per run (its last phase so far):")
-    configs = configuration_table(phases)
+    configs = configuration_table(phases, w.sig.labels)
     if len(configs):
         w.table("configurations", configs, {"train time (min)": ".1f"},
                 note="Finished prune runs by configuration (the spec less the seed), best first: highest "
@@ -683,9 +785,14 @@ def _prune_search(w: _Writer, search_id: str, phases: pd.DataFrame, epochs: pd.D
     last["stopped"] = last["phase"] < last["spec_phases"]
     params = varying_spec_columns(s.drop_duplicates("run_id"))
     ranked = last.sort_values("score", ascending=False).reset_index()
+    correct = [w.sig.correct(r) for r in ranked.to_dict("records")]
+    ps = [None] + [Significance.paired([c], [correct[0]]) for c in correct[1:]]  # each trial against the best
     table = pd.DataFrame({"trial": ranked["trial_id"], "score": ranked["score"],
                           "sparsity (%)": 100 * ranked["sparsity"], PCT: ranked["top1"],
+                          CI: [w.sig.interval([c]) for c in correct],
                           "drop (pp)": ranked["dense_top1"] - ranked["top1"],
+                          "p vs best": ["(best)"] + [format_p(p) for p in ps[1:]],
+                          "significant at 0.05": [significant(p) for p in ps],
                           "phases done": [f"{int(p)}/{int(n)}" for p, n in zip(ranked["phase"], ranked["spec_phases"],
                                                                                 strict=True)],
                           **{p.removeprefix("spec_"): ranked[p] for p in params}})
@@ -862,21 +969,28 @@ def _alpha_part(w: _Writer, label: str, g: pd.DataFrame) -> None:
     w.figure(fig, f"ptq_alpha_{safe_name(label)}", f"int8 top-1 against alpha, {label}")
 
 
-def _best_int8(ptq: pd.DataFrame) -> pd.DataFrame:
-    """Per model and method, the configuration with the highest int8 top-1."""
+def _best_int8(ptq: pd.DataFrame, sig: Significance) -> pd.DataFrame:
+    """Per model and method, the configuration with the highest int8 top-1; with the test labels, the
+    intervals of both top-1s and the McNemar p of int8 against float on the same images."""
     idx = ptq.groupby(["model_label", "test_images", "method"], sort=True)["int8_top1"].idxmax()
     best = ptq.loc[idx]
+    records = best.to_dict("records")
+    floats = [sig.correct(r, "float_top1", "float_predictions") for r in records]
+    int8s = [sig.correct(r, "int8_top1") for r in records]
+    ps = [Significance.paired([i], [f]) for i, f in zip(int8s, floats, strict=True)]
     return pd.DataFrame({
         "model": best["model_label"], "sparsity (%)": 100 * best["sparsity"], "test images": best["test_images"],
-        "float top-1 (%)": best["float_top1"], "method": best["method"], "int8 top-1 (%)": best["int8_top1"],
-        "change (pp)": best["int8_top1"] - best["float_top1"], "observer": best["observer"],
+        "float top-1 (%)": best["float_top1"], f"float {CI}": [sig.interval([f]) for f in floats],
+        "method": best["method"], "int8 top-1 (%)": best["int8_top1"], f"int8 {CI}": [sig.interval([i]) for i in int8s],
+        "change (pp)": best["int8_top1"] - best["float_top1"], "p vs float": [format_p(p) for p in ps],
+        "significant at 0.05": [significant(p) for p in ps], "observer": best["observer"],
         "weights": best["weight_observer"], "activation bits": best["activation_bits"],
         "calibration images": best["calib_size"], "alpha": best["alpha"], "center": best["center"],
         "configurations": ptq.groupby(["model_label", "test_images", "method"], sort=True).size().to_numpy()})
 
 
 def _float_vs_int8(w: _Writer, ptq: pd.DataFrame, summary: list[str]) -> None:
-    best = _best_int8(ptq)
+    best = _best_int8(ptq, w.sig)
     w.text("### Float against int8",
            "Per model, the best int8 configuration of each method against the float model on the same test images.")
     w.table("ptq_best", best, PTQ_FORMATS)
@@ -966,8 +1080,16 @@ def _ptq_search(w: _Writer, search_id: str, ptq: pd.DataFrame) -> str:
     s = ptq[ptq["search_id"] == search_id]
     best = s.loc[s.groupby("run_id")["int8_top1"].idxmax()].sort_values("int8_top1", ascending=False)
     params = varying_spec_columns(s.drop_duplicates("run_id"))
+    records = best.to_dict("records")
+    int8s = [w.sig.correct(r, "int8_top1") for r in records]
+    vs_float = [Significance.paired([i], [w.sig.correct(r, "float_top1", "float_predictions")])
+                for i, r in zip(int8s, records, strict=True)]
+    vs_best = [None] + [Significance.paired([i], [int8s[0]]) for i in int8s[1:]]
     table = pd.DataFrame({"trial": best["trial_id"], "int8 top-1 (%)": best["int8_top1"],
-                          "float top-1 (%)": best["float_top1"], "method": best["method"],
+                          CI: [w.sig.interval([i]) for i in int8s], "float top-1 (%)": best["float_top1"],
+                          "p vs float": [format_p(p) for p in vs_float],
+                          "p vs best": ["(best)"] + [format_p(p) for p in vs_best[1:]],
+                          "significant at 0.05": [significant(p) for p in vs_best], "method": best["method"],
                           "observer": best["observer"], "calibration images": best["calib_size"],
                           **{p.removeprefix("spec_"): best[p] for p in params}})
     w.text(f"### Search {search_id} (ptq, {len(best)} trials)", "Score: the int8 top-1 of the trial's configuration.")
@@ -999,10 +1121,29 @@ def _provenance(w: _Writer, tables: dict[str, pd.DataFrame]) -> None:
     w.table("provenance", prov.rename(columns={"git_commit": "git commit"}))
 
 
+def _significance_note(labels: np.ndarray | None) -> str:
+    """How to read the interval and p-value columns (or why they are empty)."""
+    if labels is None:
+        return ("Intervals and p-values: not computed, the test labels were not given (`--data-root DIR` or "
+                "`COMPRESS_DATA`); those cells show -.")
+    return (f"{CI}: percentile bootstrap interval of top-1 over the test images (10,000 resamples, seed 0): how far "
+            "the top-1 could move on another test set of the same size (not from seed to seed: see the spread). "
+            "p: exact two-sided McNemar test on the images exactly one of the two models gets right (runs paired "
+            "by seed and pooled); significant at 0.05: p < 0.05 (among many comparisons of equal models, one in "
+            "twenty falls below it by chance). -: the row keeps no predictions (written before they were kept), "
+            "or there is nothing to pair.")
+
+
 def build_report(root: str | os.PathLike, out: str | os.PathLike, filters: Filters = Filters(),
                  max_drop: float = 1.5, spec_defaults: Mapping[str, Mapping[str, Any]] | None = None,
-                 objective: Callable[[dict[str, Any]], float] | None = None) -> Report:
+                 objective: Callable[[dict[str, Any]], float] | None = None,
+                 labels: np.ndarray | None = None) -> Report:
     """Read the tables under ``root``, write ``out/report.md`` and its PNGs; returns what was written.
+
+    ``labels``: the CIFAR-10 test labels in test-set order (``compress.data.load_test_labels``). With
+    them, every top-1 of a row that keeps its predictions gets a 95% bootstrap interval, int8 is tested
+    against its float model and each configuration or trial against the best one (exact McNemar);
+    without them, or for rows written before predictions were kept, those cells show ``-``.
 
     ``objective`` scores a prune search's trial from its last phase row (the search's own objective,
     ``sweeps.search.prune_score`` with ``max_drop``, handed in by the caller so analysis does not import
@@ -1020,17 +1161,25 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, filters: Filte
         raise ReportError(f"cannot create the report folder {out}: {e.strerror}") from e
     if not os.access(out, os.W_OK):
         raise ReportError(f"cannot write to the report folder {out}")
-    w = _Writer(out)
+    w = _Writer(out, Significance(labels))
     counts = ", ".join(f"{name} {len(df):,}" for name, df in tables.items())
     w.text("# Compression results",
            f"Results: `{Path(root).resolve()}`, filters: {filters.describe()}, rows: {counts}. "
            f"Written {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}. Top-1 is the test-set accuracy "
            "(of the first N test images where a run used a test subset); sparsity counts the zero weights of "
-           "every conv and linear layer.")
+           "every conv and linear layer.",
+           _significance_note(labels))
     summary: list[str] = [f"read {counts} rows from {root} (filters: {filters.describe()})"]
     _prune_section(w, tables, summary)
     _ptq_section(w, tables.get("ptq"), summary)
     _search_section(w, tables, summary, max_drop, objective)
+    if w.sig.mismatched:
+        names = sorted(w.sig.mismatched)
+        line = (f"the predictions of {len(names)} row(s) do not give their top-1 against the test labels given "
+                f"(labels of another data set?); their intervals and p-values show -: {_few(names)}")
+        log.warning(line)
+        summary.append(line)
+        w.text(f"Note: {line}.")
     _provenance(w, tables)
     atomic_write_bytes(w.report.path, "\n".join(w.lines).encode())
     summary.append(f"report: {w.report.path} ({len(w.report.figures)} figures, {len(w.report.tables)} tables)")

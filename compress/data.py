@@ -113,6 +113,19 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = False) 
                     f"to fetch it into {base} (163 MB, checksum-verified)")
 
 
+def load_test_labels(root: str | os.PathLike | None = None) -> np.ndarray:
+    """The test split's labels (int64, 10,000, in the fixed test-set order), e.g. to score stored predictions.
+
+    The binary layout: only ``test_batch.bin`` is read (the label is the first byte of each 3,073-byte
+    record); the python layout is read whole through ``load_cifar10``.
+    """
+    base = resolve_root(root)
+    for folder in (base, base / BIN_DIR):
+        if (folder / "test_batch.bin").exists():
+            return _read_bin(folder / "test_batch.bin")[1]
+    return load_cifar10(base).test_y.numpy()
+
+
 def subset_indices(n: int, size: int, seed: int, how: str = "random") -> torch.Tensor:
     """``size`` indices of ``range(n)``: the first ``size`` or a seeded random choice.
 

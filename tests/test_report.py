@@ -372,7 +372,7 @@ def test_report_tables_equal_the_rows(results: Path, cli_report: tuple[Path, str
 def test_pareto_table_holds_the_undominated_phases(results: Path, cli_report: tuple[Path, str]) -> None:
     out, _ = cli_report
     dense, front = md_tables((out / "report.md").read_text())["Top-1 against sparsity"]
-    assert list(dense.columns) == ["model", "weights", "test images", "runs", "top-1 (%)"]
+    assert list(dense.columns) == ["model", "weights", "test images", "runs", "top-1 (%)", "top-1 95% CI"]
     phases = rows(results, "phases")
     points = {(round(100 * s, 2), round(t, 2)) for s, t in zip(phases["sparsity"], phases["top1"], strict=True)}
     undominated = {p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)}
