@@ -182,6 +182,37 @@ def open_executor(options: ExecutorOptions, spans_nodes: bool = False,
         fail(str(e))
 
 
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)  # what a user's input can cause: exit 2
+
+
+def run_here(call: Callable[[], Any], redo: str, interrupted: str) -> Any:
+    """``call()`` in this process, as a command runs a job without ``--partition``.
+
+    A user error is one line, exit 2; a failed write (full disk, folder gone or read-only) one line,
+    exit 1, saying how to carry on (``redo``); Ctrl-C exit 130 after saying what was kept.
+    """
+    try:
+        return call()
+    except USER_ERRORS as e:
+        fail(str(e))
+    except OSError as e:  # what finished is kept (rows, the last saved epoch)
+        fail(f"{e.strerror or e}; {redo}", code=1)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: {interrupted}", err=True)
+        raise click.exceptions.Exit(130) from None
+
+
+def echo_submitted(jobs: list[Any], labels: list[str], folder: str) -> None:
+    """One line per submitted job (up to 20), the arrays, and the status command to watch them."""
+    if len(jobs) <= 20:
+        for job, label in zip(jobs, labels, strict=True):
+            click.echo(f"submitted job {job.job_id}: {label}, log {job.paths.stdout}")
+    arrays = sorted({j.job_id.split("_")[0] for j in jobs}, key=int)
+    if len(jobs) > 1:
+        click.echo(f"submitted {len(jobs)} job(s) in {len(arrays)} array(s): {', '.join(arrays)}")
+    click.echo(f"watch: python -m jobs.launch status {' '.join(arrays)} --folder {folder}")
+
+
 def wait_for(jobs: list[Any], echo: Callable[[Any], None]) -> None:
     """Wait for submitted jobs; echo each result, a failed job's final state and error; exit 1 if any failed."""
     failed = 0

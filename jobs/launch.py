@@ -31,7 +31,18 @@ import rich_click as click
 
 from compress.results import check_results_root
 from jobs import lease
-from jobs.cli import Cli, executor_options, fail, open_executor, spec_from_options, spec_options, wait_for
+from jobs.cli import (
+    USER_ERRORS,
+    Cli,
+    echo_submitted,
+    executor_options,
+    fail,
+    open_executor,
+    run_here,
+    spec_from_options,
+    spec_options,
+    wait_for,
+)
 from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, render_sbatch
 from jobs.runs import check_run, run_dir
 from jobs.slurm_jobs import setup_logging
@@ -39,7 +50,6 @@ from jobs.specs import PruneSpec, PTQSpec, TrainSpec
 from jobs.tune_cmd import tune
 
 # bad input of every kind (specs, data, weights, a run of another spec, a busy run) is a ValueError
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 RUN_STATES = {"new": "new run", "resumes": "resuming where it stopped", "finished": "already finished"}
 
 
@@ -229,17 +239,11 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
             if state == "new":
                 click.echo(_plan_line(spec, sizes))
             resume = f"python -m jobs.launch {spec.kind()} --resume {spec.run_id} --results {spec.results}"
-            try:
-                summary = ex.submit(fn, spec).result()
-            except USER_ERRORS as e:
-                fail(str(e))
-            except OSError as e:  # full disk, folder gone or made read-only: the last saved epoch is intact
-                fail(f"{e.strerror or e}; the run stopped at its last saved epoch: once the cause is gone, "
-                     f"resume with: {resume}", code=1)
-            except KeyboardInterrupt:
-                click.echo(f"\ninterrupted: run {spec.run_id} keeps its last saved epoch (the one in flight is "
-                           f"redone); resume with: {resume}", err=True)
-                raise click.exceptions.Exit(130) from None
+            summary = run_here(lambda spec=spec: ex.submit(fn, spec).result(),
+                               f"the run stopped at its last saved epoch: once the cause is gone, resume with: "
+                               f"{resume}",
+                               f"run {spec.run_id} keeps its last saved epoch (the one in flight is redone); resume "
+                               f"with: {resume}")
             _echo_summary(summary)
         return
     tokens: list[tuple[Path, str]] = []
@@ -256,10 +260,10 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
         if isinstance(e, USER_ERRORS):
             fail(str(e))
         raise
-    for job, spec, state, (folder, token) in zip(jobs, specs, states, tokens, strict=True):
+    for job, (folder, token) in zip(jobs, tokens, strict=True):
         lease.hand_over(folder, token, job.job_id)
-        click.echo(f"submitted job {job.job_id}: run {spec.run_id} ({RUN_STATES[state]}), log {job.paths.stdout}")
-    click.echo(f"watch: python -m jobs.launch status {jobs[0].job_id.split('_')[0]} --folder {executor.folder}")
+    echo_submitted(jobs, [f"run {s.run_id} ({RUN_STATES[st]})" for s, st in zip(specs, states, strict=True)],
+                   executor.folder)
     if executor.wait:
         wait_for(jobs, _echo_summary)
 
@@ -524,16 +528,8 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
             click.echo(format_rows(one["rows"]))
 
     if ex.local:
-        try:
-            jobs = ex.map_array(run_ptq, tasks)
-        except USER_ERRORS as e:
-            fail(str(e))
-        except OSError as e:  # the tasks that finished have their rows; running the sweep again redoes the rest
-            fail(f"{e.strerror or e}; run the same command again once the cause is gone", code=1)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted: the tasks that finished keep their rows; the same command redoes the rest",
-                       err=True)
-            raise click.exceptions.Exit(130) from None
+        jobs = run_here(lambda: ex.map_array(run_ptq, tasks), "run the same command again once the cause is gone",
+                        "the tasks that finished keep their rows; the same command redoes the rest")
         for job in jobs:
             echo(job.result())
         if export_spec is not None:
@@ -541,13 +537,7 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
         return
     chunks = [tasks[i:i + tasks_per_job] for i in range(0, len(tasks), tasks_per_job)]
     jobs = ex.map_array(run_ptq_tasks, chunks) if tasks_per_job > 1 else ex.map_array(run_ptq, tasks)
-    if len(jobs) <= 20:
-        for job, chunk in zip(jobs, chunks, strict=True):
-            click.echo(f"submitted job {job.job_id}: task {', '.join(t.task_name() for t in chunk)}, "
-                       f"log {job.paths.stdout}")
-    arrays = sorted({j.job_id.split("_")[0] for j in jobs}, key=int)
-    click.echo(f"submitted {len(jobs)} array job(s) in {len(arrays)} array(s): {', '.join(arrays)}")
-    click.echo(f"watch: python -m jobs.launch status {' '.join(arrays)} --folder {executor.folder}")
+    echo_submitted(jobs, [f"task {', '.join(t.task_name() for t in c)}" for c in chunks], executor.folder)
     if executor.wait:
         wait_for(jobs, echo)
         if export_spec is not None:

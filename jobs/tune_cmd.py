@@ -15,7 +15,15 @@ from typing import Any
 
 import rich_click as click
 
-from jobs.cli import executor_options, fail, open_executor, spec_from_options, spec_options, wait_for
+from jobs.cli import (
+    echo_submitted,
+    executor_options,
+    fail,
+    open_executor,
+    spec_from_options,
+    spec_options,
+    wait_for,
+)
 from jobs.executors import ExecutorOptions, render_sbatch
 from jobs.specs import TuneSpec
 from sweeps.search import check_search, job_kind, job_kinds, run_search
@@ -86,9 +94,7 @@ def _command(kind: str) -> click.Command:
             echo_summary(summary)
             return
         job = ex.submit(run_search, kind, base, tune_spec)
-        click.echo(f"submitted job {job.job_id}: search {tune_spec.search_id} (Ray inside the allocation), "
-                   f"log {job.paths.stdout}")
-        click.echo(f"watch: python -m jobs.launch status {job.job_id} --folder {executor.folder}")
+        echo_submitted([job], [f"search {tune_spec.search_id} (Ray inside the allocation)"], executor.folder)
         if executor.wait:
             wait_for([job], echo_summary)
 
