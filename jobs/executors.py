@@ -159,9 +159,8 @@ def slurm_parameters(options: ExecutorOptions) -> dict[str, Any]:
     if options.gpus:
         params["gpus_per_node"] = options.gpus
     if options.nodes > 1:
-        # one driver task on the first node (it starts Ray's workers on the others with srun);
-        # --no-kill: losing a node costs its trials, not the search
-        params.update(nodes=options.nodes, ntasks_per_node=1, srun_args=["--nodes=1", "--ntasks=1"])
+        # one driver task on the first node (it starts Ray's workers on the others with srun)
+        params["srun_args"] = ["--nodes=1", "--ntasks=1"]
     if options.mem:
         params["mem"] = options.mem.upper()
     if options.account:
@@ -172,7 +171,9 @@ def slurm_parameters(options: ExecutorOptions) -> dict[str, Any]:
         params["setup"] = list(options.setup)
     extra = parse_sbatch_flags(options.sbatch)
     if options.nodes > 1:
-        extra = {"no-kill": True, **extra}
+        # as a raw flag, not submitit's ``nodes``: submitit would wait for a result from every node's
+        # task, while only the driver runs one; --no-kill: losing a node costs its trials, not the search
+        extra = {"nodes": options.nodes, "no-kill": True, **extra}
     if extra:
         params["additional_parameters"] = extra
     return params

@@ -15,6 +15,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,3 +127,34 @@ def test_dead_node_requeues_its_job_onto_another_node(nodes, tmp_path):
     assert second != first and second in nodes
     assert out.read_text().splitlines() == [f"start {first} 0", f"start {second} 1", f"done {second}"]
     assert run("sinfo", "-h", "-N", "-n", first, "-o", "%T").split()[0] in IN_SERVICE
+
+
+# --- the project's own jobs across nodes -------------------------------------------------------
+
+def launch(*args: str) -> Any:
+    from click.testing import CliRunner
+
+    from jobs.launch import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_search_runs_trials_on_two_nodes(nodes, synthetic_cifar, synthetic_weights, tmp_path):
+    """``tune ptq --nodes 2``: the Ray head on the first node, a worker on the second, trials on both."""
+    from compress.results import read_table
+
+    results, folder = tmp_path / "results", tmp_path / "jobs"
+    res = launch("tune", "ptq", "--weights", str(synthetic_weights), "--data-root", str(synthetic_cifar),
+                 "--results", str(results), "--methods", "manual", "--calib-sizes", "50", "--calib-batch-size", "50",
+                 "--eval-batch-size", "100", "--space", "alphas=grid:0.9,0.95,1.0,1.05", "--searcher", "grid",
+                 "--scheduler", "fifo", "--num-samples", "1", "--max-concurrent", "4", "--cpus-per-trial", "1",
+                 "--partition", "debug", "--nodes", "2", "--cpus", "2", "--folder", str(folder),
+                 "--search-id", "two-nodes", "--wait")
+    assert res.exit_code == 0, res.output
+    job_id = res.output.split("submitted job ", 1)[1].split(":", 1)[0]
+    (allocated,) = [n for j, _, n in accounting(job_id) if j == job_id]
+    rows = read_table(results, "ptq").to_pandas()
+    assert sorted(rows["alpha"]) == [0.9, 0.95, 1.0, 1.05] and set(rows["job_id"]) == {job_id}
+    hosts = set(rows["host"])
+    assert len(hosts) == 2 and hosts <= set(nodes), hosts  # trials ran on both nodes of the allocation
+    assert all(h in run("scontrol", "show", "hostnames", allocated).split() for h in hosts)
