@@ -373,10 +373,14 @@ def status(targets: tuple[str, ...], results: str, folder: str, last: int, as_js
 @click.option("--max-drop", default=1.5, show_default=True,
               help="the prune searches' --max-drop, to rank their trials by the same objective")
 def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, ...], models: tuple[str, ...],
-           kinds: tuple[str, ...], max_drop: float) -> None:
+@click.option("--data-root", default="",
+              help="CIFAR-10 root, for the test labels of the intervals and p-values [default: $COMPRESS_DATA; "
+                   "neither: no intervals]")
+           kinds: tuple[str, ...], max_drop: float, data_root: str) -> None:
     """Markdown report with PNG plots from the Parquet results under RESULTS (default $COMPRESS_RESULTS or results).
 
-    Reads only the tables, so a results folder copied off the cluster is enough.
+    Reads only the tables, so a results folder copied off the cluster is enough; with the test labels
+    (--data-root) every top-1 gets a 95% interval and compared models a McNemar p-value.
     """
     from analysis.report import Filters, ReportError, build_report
     from compress.results import default_root
@@ -387,9 +391,17 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
     if max_drop < 0:
         fail(f"max_drop={max_drop!r} is invalid: must be >= 0")
     try:
+    labels = None
+    if data_root or os.environ.get("COMPRESS_DATA"):
+        from compress.data import DataError, load_test_labels
+
+        try:
+            labels = load_test_labels(data_root or None)
+        except DataError as e:
+            fail(str(e))
         written = build_report(results, out or str(Path(results) / "report"),
                                Filters(runs=runs, searches=searches, models=models, kinds=kinds), max_drop,
-                               spec_defaults(), lambda row: prune_score(row, TuneSpec(max_drop=max_drop)))
+                               spec_defaults(), lambda row: prune_score(row, TuneSpec(max_drop=max_drop)), labels)
     except ReportError as e:
         fail(str(e))
     for line in written.summary:
@@ -469,6 +481,11 @@ def verify(artifact: str, data_root: str) -> None:
 @click.option("--export", "export_select", default="", help=EXPORT_HELP + "; after the sweep (here, or with "
               "--wait on SLURM) [default: no export]", panel="Run")
 @executor_options
+@click.option("--seeds", default="", help="comma-separated seeds of the calibration subset: one run each "
+              "(run id -s<seed>), every task of every seed in one job array on SLURM", panel="Run")
+@click.option("--tasks-per-job", default=1, show_default=True, type=click.IntRange(min=1),
+              help="tasks each array job runs one after another (fewer, longer jobs for large sweeps)",
+              panel="SLURM")
 @run_option
 @download_option
 @click.option("--dry-run", is_flag=True, help="print the spec and its tasks (and the sbatch script) and exit",
@@ -480,11 +497,6 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
     Each task calibrates once and evaluates every weight-scheme/alpha/center variant from those
     statistics; on SLURM the tasks go out as one job array. Rows: <results>/ptq/<run_id>-<task>.parquet.
     """
-@click.option("--seeds", default="", help="comma-separated seeds of the calibration subset: one run each "
-              "(run id -s<seed>), every task of every seed in one job array on SLURM", panel="Run")
-@click.option("--tasks-per-job", default=1, show_default=True, type=click.IntRange(min=1),
-              help="tasks each array job runs one after another (fewer, longer jobs for large sweeps)",
-              panel="SLURM")
     # the job modules (and torch) load when a command runs, not for --help or a bad option
     from compress.data import load_cifar10
     from compress.models import WeightsError, load_model
@@ -495,6 +507,8 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
     tasks = [t for s in specs for t in plan_tasks(s)]
     export_spec = None
     if export_select:
+    if export_select and len(specs) > 1:
+        fail("--export takes the rows of one run: drop --seeds, or export each run (export RUN_ID) afterwards")
         from jobs.specs import ExportSpec
 
         try:
@@ -504,10 +518,9 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
             fail(str(e))
     if dry_run:
         click.echo(json.dumps(dataclasses.asdict(spec), indent=2))
-        click.echo(f"{len(tasks)} task(s): {', '.join(f'{t.run_id}/{t.task_name()}' for t in tasks)}")
+        names = [t.task_name() if len(specs) == 1 else f"{t.run_id}/{t.task_name()}" for t in tasks]
+        click.echo(f"{len(tasks)} task(s): {', '.join(names)}")
         if not executor.local:
-    if export_select and len(specs) > 1:
-        fail("--export takes the rows of one run: drop --seeds, or export each run (export RUN_ID) afterwards")
             click.echo(render_sbatch(executor))
         return
     try:

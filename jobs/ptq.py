@@ -22,7 +22,9 @@ express (alphas without ``manual``, per-tensor weights or qnnpack with ``pt2e``)
 Sizes are measured on the artifacts: ``int8_packed_bytes`` is the length of the packed file
 (``compress.quant.packed``) of a manual or FX row, ``program_bytes`` that of the ``.pt2`` program
 of a PT2E row. The rows keep no model; ``python -m jobs.launch export`` rebuilds a chosen row
-and writes its files.
+and writes its files. Each row keeps the predicted class of every test image (uint8 bytes, test-set
+order) of its int8 model (``predictions``) and of the float model (``float_predictions``), so the
+report can test int8 against float image by image.
 
 Where it runs: loading, calibration and the float evaluation on ``spec.device`` (CUDA when the
 job has one, else the CPU, float32); building/converting and evaluating the int8 models on the CPU,
@@ -49,9 +51,9 @@ from compress.results import write_rows
 from jobs import tables
 from jobs.runs import SpecMismatch, require_run_id, row_base, same_spec_row
 from jobs.specs import METHODS, PTQSpec, check
+from jobs.text import table
 
 log = logging.getLogger(__name__)
-from jobs.text import table
 
 def plan_tasks(spec: PTQSpec) -> list[PTQSpec]:
     """One spec per (observer, calibration size), all other lists kept: the units of a job array."""
@@ -135,13 +137,14 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
     test_x, test_y = data.test_x[:n_test], data.test_y[:n_test]
     with full_float32():
         float_ev = evaluate(model.to(device), BatchLoader(test_x, test_y, spec.eval_batch_size, device), device,
-                            amp=False, desc="float eval")
+                            amp=False, desc="float eval", keep_predictions=True)
     model.cpu()
     test_cpu = BatchLoader(test_x, test_y, spec.eval_batch_size, cpu)
     base = {**row_base(spec, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
             "task": spec.task_name(), "observer": observer, "engine": spec.engine,
             "activation_bits": 7 if reduce else 8, "calib_size": n_calib, "float_top1": float_ev.top1,
-            "test_images": float_ev.images, "float_bytes": float_bytes(model), "sparsity": global_sparsity(model)}
+            "test_images": float_ev.images, "float_bytes": float_bytes(model), "sparsity": global_sparsity(model),
+            "float_predictions": float_ev.predictions.numpy().tobytes()}
     log.info("task %s: float top-1 %.2f%% on %d test images (%s), sparsity %.4f", spec.task_name(),
              float_ev.top1, float_ev.images, device, base["sparsity"])
     rows: list[dict[str, Any]] = []
@@ -150,7 +153,7 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
         cal = backend.calibrate(model, calib, device, observer, reduce, spec.engine, spec.weight_observers)
         for variant in backend.variants(spec.weight_observers, spec.alphas, spec.centers):
             built = backend.build(cal, variant)
-            ev = evaluate(built.model, test_cpu, cpu, desc="int8 eval")
+            ev = evaluate(built.model, test_cpu, cpu, desc="int8 eval", keep_predictions=True)
             sizes: dict[str, Any] = {"int8_bytes": None, "int8_packed_bytes": None, "int8_sparsity": None,
                                      "program_bytes": None}
             if built.packed is not None:
@@ -161,7 +164,8 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
                 sizes["program_bytes"] = len(program_bytes(built.program()))
             row = {**base, "method": method, "weight_observer": variant.weight_observer, "alpha": variant.alpha,
                    "center": variant.center, "int8_top1": ev.top1, **sizes, "calib_seconds": cal.seconds,
-                   "convert_seconds": built.seconds, "eval_seconds": ev.seconds}
+                   "convert_seconds": built.seconds, "eval_seconds": ev.seconds,
+                   "predictions": ev.predictions.numpy().tobytes()}
             rows.append(row)
             log.info("%s %s %s alpha %s center %s: int8 top-1 %.2f%% (float %.2f%%)", method, observer,
                      variant.weight_observer, variant.alpha, variant.center, ev.top1, float_ev.top1)
@@ -179,10 +183,6 @@ def program_bytes(program: torch.export.ExportedProgram) -> bytes:
     return buf.getvalue()
 
 
-def run_ptq_sweep(spec: PTQSpec, report: Callable[[dict[str, Any]], None] | None = None,
-                  tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Every task of ``spec`` in this process, then ``report`` of the best int8 row (a Ray trial's result)."""
-    rows = [r for task in plan_tasks(spec) for r in run_ptq(task, tags)["rows"]]
 def run_ptq_tasks(specs: list[PTQSpec]) -> list[dict[str, Any]]:
     """Several tasks one after another: one array job of a large sweep (``--tasks-per-job``).
 
@@ -193,6 +193,10 @@ def run_ptq_tasks(specs: list[PTQSpec]) -> list[dict[str, Any]]:
 
     best = max(rows, key=lambda r: r["int8_top1"])
     if report is not None:
+def run_ptq_sweep(spec: PTQSpec, report: Callable[[dict[str, Any]], None] | None = None,
+                  tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Every task of ``spec`` in this process, then ``report`` of the best int8 row (a Ray trial's result)."""
+    rows = [r for task in plan_tasks(spec) for r in run_ptq(task, tags)["rows"]]
         report({k: v for k, v in best.items() if v is not None})
     return {"run_id": spec.run_id, "rows": rows, "best": best}
 
