@@ -13,12 +13,20 @@ Every file of a table has the same schema (built from the spec dataclasses, unse
 folder written by many jobs at once. A file is written to a temporary name in the same folder and
 renamed, so a reader never sees half a file, and a unit of work rewritten after a requeue replaces
 its file instead of adding rows.
+
+``compress.compact`` merges a table's small files into ``compact-<time>-<k>.parquet`` files whose
+footer lists the files they replace (name, size, sha256) and the units of work their rows are. The
+one reading rule, applied here by ``read_table`` and ``read_unit``: a file that a compact file of the
+same folder replaces, and that is still byte for byte that file (a leftover of a compaction stopped
+before it removed its inputs), is not read; the compact file holds its rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
+import json
 import os
 import platform
 import socket
@@ -208,21 +216,114 @@ def write_rows(path: Path, rows: Iterable[Mapping[str, Any]], schema: pa.Schema)
     return Path(path)
 
 
+COMPACTED = b"compress.compacted"  # footer key of a compact file: {"version", "units", "replaces"}
+RETRIES = 5  # scans of a folder that a compaction changed under the reader (a file listed, then removed)
+
+
+def table_files(folder: str | os.PathLike) -> list[Path]:
+    """The Parquet files of one table folder, sorted; hidden ones (``.``: a write in progress, ``_``) left out."""
+    folder = Path(folder)
+    found = folder.glob("*.parquet") if folder.is_dir() else []
+    return sorted(f for f in found if not f.name.startswith((".", "_")))
+
+
+def compaction_manifest(schema: pa.Schema) -> dict[str, Any] | None:
+    """What a compact file merged (from its footer), or None for a job's own file.
+
+    ``units``: [name, rows] of every unit of work in the file, in row order (its rows are theirs,
+    concatenated); ``replaces``: {name, bytes, sha256} of each file it made redundant.
+    """
+    raw = (schema.metadata or {}).get(COMPACTED)
+    return json.loads(raw) if raw else None
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (hex): what tells a compaction's leftover from a later write of that name."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def superseded(schemas: Mapping[Path, pa.Schema]) -> set[Path]:
+    """The files among ``schemas`` (one folder's, by path) that a compact file there replaces and holds.
+
+    A file counts as replaced only while it is byte for byte the one merged (size, then sha256), so
+    a file written again under that name after the compaction is read.
+    """
+    out: set[Path] = set()
+    for path, schema in schemas.items():
+        manifest = compaction_manifest(schema)
+        for entry in (manifest or {}).get("replaces", []):
+            other = path.parent / entry["name"]
+            if other != path and other in schemas and other.stat().st_size == entry["bytes"] \
+                    and file_digest(other) == entry["sha256"]:
+                out.add(other)
+    return out
+
+
 def read_table(root: str | os.PathLike, table: str) -> pa.Table:
-    """All rows of one table under a results root.
+    """All rows of one table under a results root, each once.
 
     Files written before a spec field existed lack its column: the schema is the union of the files'
     schemas, and their rows read null there (not dropped, as a schema taken from one file would).
+    Leftovers of an interrupted compaction are skipped (``superseded``); a folder that a compaction
+    changes while it is read is read again.
     """
     import pyarrow.dataset as ds
 
-    folder = Path(root) / table
-    found = folder.glob("*.parquet") if folder.is_dir() else []
-    files = sorted(str(f) for f in found if not f.name.startswith((".", "_")))  # not a write in progress
-    if not files:
-        raise FileNotFoundError(f"no {table} results under {Path(root)}")
-    schema = pa.unify_schemas([pq.read_schema(f) for f in files])
-    return ds.dataset(files, format="parquet", schema=schema).to_table()
+    for attempt in range(RETRIES):
+        files = table_files(Path(root) / table)
+        if not files:
+            raise FileNotFoundError(f"no {table} results under {Path(root)}")
+        try:
+            schemas = {f: pq.read_schema(f) for f in files}
+            kept = [f for f in files if f not in superseded(schemas)]
+            schema = pa.unify_schemas([schemas[f].remove_metadata() for f in kept])
+            return ds.dataset([str(f) for f in kept], format="parquet", schema=schema).to_table()
+        except FileNotFoundError:  # a compaction removed a listed file: its rows are in a file listed now
+            if attempt == RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def find_unit(path: str | os.PathLike) -> tuple[Path, int, int] | None:
+    """Where the rows a job wrote to ``path`` are: (file, first row, rows), or None when nowhere.
+
+    The file itself while it exists, else the compact file that merged it (see ``compress.compact``).
+    """
+    path = Path(path)
+    for _ in range(RETRIES):
+        try:
+            if path.is_file():
+                return path, 0, pq.ParquetFile(path).metadata.num_rows
+            for f in table_files(path.parent):
+                offset = 0
+                for name, rows in (compaction_manifest(pq.read_schema(f)) or {}).get("units", []):
+                    if name == path.name:
+                        return f, offset, rows
+                    offset += rows
+            return None
+        except FileNotFoundError:  # merged or removed while looked at: look again
+            continue
+    return None
+
+
+def read_unit(path: str | os.PathLike) -> pa.Table | None:
+    """The rows a job wrote to ``path`` (its own file, or its slice of a compact file); None if never written.
+
+    What a job that writes once asks before writing ("is my unit of work already written?"): a
+    requeued job finds its rows after a compaction merged its file away, and does not write them twice.
+    """
+    for _ in range(RETRIES):
+        where = find_unit(path)
+        if where is None:
+            return None
+        file, first, rows = where
+        try:
+            table = pq.read_table(file)
+        except FileNotFoundError:
+            continue
+        return (table if file == Path(path) else table.slice(first, rows)).replace_schema_metadata(None)
+    raise FileNotFoundError(f"cannot read the rows of {path}: the files holding them keep changing")
 
 
 def torch_save_atomic(obj: Any, path: Path) -> None:
