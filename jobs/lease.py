@@ -187,3 +187,15 @@ def release(run_dir: str | os.PathLike, token: str = "") -> None:
         # a read-only or vanished folder: the lease goes stale with this process anyway
         with contextlib.suppress(OSError):
             lease_path(run_dir).unlink(missing_ok=True)
+
+
+def live_leases(results: str | os.PathLike) -> list[tuple[str, dict[str, Any], str]]:
+    """(run id, lease, why) of every run under the results root ``results`` whose owner may still write."""
+    out = []
+    for path in sorted((Path(results) / "runs").glob(f"*/{LEASE}")):
+        held = read_lease(path.parent)
+        if held is not None:
+            live, why = liveness(held)
+            if live:
+                out.append((path.parent.name, held, why))
+    return out

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
 
 from compress.results import provenance, spec_row
 from jobs import lease
@@ -86,6 +89,40 @@ def check_run(spec: TrainFields) -> str:
                                f"choose another --run-id")
         return state
     return "new"
+
+
+def settled(results: str | Path) -> Callable[[str, pa.Table], bool]:
+    """Whether one result file's rows are final (no job writes that file again): what compaction may merge.
+
+    - ``ptq``: always. A task writes its file once, and a requeued task looks for its rows with
+      ``read_unit``, which finds them in the compact file that merged them.
+    - ``phases``, ``epochs``: rows of a finished run, or of phases its ``progress.json`` has moved past
+      (written before ``state.pt`` moved on: a resume never trains or writes them again).
+    - ``modules``: a finished run's (written by the finishing step, which a stopped run redoes).
+    - anything else, or a run without its run folder: no.
+    """
+    root = Path(results)
+    known: dict[str, tuple[bool, int]] = {}  # run id -> (finished, first phase not yet final)
+
+    def state(run_id: str) -> tuple[bool, int]:
+        if run_id not in known:
+            folder = root / "runs" / run_id
+            progress = _read_json(folder / PROGRESS)
+            finished = (folder / "summary.json").exists() or bool(progress.get("finished"))
+            known[run_id] = (finished, int(progress.get("phase") or 0))
+        return known[run_id]
+
+    def final(table: str, rows: pa.Table) -> bool:
+        if table == "ptq":
+            return True
+        if table not in ("phases", "epochs", "modules") or "run_id" not in rows.column_names:
+            return False
+        if table == "modules" or "phase" not in rows.column_names:
+            return all(state(r)[0] for r in set(rows.column("run_id").to_pylist()))
+        pairs = set(zip(rows.column("run_id").to_pylist(), rows.column("phase").to_pylist(), strict=True))
+        return all(r is not None and (state(r)[0] or (p is not None and p < state(r)[1])) for r, p in pairs)
+
+    return final
 
 
 @dataclass(frozen=True)

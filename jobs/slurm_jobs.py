@@ -141,14 +141,13 @@ def run_progress(spec: Any, workdir: Path | None = None, job_id: str = "") -> st
                 f", sparsity {100 * r.sparsity:.1f}%" if r.sparsity is not None else "")
         return r.progress + (f", top-1 {r.top1:.2f}%" if r.top1 is not None else "")
     if getattr(spec, "kind", None) and spec.kind() == "ptq":  # one task of a PTQ sweep: its own row file
+        from compress.results import find_unit
         from jobs.ptq import task_path  # here: jobs.ptq loads torch, which status does not need otherwise
 
-        path = results / task_path(spec).relative_to(spec.results)
-        if not path.exists():
+        where = find_unit(results / task_path(spec).relative_to(spec.results))  # its file, or merged by compact
+        if where is None:
             return f"task {spec.task_name()}: no rows yet"
-        import pyarrow.parquet as pq
-
-        return f"task {spec.task_name()}: {pq.ParquetFile(path).metadata.num_rows} rows written"
+        return f"task {spec.task_name()}: {where[2]} rows written"
     files = sorted(results.glob(f"*/{spec.run_id}*.parquet"))
     return f"{len(files)} result file(s)" if files else "not started"
 

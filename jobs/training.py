@@ -46,7 +46,14 @@ from compress.prune import (
     nonzero_counts,
 )
 from compress.quant.packed import pack_float
-from compress.results import PROVENANCE_FIELDS, atomic_write_bytes, provenance, torch_save_atomic, write_rows
+from compress.results import (
+    PROVENANCE_FIELDS,
+    atomic_write_bytes,
+    provenance,
+    read_unit,
+    torch_save_atomic,
+    write_rows,
+)
 from jobs import lease, tables
 from jobs.runs import PROGRESS, SpecMismatch, check_run, require_run_id, row_base, run_dir, same_spec
 from jobs.specs import Phase, PruneSpec, TrainFields, TrainSpec
@@ -325,12 +332,14 @@ class _Schedule:
         return {**row, "dense_top1": state["dense_top1"]}
 
     def last_phase_row(self) -> dict[str, Any]:
-        """The last phase's row as written, for a run stopped after writing it and before finishing."""
-        import pyarrow.parquet as pq
-
+        """The last phase's row as written (its file, or merged by a compaction), for a run stopped after
+        writing it and before finishing."""
         last = self.plan[-1].index
-        (row,) = pq.read_table(Path(self.spec.results) / "phases" / f"{self.spec.run_id}-p{last:02d}.parquet",
-                               columns=list(PHASE_KEYS)).to_pylist()
+        table = read_unit(Path(self.spec.results) / "phases" / f"{self.spec.run_id}-p{last:02d}.parquet")
+        if table is None:
+            raise FileNotFoundError(f"run {self.spec.run_id}: the row of its last phase {last} is missing under "
+                                    f"{self.spec.results}/phases")
+        (row,) = table.select(list(PHASE_KEYS)).to_pylist()
         return {**row, "dense_top1": self.state["dense_top1"]}
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
