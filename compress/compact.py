@@ -213,25 +213,27 @@ def compact_table(folder: str | os.PathLike, mergeable: Mergeable | None = None,
     compacts = {f for f in live if compaction_manifest(schemas[f]) is not None}
     candidates = sorted(f for f in compacts if sizes[f] < max_bytes // 2) + [f for f in live if f not in compacts]
 
-    merged = written = 0
+    merged = written = group_bytes = 0
     group: list[_Input] = []
 
     def flush() -> None:
-        nonlocal merged, written
+        nonlocal merged, written, group_bytes
         if len(group) >= 2:
             if not dry_run:
                 _write_group(folder, group, f"{PREFIX}{stamp}-{written:04d}.parquet")
             merged += len(group)
             written += 1
         group.clear()
+        group_bytes = 0
 
     for f in candidates:
         inp = _load(f)
         if inp.manifest is None and mergeable is not None and not mergeable(folder.name, inp.table):
             continue
-        if group and sum(i.size for i in group) + inp.size > max_bytes:
+        if group and group_bytes + inp.size > max_bytes:
             flush()
         group.append(inp)
+        group_bytes += inp.size
     flush()
 
     if dry_run:  # estimated: the inputs' bytes stand in for the compact files'
