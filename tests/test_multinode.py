@@ -158,3 +158,89 @@ def test_search_runs_trials_on_two_nodes(nodes, synthetic_cifar, synthetic_weigh
     hosts = set(rows["host"])
     assert len(hosts) == 2 and hosts <= set(nodes), hosts  # trials ran on both nodes of the allocation
     assert all(h in run("scontrol", "show", "hostnames", allocated).split() for h in hosts)
+
+
+def test_prune_job_on_a_dead_node_resumes_elsewhere_with_the_rows_of_an_uninterrupted_run(
+        nodes, synthetic_cifar, synthetic_weights, tmp_path):
+    """The node under a prune job dies mid-phase: SLURM requeues the job onto another node, where it
+    resumes from its checkpoint; each phase and epoch row exists once and equals an uninterrupted run's."""
+    if os.geteuid() != 0:
+        pytest.skip("node-down/node-up of the dev cluster need root")
+    from jobs.executors import build_executor
+    from jobs.specs import PruneSpec
+    from jobs.training import run_prune
+    from tests.test_slurm import EPOCHS, PHASES, assert_same_rows, mid_phase, wait_until
+
+    def make(run_id: str) -> PruneSpec:
+        return PruneSpec(data_root=str(synthetic_cifar), weights=str(synthetic_weights), results=str(tmp_path / "r"),
+                         run_id=run_id, phases=PHASES, epochs=EPOCHS, final_sparsity=0.5, batch_size=25,
+                         test_size=100, eval_batch_size=100, lr=2e-3)
+
+    ex = build_executor(partition="debug", folder=str(tmp_path / "jobs"), time="10")
+    ex.submit(run_prune, make("reference")).result()  # first, so the node taken down runs nothing else of ours
+    spec = make("node-fail")
+    job = ex.submit(run_prune, spec)
+    wait_until("the job to be inside a phase", mid_phase(spec), timeout=120)
+    (first,) = {n for _, state, n in accounting(job.job_id) if state == "RUNNING"}
+    try:
+        run("bash", str(DEV_CLUSTER), "node-down", first)
+        runs = wait_finished(job.job_id, tasks=1, timeout=240)
+    finally:
+        run("bash", str(DEV_CLUSTER), "node-up", first, timeout=120)
+    assert [(state, n == first) for _, state, n in runs] == [("NODE_FAIL", True), ("COMPLETED", False)], runs
+    assert_same_rows(spec, make("reference"))
+    from compress.results import read_table
+
+    phases = read_table(spec.results, "phases").to_pandas()
+    assert set(phases[phases["run_id"] == "node-fail"]["host"]) <= set(nodes)
+
+
+def test_search_survives_losing_a_worker_node(nodes, synthetic_cifar, synthetic_weights, tmp_path):
+    """``tune prune --nodes 2 --max-failures 1``: the worker node dies under a trial; the trial is
+    retried on the remaining node from its own checkpoint and the search completes with every trial."""
+    if os.geteuid() != 0:
+        pytest.skip("node-down/node-up of the dev cluster need root")
+    import json
+
+    from compress.results import read_table
+
+    results, folder = tmp_path / "results", tmp_path / "jobs"
+    res = launch("tune", "prune", "--weights", str(synthetic_weights), "--data-root", str(synthetic_cifar),
+                 "--results", str(results), "--phases", "3", "--epochs", "3", "--final-sparsity", "0.5",
+                 "--batch-size", "25", "--test-size", "100", "--eval-batch-size", "100", "--no-randaugment",
+                 "--space", "lr=grid:0.001,0.002", "--searcher", "grid", "--scheduler", "fifo", "--num-samples", "1",
+                 "--max-concurrent", "2", "--cpus-per-trial", "2", "--max-failures", "1", "--partition", "debug",
+                 "--nodes", "2", "--cpus", "2", "--folder", str(folder), "--search-id", "lose-a-node")
+    assert res.exit_code == 0, res.output
+    job_id = res.output.split("submitted job ", 1)[1].split(":", 1)[0]
+    def allocated() -> list[str] | None:
+        out = run("squeue", "-h", "-j", job_id, "-o", "%T %N").split()
+        return run("scontrol", "show", "hostnames", out[1]).split() if out and out[0] == "RUNNING" else None
+
+    from tests.test_slurm import wait_until
+
+    head, worker = wait_until("the search to start", allocated, timeout=120, every=1)
+
+    def worker_mid_trial() -> bool:  # a trial on the worker node has finished its first epoch
+        for lease in results.glob("runs/*/lease.json"):
+            progress = lease.parent / "progress.json"
+            try:
+                if json.loads(lease.read_text())["host"] == worker and json.loads(progress.read_text())["epoch"] >= 1:
+                    return True
+            except (OSError, ValueError, KeyError):
+                continue
+        return False
+
+    wait_until(f"a trial to run on {worker}", worker_mid_trial, timeout=240, every=0.5)
+    try:
+        run("bash", str(DEV_CLUSTER), "node-down", worker)
+        runs = wait_finished(job_id, tasks=1, timeout=400)
+    finally:
+        run("bash", str(DEV_CLUSTER), "node-up", worker, timeout=120)
+    assert runs[-1][1] == "COMPLETED", runs
+    phases = read_table(results, "phases").to_pandas()
+    assert phases["run_id"].nunique() == 2
+    for _, trial in phases.groupby("run_id"):
+        assert sorted(trial["phase"]) == [0, 1, 2, 3]  # every phase once, the lost trial's too
+    lost = phases[phases["host"] == worker]["run_id"].unique()
+    assert len(lost) == 1 and set(phases[phases["run_id"] == lost[0]]["host"]) == {head, worker}
