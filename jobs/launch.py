@@ -9,6 +9,7 @@
     python -m jobs.launch ptq --weights W --calib-sizes 1000,10000 --alphas 0.95:1.0:0.01  # int8 sweep
     python -m jobs.launch report results --out results/report                # tables and plots, offline
     python -m jobs.launch export RUN_ID --select max-drop=0.3,smallest       # files to deploy, with manifests
+    python -m jobs.launch results compact --results results                  # merge a sweep's small files
 
 Without ``--partition`` the job runs in this process on this machine; with it, it goes to SLURM
 through submitit (``jobs/executors.py``, ``slurm/README.md``) and requeues itself on preemption.
@@ -372,10 +373,10 @@ def status(targets: tuple[str, ...], results: str, folder: str, last: int, as_js
 @click.option("--kind", "kinds", multiple=True, help="row kind: prune, train, ptq (repeatable)")
 @click.option("--max-drop", default=1.5, show_default=True,
               help="the prune searches' --max-drop, to rank their trials by the same objective")
-def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, ...], models: tuple[str, ...],
 @click.option("--data-root", default="",
               help="CIFAR-10 root, for the test labels of the intervals and p-values [default: $COMPRESS_DATA; "
                    "neither: no intervals]")
+def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, ...], models: tuple[str, ...],
            kinds: tuple[str, ...], max_drop: float, data_root: str) -> None:
     """Markdown report with PNG plots from the Parquet results under RESULTS (default $COMPRESS_RESULTS or results).
 
@@ -390,7 +391,6 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
     results = results or default_root()
     if max_drop < 0:
         fail(f"max_drop={max_drop!r} is invalid: must be >= 0")
-    try:
     labels = None
     if data_root or os.environ.get("COMPRESS_DATA"):
         from compress.data import DataError, load_test_labels
@@ -399,6 +399,7 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
             labels = load_test_labels(data_root or None)
         except DataError as e:
             fail(str(e))
+    try:
         written = build_report(results, out or str(Path(results) / "report"),
                                Filters(runs=runs, searches=searches, models=models, kinds=kinds), max_drop,
                                spec_defaults(), lambda row: prune_score(row, TuneSpec(max_drop=max_drop)), labels)
@@ -480,12 +481,12 @@ def verify(artifact: str, data_root: str) -> None:
 @spec_options(PTQSpec)
 @click.option("--export", "export_select", default="", help=EXPORT_HELP + "; after the sweep (here, or with "
               "--wait on SLURM) [default: no export]", panel="Run")
-@executor_options
 @click.option("--seeds", default="", help="comma-separated seeds of the calibration subset: one run each "
               "(run id -s<seed>), every task of every seed in one job array on SLURM", panel="Run")
 @click.option("--tasks-per-job", default=1, show_default=True, type=click.IntRange(min=1),
               help="tasks each array job runs one after another (fewer, longer jobs for large sweeps)",
               panel="SLURM")
+@executor_options
 @run_option
 @download_option
 @click.option("--dry-run", is_flag=True, help="print the spec and its tasks (and the sbatch script) and exit",
@@ -506,9 +507,9 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
     spec = specs[0]
     tasks = [t for s in specs for t in plan_tasks(s)]
     export_spec = None
-    if export_select:
     if export_select and len(specs) > 1:
         fail("--export takes the rows of one run: drop --seeds, or export each run (export RUN_ID) afterwards")
+    if export_select:
         from jobs.specs import ExportSpec
 
         try:
@@ -558,6 +559,59 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
     elif export_spec is not None:
         click.echo(f"export when done: python -m jobs.launch export {spec.run_id} --select '{export_select}' "
                    f"--results {spec.results}")
+
+
+@cli.group(name="results")
+def results_group() -> None:
+    """Upkeep of a results root: merge the small Parquet files of a sweep (compact)."""
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@results_group.command(name="compact")
+@click.option("--results", "root", default="", help="results root [default: $COMPRESS_RESULTS or results]")
+@click.option("--max-mb", default=64, show_default=True, type=click.IntRange(min=1),
+              help="input MB merged into one compact file")
+@click.option("--dry-run", is_flag=True, help="say what would be merged; change nothing")
+def results_compact(root: str, max_mb: int, dry_run: bool) -> None:
+    """Merge each table's small Parquet files into compact-<time>-<k>.parquet files (compress/compact.py).
+
+    Rows are the same before and after, and read once at every moment; a crash midway loses nothing
+    and the next run finishes it. Refused while a run under the root has a live lease (a job may
+    still write there). Merged: PTQ task files, and the phase/epoch/module rows of runs that will
+    not write them again (finished, or phases they have moved past).
+    """
+    from compress.compact import CompactBusy, CompactError, compact_results
+    from compress.results import default_root
+    from jobs.lease import live_leases
+    from jobs.runs import settled
+    from jobs.tables import TABLES
+
+    path = Path(root or default_root())
+    if not path.is_dir():
+        fail(f"results root {path} does not exist")
+    live = live_leases(path)
+    if live:
+        run_id, held, why = live[0]
+        more = f" (and {len(live) - 1} more run(s))" if len(live) > 1 else ""
+        line = (f"results root {path} is in use: run {run_id} is held by {held.get('owner')} ({why}){more}; "
+                f"compact when no job writes there")
+        if not dry_run:
+            fail(line)
+        click.echo(f"note: {line}")
+    try:
+        done = compact_results(path, TABLES, settled(path), max_mb * 10**6, dry_run)
+    except (CompactBusy, CompactError) as e:
+        fail(str(e))
+    for t in done:
+        click.echo(f"{t.table}: {t.files_before} -> {t.files_after} files, {t.rows:,} rows, "
+                   f"{_mb(t.bytes_before)} -> {'~' if dry_run else ''}{_mb(t.bytes_after)}, {t.seconds:.2f} s"
+                   + (f" ({t.leftovers} leftover(s) of a stopped compaction removed)" if t.leftovers else "")
+                   + (" [dry run]" if dry_run else ""))
+    if not done:
+        click.echo(f"no result tables under {path}")
 
 
 cli.add_command(tune)

@@ -47,7 +47,7 @@ from compress.models import load_model
 from compress.prune import global_sparsity
 from compress.quant import quiet
 from compress.quant.backends import BACKENDS
-from compress.results import write_rows
+from compress.results import read_unit, write_rows
 from jobs import tables
 from jobs.runs import SpecMismatch, require_run_id, row_base, same_spec_row
 from jobs.specs import METHODS, PTQSpec, check
@@ -76,12 +76,14 @@ def preflight(spec: PTQSpec, train_images: int) -> None:
 
 
 def _done_rows(path: Path, spec: PTQSpec) -> list[dict[str, Any]] | None:
-    """The rows of a task already written by the same spec (a requeued array task); None if absent."""
-    if not path.exists():
-        return None
-    import pyarrow.parquet as pq
+    """The rows of a task already written by the same spec (a requeued array task); None if absent.
 
-    rows = pq.read_table(path).to_pylist()
+    Found in the task's file, or in the compact file that merged it (``compress.compact``).
+    """
+    written = read_unit(path)
+    if written is None:
+        return None
+    rows = written.to_pylist()
     diff = same_spec_row(rows[0], spec) if rows else "no rows"
     if diff:
         raise SpecMismatch(f"{path} holds PTQ results of another spec ({diff}); choose another --run-id")
@@ -191,12 +193,12 @@ def run_ptq_tasks(specs: list[PTQSpec]) -> list[dict[str, Any]]:
     return [run_ptq(s) for s in specs]
 
 
-    best = max(rows, key=lambda r: r["int8_top1"])
-    if report is not None:
 def run_ptq_sweep(spec: PTQSpec, report: Callable[[dict[str, Any]], None] | None = None,
                   tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Every task of ``spec`` in this process, then ``report`` of the best int8 row (a Ray trial's result)."""
     rows = [r for task in plan_tasks(spec) for r in run_ptq(task, tags)["rows"]]
+    best = max(rows, key=lambda r: r["int8_top1"])
+    if report is not None:
         report({k: v for k, v in best.items() if v is not None})
     return {"run_id": spec.run_id, "rows": rows, "best": best}
 
