@@ -21,6 +21,8 @@ OBSERVERS = ("minmax", "moving_average", "histogram")
 ENGINES = ("x86", "fbgemm", "qnnpack")
 WEIGHT_SCHEMES = ("per_channel", "per_tensor")
 CENTERS = ("min", "zero")
+# how magnitude pruning ranks weights across layers (compress/prune.py)
+SCORINGS = ("magnitude", "lamp")
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,28 @@ def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tupl
 
 
 @torch.no_grad()
+def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
+    """LAMP scores of one layer's weights (Lee et al., ICLR 2021), flat, in the weight's order.
+
+    With the layer's squared weights sorted ascending, u_1 <= ... <= u_n, weight i scores
+    ``u_i / (u_i + ... + u_n)``: its share of what is left of the layer once every smaller weight is
+    gone. Pruning the globally smallest scores then sets a per-layer budget without a hyperparameter;
+    every layer's largest weight scores 1, so no layer is emptied. Zero weights score 0 and rank
+    first (earlier pruning is kept). E.g. [3, -1, 2] -> [9/9, 1/14, 4/13]. Hand-written: neither
+    torch.nn.utils.prune nor torchao's sparsifiers offer layer-adaptive scores.
+    """
+    sq = weight.detach().flatten().float().cpu() ** 2
+    order = torch.argsort(sq, stable=True)
+    ranked = sq[order]
+    tail = torch.flip(torch.cumsum(torch.flip(ranked, [0]), 0), [0])  # u_i + ... + u_n
+    scores = torch.empty_like(sq)
+    scores[order] = torch.where(tail > 0, ranked / tail.clamp_min(torch.finfo(tail.dtype).tiny), 0.0)
+    return scores
+
+
+@torch.no_grad()
 def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[str] = (),
-                           max_layer_sparsity: float = 1.0) -> MaskSet:
+                           max_layer_sparsity: float = 1.0, scoring: str = "magnitude") -> MaskSet:
     """Masks that zero the smallest-|w| weights so that ``round(sparsity * N)`` of all N prunable weights are zero.
 
     ``sparsity`` is global over every conv/linear weight, kept-dense layers (``exclude``) included:
@@ -77,7 +97,13 @@ def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[
     keep their zeros and take no more); the global count is then filled from the smallest weights of
     the layers under the cap (water-filling). E.g. at 0.93 global magnitude alone leaves resnet20a's
     layer3.2.conv2 about 98.8% sparse; a 0.97 cap stops it at 35,758 of 36,864 zeros.
+
+    ``scoring`` is what is ranked: ``magnitude`` (|w|, one global threshold) or ``lamp``
+    (``lamp_scores``: layer-adaptive budgets that spare the small layers). The count, the cap and
+    the already-zero-first rule are the same for both.
     """
+    if scoring not in catalog.SCORINGS:
+        raise ValueError(f"unknown scoring {scoring!r}; known: {', '.join(catalog.SCORINGS)}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if not 0.0 < max_layer_sparsity <= 1.0:
@@ -91,7 +117,8 @@ def global_magnitude_masks(model: nn.Module, sparsity: float, exclude: Iterable[
     error = catalog.sparsity_budget_error(sizes, sparsity, skip, max_layer_sparsity, zeros)
     if error:
         raise ValueError(error)
-    flat = torch.cat([w.detach().abs().flatten().float().cpu() for _, w in weights])
+    score = lamp_scores if scoring == "lamp" else (lambda w: w.detach().abs().flatten().float().cpu())
+    flat = torch.cat([score(w) for _, w in weights])
     k = max(round(sparsity * sum(sizes.values())) - sum(zeros[n] for n in skip), 0)
     caps = [max(math.floor(max_layer_sparsity * w.numel()), zeros[n]) for n, w in weights]
     layer = torch.cat([torch.full((w.numel(),), i) for i, (_, w) in enumerate(weights)])

@@ -26,6 +26,7 @@ from compress.catalog import (
     ENGINES,
     MODELS,
     OBSERVERS,
+    SCORINGS,
     TEST_IMAGES,
     TRAIN_IMAGES,
     WEIGHT_SCHEMES,
@@ -166,6 +167,8 @@ class PruneSpec(TrainFields):
     keep_dense: tuple[str, ...] = opt((), "comma-separated modules left out of magnitude pruning, e.g. conv1,linear")
     max_layer_sparsity: float = opt(1.0, "cap on any one layer's sparsity in magnitude pruning; the others make up "
                                          "the global target (1.0: no cap)")
+    scoring: str = opt("magnitude", "how magnitude pruning ranks weights across layers: magnitude (one global |w| "
+                                    "threshold) or lamp (layer-adaptive LAMP scores)", choices=SCORINGS)
     bn_reestimate: bool = opt(False, "recompute BN statistics on training batches right after each pruning step")
     kd_weight: float = opt(0.0, "weight of distillation from the teacher (the starting model unless --teacher) "
                                 "during retraining")
@@ -180,6 +183,7 @@ class PruneSpec(TrainFields):
         check(0.0 <= self.final_sparsity < 1.0, "final_sparsity", self.final_sparsity, "must be in [0, 1)")
         check_choice("schedule", self.schedule, SCHEDULES)
         check(0.0 <= self.filter_fraction < 1.0, "filter_fraction", self.filter_fraction, "must be in [0, 1)")
+        check_choice("scoring", self.scoring, SCORINGS)
         check(0.0 < self.max_layer_sparsity <= 1.0, "max_layer_sparsity", self.max_layer_sparsity, "must be in (0, 1]")
         check(0.0 <= self.kd_weight <= 1.0, "kd_weight", self.kd_weight, "must be in [0, 1]")
         check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "must be > 0")

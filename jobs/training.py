@@ -262,7 +262,7 @@ class _Schedule:
             masks.apply(self.model)
         if ph.target is not None:
             masks = masks.merge(global_magnitude_masks(self.model, ph.target, spec.keep_dense,
-                                                       spec.max_layer_sparsity))
+                                                       spec.max_layer_sparsity, spec.scoring))
             masks.apply(self.model)
             if spec.bn_reestimate:
                 reestimate_bn(self.model, self.train_loader, self.device)

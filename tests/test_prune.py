@@ -15,6 +15,7 @@ from compress.prune import (
     bn_gamma_filter_masks,
     global_magnitude_masks,
     global_sparsity,
+    lamp_scores,
     make_permanent,
     module_table,
     nonzero_counts,
@@ -323,3 +324,43 @@ def test_layer_cap_keeps_earlier_zeros_and_refuses_a_target_it_cannot_reach() ->
     for bad in (0.0, 1.2):
         with pytest.raises(ValueError, match=r"max_layer_sparsity must be in \(0, 1\]"):
             global_magnitude_masks(_model(), 0.5, max_layer_sparsity=bad)
+
+
+def test_lamp_scores_match_a_hand_computed_layer() -> None:
+    # squares sorted: 0, 1, 4, 9 (sum of the tail from each: 14, 14, 13, 9)
+    scores = lamp_scores(torch.tensor([[3.0, -1.0], [0.0, 2.0]]))
+    assert torch.allclose(scores, torch.tensor([9 / 9, 1 / 14, 0.0, 4 / 13]))
+    assert torch.equal(lamp_scores(torch.zeros(3)), torch.zeros(3))  # an emptied layer: no 0/0
+
+
+def test_lamp_spares_a_layer_of_small_weights_that_one_global_threshold_empties() -> None:
+    model = _model()
+    small = "layer1.0.conv1"
+    before = global_magnitude_masks(model, 0.5, scoring="lamp")
+    with torch.no_grad():
+        model.get_submodule(small).weight.mul_(1e-3)  # a layer on a smaller scale than the rest
+    plain = global_magnitude_masks(model, 0.5)
+    lamp = global_magnitude_masks(model, 0.5, scoring="lamp")
+    for masks in (plain, lamp):  # same count either way
+        assert sum(int((~k).sum()) for k in masks.masks.values()) == round(0.5 * N_A)
+    assert not bool(plain.masks[f"{small}.weight"].any())  # magnitude: the whole layer goes
+    # LAMP scores are scale-free per layer: rescaling one layer changes no mask at all
+    assert all(torch.equal(lamp.masks[n], before.masks[n]) for n in lamp.masks)
+    assert bool(lamp.masks[f"{small}.weight"].any())
+    # within each layer LAMP still removes the smallest weights
+    w = {f"{n}.weight": m.weight.detach().abs() for n, m in prunable(model)}
+    for n, k in lamp.masks.items():
+        if (~k).any() and k.any():
+            assert float(w[n][~k].max()) <= float(w[n][k].min())
+
+
+def test_lamp_keeps_every_layer_alive_at_extreme_sparsity_and_works_with_the_cap() -> None:
+    model = _model()
+    masks = global_magnitude_masks(model, 0.999, scoring="lamp")
+    assert sum(int((~k).sum()) for k in masks.masks.values()) == round(0.999 * N_A)
+    assert all(bool(k.any()) for k in masks.masks.values())  # each layer's largest weight scores 1
+    capped = global_magnitude_masks(model, 0.9, max_layer_sparsity=0.93, scoring="lamp")
+    sizes = {f"{n}.weight": m.weight.numel() for n, m in prunable(model)}
+    assert all(int((~k).sum()) <= math.floor(0.93 * sizes[n]) for n, k in capped.masks.items())
+    with pytest.raises(ValueError, match="unknown scoring 'erk'"):
+        global_magnitude_masks(model, 0.5, scoring="erk")
