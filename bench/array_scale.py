@@ -83,13 +83,16 @@ def main() -> None:
     if res.returncode != 0:
         sys.exit(f"submit failed: {res.stderr or res.stdout}")
     submit_calls = calls(log)
-    arrays = next(ln for ln in res.stdout.splitlines() if ln.startswith("watch:")).split()[4:-2]
+    watch = next(ln for ln in res.stdout.splitlines() if ln.startswith("watch:")).split()
+    arrays = watch[watch.index("status") + 1:watch.index("--folder")]  # "watch: python -m jobs.launch status ID..."
     print(res.stdout.strip().splitlines()[-2])
     print(f"submit: {submit_s:.1f} s, scheduler calls {dict(submit_calls)}")
 
     while True:  # wait with squeue, once every 10 s (these calls are the waiting, not status)
         q = subprocess.run(["squeue", "-h", "-j", ",".join(arrays)], capture_output=True, text=True)
-        if q.returncode == 0 and not q.stdout.strip():
+        if q.returncode != 0:
+            sys.exit(f"squeue failed: {q.stderr.strip()}")
+        if not q.stdout.strip():
             break
         time.sleep(10)
     wall = time.perf_counter() - t0
