@@ -23,6 +23,7 @@ and has no row of the phase in flight, no ``modules`` row and no ``runs/<run_id>
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -73,14 +74,29 @@ class Requeueable(submitit.helpers.Checkpointable):
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
+        # kept by name ("module:qualname") when it has one, so that reading the job's pickle (``status``
+        # does, for every job it shows) imports neither the job's module nor torch (~7 s a status call);
+        # a function without an importable name (a closure) is kept as it is
+        self.fn: str | Callable[..., Any] = fn if "<" in fn.__qualname__ else f"{fn.__module__}:{fn.__qualname__}"
+
+    def function(self) -> Callable[..., Any]:
+        """The wrapped function (imported now when kept by name)."""
+        if callable(self.fn):
+            return self.fn
+        module, _, qualname = self.fn.partition(":")
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
 
     def __repr__(self) -> str:
-        return f"Requeueable({self.fn.__module__}.{self.fn.__qualname__})"
+        name = self.fn.replace(":", ".") if isinstance(self.fn, str) else f"{self.fn.__module__}.{self.fn.__qualname__}"
+        return f"Requeueable({name})"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # set by the sbatch script: a job of its own
             setup_logging(sys.stdout)
+        fn = self.function()
         cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or 0)
         torch = sys.modules.get("torch")  # imported with the job function, if it needs it
         where = f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
@@ -90,7 +106,7 @@ class Requeueable(submitit.helpers.Checkpointable):
             where += f", torch sees {torch.cuda.device_count()} GPU(s), {torch.get_num_threads()} CPU thread(s)"
         log.info("job %s on %s: %s, restart %s, %s", os.environ.get("SLURM_JOB_ID", "?"), socket.gethostname(),
                  self, os.environ.get("SLURM_RESTART_COUNT", "0"), where)
-        return self.fn(*args, **kwargs)
+        return fn(*args, **kwargs)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called on USR2: the state on disk is the last finished epoch; resubmit the same call."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ from jobs.executors import (
 )
 from jobs.launch import cli
 from jobs.slurm_jobs import Requeueable, find_jobs, finished_runs, run_progress
-from jobs.specs import PruneSpec
+from jobs.specs import PruneSpec, PTQSpec
 
 
 @pytest.mark.parametrize("text, minutes", [
@@ -202,6 +204,23 @@ def test_requeueable_resubmits_the_same_call():
     assert wrapped(21) == 42 and repr(wrapped) == "Requeueable(tests.test_executors.twice)"
     again = wrapped.checkpoint(21)
     assert again.function is wrapped and again.args == (21,) and again.result() == 42
+
+
+def test_reading_a_jobs_pickle_imports_neither_its_module_nor_torch(tmp_path):
+    """``status`` unpickles every job it shows; the PTQ and prune job functions import torch."""
+    from submitit.core.utils import DelayedSubmission
+
+    import jobs.ptq
+
+    path = tmp_path / "1_submitted.pkl"
+    DelayedSubmission(Requeueable(jobs.ptq.run_ptq), PTQSpec(results=str(tmp_path), run_id="r")).dump(path)
+    code = ("import sys; from submitit.core.utils import DelayedSubmission; "
+            f"d = DelayedSubmission.load({str(path)!r}); "
+            "print(d.args[0].run_id, repr(d.function), 'torch' in sys.modules, 'jobs.ptq' in sys.modules); "
+            "f = d.function.function(); print(f.__module__, f.__name__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "r Requeueable(jobs.ptq.run_ptq) False False"
+    assert out[1] == "jobs.ptq run_ptq True"  # resolved (and torch imported) when the job runs it
 
 
 def _job_folder(root: Path, job_id: str, spec: PruneSpec, result: tuple | None) -> None:
