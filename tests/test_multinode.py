@@ -5,7 +5,7 @@ address on a bridge), so placement and node failure are real: a job array spread
 and a node that dies under a requeueable batch job sends that job to another node, where it
 completes (``dev-cluster.sh node-down`` kills the node's slurmd and every process in its namespace;
 ``node-up`` brings it back). Real sbatch, sacct and node failure, nothing mocked; the array test
-takes ~15 s, the node failure ~70 s. Every test skips, saying why, unless the running cluster has
+takes ~15 s, the node failure ~70 s, the seeds array through the CLI ~80 s. Every test skips, saying why, unless the running cluster has
 three nodes or more.
 """
 
@@ -137,6 +137,30 @@ def launch(*args: str) -> Any:
     from jobs.launch import cli
 
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_prune_seeds_array_spreads_over_the_nodes_with_the_host_in_its_rows(
+        nodes, synthetic_cifar, synthetic_weights, tmp_path):
+    """``prune --seeds 0,1,2 --partition debug --cpus <a whole node>``: one array, one task per node."""
+    from compress.results import read_table
+
+    results, folder = tmp_path / "results", tmp_path / "jobs"
+    res = launch("prune", "--weights", str(synthetic_weights), "--data-root", str(synthetic_cifar),
+                 "--results", str(results), "--phases", "1", "--epochs", "1", "--final-sparsity", "0.5",
+                 "--batch-size", "25", "--test-size", "100", "--eval-batch-size", "100", "--seeds", "0,1,2",
+                 "--run-id", "spread", "--partition", "debug", "--cpus", str(min(nodes.values())),
+                 "--time", "10", "--folder", str(folder), "--wait")
+    assert res.exit_code == 0, res.output
+    (array,) = {line.split("submitted job ", 1)[1].split("_")[0] for line in res.output.splitlines()
+                if line.startswith("submitted job ")}
+    ran = {jid: n for jid, state, n in wait_finished(array, tasks=3, timeout=60) if state == "COMPLETED"}
+    assert len(ran) == 3 and len(set(ran.values())) == 3, ran  # three tasks on three nodes
+    phases = read_table(results, "phases").to_pandas()
+    assert sorted(phases["run_id"].unique()) == ["spread-s0", "spread-s1", "spread-s2"]
+    by_run = phases.groupby("run_id")["host"].agg(set).to_dict()
+    assert all(len(h) == 1 for h in by_run.values())  # each run's rows name the one node it ran on
+    task_of = {f"spread-s{i}": f"{array}_{i}" for i in range(3)}
+    assert {run_id: next(iter(h)) for run_id, h in by_run.items()} == {r: ran[t] for r, t in task_of.items()}
 
 
 def test_search_runs_trials_on_two_nodes(nodes, synthetic_cifar, synthetic_weights, tmp_path):
