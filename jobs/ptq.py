@@ -61,10 +61,6 @@ def plan_tasks(spec: PTQSpec) -> list[PTQSpec]:
             for obs in spec.observers for n in spec.calib_sizes]
 
 
-def task_path(spec: PTQSpec) -> Path:
-    return Path(spec.results) / "ptq" / f"{spec.run_id}-{spec.task_name()}.parquet"
-
-
 def preflight(spec: PTQSpec, train_images: int) -> None:
     """What the spec alone cannot check: the dataset's size, this machine's quantized engines and device."""
     pick_device(spec.device)
@@ -105,7 +101,7 @@ def run_ptq(spec: PTQSpec, tags: dict[str, str] | None = None) -> dict[str, Any]
     ``tags`` (``search_id``, ``trial_id``) are added to every row.
     """
     require_run_id(spec)
-    path = task_path(spec)
+    path = spec.task_file()
     done = _done_rows(path, spec)
     if done is not None:
         log.info("task %s of %s already written: %s", spec.task_name(), spec.run_id, path)

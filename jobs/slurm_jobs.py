@@ -158,9 +158,8 @@ def run_progress(spec: Any, workdir: Path | None = None, job_id: str = "") -> st
         return r.progress + (f", top-1 {r.top1:.2f}%" if r.top1 is not None else "")
     if getattr(spec, "kind", None) and spec.kind() == "ptq":  # one task of a PTQ sweep: its own row file
         from compress.results import find_unit
-        from jobs.ptq import task_path  # here: jobs.ptq loads torch, which status does not need otherwise
 
-        where = find_unit(results / task_path(spec).relative_to(spec.results))  # its file, or merged by compact
+        where = find_unit(results / spec.task_file().relative_to(spec.results))  # its file, or merged by compact
         if where is None:
             return f"task {spec.task_name()}: no rows yet"
         return f"task {spec.task_name()}: {where[2]} rows written"

@@ -18,6 +18,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from compress import catalog
@@ -283,6 +284,10 @@ class PTQSpec(RunFields):
         if len(self.observers) != 1 or len(self.calib_sizes) != 1:
             raise ValueError("a PTQ task has one observer and one calibration size: split the sweep with plan_tasks")
         return f"{self.observers[0]}-{self.calib_sizes[0]}"
+
+    def task_file(self) -> Path:
+        """The Parquet file of a one-task spec's rows, e.g. ``results/ptq/<run_id>-minmax-10000.parquet``."""
+        return Path(self.results) / "ptq" / f"{self.run_id}-{self.task_name()}.parquet"
 
 
 def expand_ranges(text: str) -> str:

@@ -22,7 +22,7 @@ from compress.compact import LOCK, CompactBusy, compact_results, compact_table
 from compress.results import COMPACTED, WriteError, find_unit, read_table, read_unit, table_files, write_rows
 from jobs import lease, tables
 from jobs.launch import cli
-from jobs.ptq import plan_tasks, run_ptq, task_path
+from jobs.ptq import plan_tasks, run_ptq
 from jobs.runs import settled
 from jobs.specs import PruneSpec, PTQSpec
 from jobs.training import run_prune
@@ -261,7 +261,7 @@ def test_a_requeued_ptq_task_finds_its_merged_rows(synthetic_cifar: Path, synthe
     first = [run_ptq(t) for t in tasks]
     before = _rows(tmp_path)
     assert compact_results(tmp_path, ["ptq"], settled(tmp_path))[0].merged == 2
-    assert not task_path(tasks[0]).exists()
+    assert not tasks[0].task_file().exists()
 
     calls: list[int] = []
     real = observe_module.calibrate

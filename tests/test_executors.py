@@ -213,14 +213,18 @@ def test_reading_a_jobs_pickle_imports_neither_its_module_nor_torch(tmp_path):
     import jobs.ptq
 
     path = tmp_path / "1_submitted.pkl"
-    DelayedSubmission(Requeueable(jobs.ptq.run_ptq), PTQSpec(results=str(tmp_path), run_id="r")).dump(path)
+    task = PTQSpec(results=str(tmp_path), run_id="r", observers=("minmax",), calib_sizes=(100,))
+    DelayedSubmission(Requeueable(jobs.ptq.run_ptq), task).dump(path)
     code = ("import sys; from submitit.core.utils import DelayedSubmission; "
+            "from jobs.slurm_jobs import run_progress; "
             f"d = DelayedSubmission.load({str(path)!r}); "
             "print(d.args[0].run_id, repr(d.function), 'torch' in sys.modules, 'jobs.ptq' in sys.modules); "
+            "print(run_progress(d.args[0]), 'torch' in sys.modules); "
             "f = d.function.function(); print(f.__module__, f.__name__, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "r Requeueable(jobs.ptq.run_ptq) False False"
-    assert out[1] == "jobs.ptq run_ptq True"  # resolved (and torch imported) when the job runs it
+    assert out[1] == "task minmax-100: no rows yet False"  # the task's progress is read without torch too
+    assert out[2] == "jobs.ptq run_ptq True"  # resolved (and torch imported) when the job runs it
 
 
 def _job_folder(root: Path, job_id: str, spec: PruneSpec, result: tuple | None) -> None:

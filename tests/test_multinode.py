@@ -5,8 +5,8 @@ address on a bridge), so placement and node failure are real: a job array spread
 and a node that dies under a requeueable batch job sends that job to another node, where it
 completes (``dev-cluster.sh node-down`` kills the node's slurmd and every process in its namespace;
 ``node-up`` brings it back). Real sbatch, sacct and node failure, nothing mocked; the array test
-takes ~15 s, the node failure ~70 s, the seeds array through the CLI ~80 s. Every test skips, saying why, unless the running cluster has
-three nodes or more.
+takes ~15 s, the node failure ~70 s, the seeds array through the CLI ~80 s. Every test skips,
+saying why, unless the running cluster has three nodes or more.
 """
 
 from __future__ import annotations

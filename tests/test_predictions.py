@@ -21,7 +21,7 @@ from compress.data import BatchLoader, load_cifar10
 from compress.loops import evaluate
 from compress.models import load_model
 from jobs import tables
-from jobs.ptq import run_ptq, task_path
+from jobs.ptq import run_ptq
 from jobs.specs import PruneSpec, PTQSpec
 from jobs.training import run_prune
 
@@ -124,7 +124,7 @@ def test_ptq_rows_keep_int8_and_float_predictions(synthetic_cifar: Path, synthet
         run_ptq(spec)
     finally:
         torch.backends.quantized.engine = saved
-    rows = ds.dataset(task_path(spec), format="parquet", schema=tables.PTQ).to_table().to_pylist()
+    rows = ds.dataset(spec.task_file(), format="parquet", schema=tables.PTQ).to_table().to_pylist()
     truth = labels(synthetic_cifar)
     assert len(rows) == 3
     for r in rows:

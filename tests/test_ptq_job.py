@@ -16,7 +16,7 @@ from compress.models import build_model, load_model
 from compress.prune import global_magnitude_masks
 from jobs import tables
 from jobs.launch import cli
-from jobs.ptq import plan_tasks, run_ptq, task_path
+from jobs.ptq import plan_tasks, run_ptq
 from jobs.runs import SpecMismatch
 from jobs.specs import PTQSpec, expand_ranges
 
@@ -107,7 +107,7 @@ def test_run_ptq_calibrates_once_and_writes_every_variant(synthetic_cifar: Path,
     summary = run_ptq(spec)
     assert manual_calls == [1] and fx_calls == [1]  # 12 manual variants and 2 FX models from 2 calibrations
 
-    path = task_path(spec)
+    path = spec.task_file()
     assert path == tmp_path / "ptq" / "t-minmax-50.parquet" and summary["path"] == str(path)
     table = pq.read_table(path)
     assert table.schema.equals(tables.PTQ)
