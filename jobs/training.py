@@ -165,6 +165,8 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
     """
     require_run_id(spec)
     run = _Run(spec, report, tags)
+    if spec.cpu_bf16 and (warning := loops.cpu_bf16_warning(run.device)):
+        log.warning(warning)
     if check_run(spec) == "finished":
         log.info("run %s already finished", spec.run_id)
         return json.loads((run.dir / "summary.json").read_text())

@@ -23,6 +23,7 @@ from jobs.cli import (
     spec_from_options,
     spec_options,
     wait_for,
+    warn_slow_cpu_bf16,
 )
 from jobs.executors import ExecutorOptions, render_sbatch
 from jobs.specs import TuneSpec
@@ -87,6 +88,7 @@ def _command(kind: str) -> click.Command:
             return
         ex = open_executor(executor, spans_nodes=True, shared=[base.results])
         if ex.local:
+            warn_slow_cpu_bf16(base)
             try:
                 summary = run_search(kind, base, tune_spec)
             except (ValueError, FileNotFoundError) as e:

@@ -509,3 +509,24 @@ def test_a_new_local_run_says_what_it_plans_and_how_long_it_takes(prune_run) -> 
     result, _ = prune_run
     plan = next(ln for ln in result.stdout.splitlines() if ln.startswith("plan: about "))
     assert "2 phase(s), 2 epoch(s) over 250 images, 3 evaluation(s) of 100; from 3 timed batches on" in plan
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bf16_on_a_cpu_without_bf16_kernels_warns_once_and_still_runs(
+        native: bool, monkeypatch: pytest.MonkeyPatch, synthetic_cifar: Path, synthetic_weights: Path,
+        tmp_path: Path) -> None:
+    # torch's probe answers for this machine's CPU; both answers are set here so either CPU tests both paths
+    import compress.loops
+
+    monkeypatch.setattr(compress.loops, "cpu_has_bf16_kernels", lambda: native)
+    args = ["prune", "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights), "--results",
+            str(tmp_path / "r"), "--run-id", "bf16", "--phases", "1", "--epochs", "0", "--final-sparsity", "0.5",
+            "--batch-size", "10", "--eval-batch-size", "100", "--device", "cpu"]
+    with_bf16 = CliRunner().invoke(cli, [*args, "--cpu-bf16"], catch_exceptions=False)
+    assert with_bf16.exit_code == 0, with_bf16.output
+    warnings = [ln for ln in with_bf16.stderr.splitlines() if ln.startswith("warning: --cpu-bf16")]
+    assert len(warnings) == (0 if native else 1), with_bf16.stderr
+    if not native:
+        assert "ten times slower than float32: drop --cpu-bf16" in warnings[0]
+    plain = CliRunner().invoke(cli, [*(a if a != "bf16" else "fp32" for a in args)], catch_exceptions=False)
+    assert plain.exit_code == 0 and "--cpu-bf16" not in plain.stderr
