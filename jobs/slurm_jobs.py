@@ -77,7 +77,8 @@ class Requeueable(submitit.helpers.Checkpointable):
         # kept by name ("module:qualname") when it has one, so that reading the job's pickle (``status``
         # does, for every job it shows) imports neither the job's module nor torch (~7 s a status call);
         # a function without an importable name (a closure) is kept as it is
-        self.fn: str | Callable[..., Any] = fn if "<" in fn.__qualname__ else f"{fn.__module__}:{fn.__qualname__}"
+        qualname = getattr(fn, "__qualname__", "<none>")  # e.g. a functools.partial has none
+        self.fn: str | Callable[..., Any] = fn if "<" in qualname else f"{fn.__module__}:{qualname}"
 
     def function(self) -> Callable[..., Any]:
         """The wrapped function (imported now when kept by name)."""
@@ -90,7 +91,8 @@ class Requeueable(submitit.helpers.Checkpointable):
         return obj
 
     def __repr__(self) -> str:
-        name = self.fn.replace(":", ".") if isinstance(self.fn, str) else f"{self.fn.__module__}.{self.fn.__qualname__}"
+        fn = self.fn
+        name = fn.replace(":", ".") if isinstance(fn, str) else f"{fn.__module__}.{getattr(fn, '__qualname__', fn)}"
         return f"Requeueable({name})"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:

@@ -204,6 +204,14 @@ def test_requeueable_resubmits_the_same_call():
     assert wrapped(21) == 42 and repr(wrapped) == "Requeueable(tests.test_executors.twice)"
     again = wrapped.checkpoint(21)
     assert again.function is wrapped and again.args == (21,) and again.result() == 42
+    # without an importable name (a partial, a closure) the function itself is kept
+    import functools
+
+    def local(x: int) -> int:
+        return x + 1
+
+    assert pickle.loads(cloudpickle.dumps(Requeueable(functools.partial(twice, 4))))() == 8
+    assert pickle.loads(cloudpickle.dumps(Requeueable(local)))(1) == 2
 
 
 def test_reading_a_jobs_pickle_imports_neither_its_module_nor_torch(tmp_path):
