@@ -202,17 +202,6 @@ def run_here(call: Callable[[], Any], redo: str, interrupted: str) -> Any:
         raise click.exceptions.Exit(130) from None
 
 
-def warn_slow_cpu_bf16(spec: Any) -> None:
-    """One warning line when a run here asks for --cpu-bf16 on a CPU without bf16 kernels (it runs, slowly)."""
-    if not getattr(spec, "cpu_bf16", False):
-        return
-    from compress.loops import cpu_bf16_warning, pick_device
-
-    warning = cpu_bf16_warning(pick_device(spec.device))
-    if warning:
-        click.echo(f"warning: {warning}", err=True)
-
-
 def echo_submitted(jobs: list[Any], labels: list[str], folder: str) -> None:
     """One line per submitted job (up to 20), the arrays, and the status command to watch them."""
     if len(jobs) <= 20:

@@ -43,7 +43,6 @@ from jobs.cli import (
     spec_from_options,
     spec_options,
     wait_for,
-    warn_slow_cpu_bf16,
 )
 from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, render_sbatch
 from jobs.runs import check_run, run_dir
@@ -238,7 +237,6 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
     if ex.local:
         for spec, state in zip(specs, states, strict=True):
             click.echo(f"run {spec.run_id} ({RUN_STATES[state]}): results under {spec.results}/")
-            warn_slow_cpu_bf16(spec)
             if state == "new":
                 click.echo(_plan_line(spec, sizes))
             resume = f"python -m jobs.launch {spec.kind()} --resume {spec.run_id} --results {spec.results}"

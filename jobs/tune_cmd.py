@@ -23,7 +23,6 @@ from jobs.cli import (
     spec_from_options,
     spec_options,
     wait_for,
-    warn_slow_cpu_bf16,
 )
 from jobs.executors import ExecutorOptions, render_sbatch
 from jobs.specs import TuneSpec
@@ -50,6 +49,20 @@ def search_specs(kind: str, options: dict[str, Any]) -> tuple[Any, TuneSpec]:
     base = _absolute(spec_from_options(jk.spec_cls, base_options).with_defaults())
     check_search(kind, base, tune_spec)
     return base, tune_spec
+
+
+def warn_slow_cpu_bf16(spec: Any) -> None:
+    """One warning line when a search here asks for --cpu-bf16 on a CPU without bf16 kernels.
+
+    A run says it in its own log (``run_schedule``); a trial's log is not shown here, so the search does.
+    """
+    if not getattr(spec, "cpu_bf16", False):
+        return
+    from compress.loops import cpu_bf16_warning, pick_device
+
+    warning = cpu_bf16_warning(pick_device(spec.device))
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
 
 
 def echo_summary(summary: dict[str, Any]) -> None:

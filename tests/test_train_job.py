@@ -513,8 +513,8 @@ def test_a_new_local_run_says_what_it_plans_and_how_long_it_takes(prune_run) -> 
 
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_bf16_on_a_cpu_without_bf16_kernels_warns_once_and_still_runs(
-        native: bool, monkeypatch: pytest.MonkeyPatch, synthetic_cifar: Path, synthetic_weights: Path,
-        tmp_path: Path) -> None:
+        native: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, synthetic_cifar: Path,
+        synthetic_weights: Path, tmp_path: Path) -> None:
     # torch's probe answers for this machine's CPU; both answers are set here so either CPU tests both paths
     import compress.loops
 
@@ -522,11 +522,29 @@ def test_cpu_bf16_on_a_cpu_without_bf16_kernels_warns_once_and_still_runs(
     args = ["prune", "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights), "--results",
             str(tmp_path / "r"), "--run-id", "bf16", "--phases", "1", "--epochs", "0", "--final-sparsity", "0.5",
             "--batch-size", "10", "--eval-batch-size", "100", "--device", "cpu"]
-    with_bf16 = CliRunner().invoke(cli, [*args, "--cpu-bf16"], catch_exceptions=False)
+    with caplog.at_level("WARNING", logger="jobs.training"):
+        with_bf16 = CliRunner().invoke(cli, [*args, "--cpu-bf16"], catch_exceptions=False)
     assert with_bf16.exit_code == 0, with_bf16.output
-    warnings = [ln for ln in with_bf16.stderr.splitlines() if ln.startswith("warning: --cpu-bf16")]
-    assert len(warnings) == (0 if native else 1), with_bf16.stderr
+    warnings = [r.getMessage() for r in caplog.records if "--cpu-bf16 on this CPU" in r.getMessage()]
+    assert len(warnings) == (0 if native else 1), warnings  # the run's log says it, once
     if not native:
         assert "ten times slower than float32: drop --cpu-bf16" in warnings[0]
-    plain = CliRunner().invoke(cli, [*(a if a != "bf16" else "fp32" for a in args)], catch_exceptions=False)
-    assert plain.exit_code == 0 and "--cpu-bf16" not in plain.stderr
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jobs.training"):
+        plain = CliRunner().invoke(cli, [*(a if a != "bf16" else "fp32" for a in args)], catch_exceptions=False)
+    assert plain.exit_code == 0 and not any("--cpu-bf16" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_search_here_with_cpu_bf16_warns_before_its_trials_whose_logs_are_not_shown(
+        native: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import compress.loops
+    from jobs.specs import PruneSpec
+    from jobs.tune_cmd import warn_slow_cpu_bf16
+
+    monkeypatch.setattr(compress.loops, "cpu_has_bf16_kernels", lambda: native)
+    warn_slow_cpu_bf16(PruneSpec(cpu_bf16=True, device="cpu"))
+    warn_slow_cpu_bf16(PruneSpec(cpu_bf16=False, device="cpu"))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == (0 if native else 1)  # only the spec that asks for bf16, only on a CPU without kernels
+    assert all(ln.startswith("warning: --cpu-bf16 on this CPU") for ln in lines)
