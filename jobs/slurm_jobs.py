@@ -77,8 +77,10 @@ class Requeueable(submitit.helpers.Checkpointable):
         # kept by name ("module:qualname") when it has one, so that reading the job's pickle (``status``
         # does, for every job it shows) imports neither the job's module nor torch (~7 s a status call);
         # a function without an importable name (a closure) is kept as it is
+        # a function of the launching script (``__main__``) is kept too: in the job, __main__ is submitit's
         qualname = getattr(fn, "__qualname__", "<none>")  # e.g. a functools.partial has none
-        self.fn: str | Callable[..., Any] = fn if "<" in qualname else f"{fn.__module__}:{qualname}"
+        by_value = "<" in qualname or getattr(fn, "__module__", "__main__") == "__main__"
+        self.fn: str | Callable[..., Any] = fn if by_value else f"{fn.__module__}:{qualname}"
 
     def function(self) -> Callable[..., Any]:
         """The wrapped function (imported now when kept by name)."""

@@ -6,6 +6,7 @@ on job folders. The same paths against a real cluster are in ``test_slurm.py``.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -212,6 +213,21 @@ def test_requeueable_resubmits_the_same_call():
 
     assert pickle.loads(cloudpickle.dumps(Requeueable(functools.partial(twice, 4))))() == 8
     assert pickle.loads(cloudpickle.dumps(Requeueable(local)))(1) == 2
+
+
+def test_a_function_of_the_launching_script_reaches_the_job(tmp_path):
+    """A script that submits its own function: in the job, ``__main__`` is submitit's, not the script."""
+    script = tmp_path / "mine.py"
+    script.write_text("import pickle, sys, cloudpickle\n"
+                      "from jobs.slurm_jobs import Requeueable\n"
+                      "def triple(x):\n    return 3 * x\n"
+                      "sys.stdout.buffer.write(cloudpickle.dumps(Requeueable(triple)))\n")
+    repo = Path(__file__).resolve().parent.parent
+    dumped = subprocess.run([sys.executable, str(script)], capture_output=True, check=True, cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}).stdout
+    code = "import pickle, sys; print(pickle.loads(sys.stdin.buffer.read())(14))"  # another __main__
+    out = subprocess.run([sys.executable, "-c", code], input=dumped, capture_output=True, check=True, cwd=repo)
+    assert out.stdout.decode().strip() == "42"
 
 
 def test_reading_a_jobs_pickle_imports_neither_its_module_nor_torch(tmp_path):
