@@ -12,14 +12,20 @@ Two kinds of job, each submitted ``--repeats`` times one after another:
 submit-to-running: from ``submit()`` to the job's first line in its log (submitit's "Starting with");
 submit-to-result: from ``submit()`` to its result pickle on disk (polled every 50 ms, which is
 sooner than ``job.result()`` notices: submitit polls once a second). Prints each repeat and the medians.
+
+Before those, what the check that a node sees ``--folder`` and ``--results`` adds to building the
+executor (``build_executor``, each ``--repeats`` times with new folders): with the check on new
+folders (one ``srun`` step), on folders a node already saw (remembered, no step), and without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,6 +79,26 @@ def measure(ex: Any, fn: Any, *args: Any) -> tuple[float, float]:
     return started - t0, t_result
 
 
+def executor_seconds(partition: str, folder: Path, results: Path, check_nodes: bool) -> float:
+    t0 = time.perf_counter()
+    build_executor(partition=partition, folder=str(folder), time="10", check_nodes=check_nodes,
+                   shared=[str(results)])
+    return time.perf_counter() - t0
+
+
+def node_check(partition: str, work: Path, repeats: int) -> None:
+    """Seconds ``build_executor`` takes with the node check (new folders, remembered) and without it."""
+    figures: dict[str, list[float]] = {"check, new folders": [], "check, remembered": [], "no check": []}
+    for i in range(repeats):
+        jobs, results = work / f"check-{i}" / "jobs", work / f"check-{i}" / "results"
+        figures["check, new folders"].append(executor_seconds(partition, jobs, results, True))
+        figures["check, remembered"].append(executor_seconds(partition, jobs, results, True))
+        figures["no check"].append(executor_seconds(partition, work / f"plain-{i}", results, False))
+    for name, runs in figures.items():
+        print(f"build_executor, {name:18s}: median {statistics.median(runs):5.2f} s "
+              f"({', '.join(f'{r:.2f}' for r in runs)})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--partition", default="debug")
@@ -80,6 +106,12 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="slurm-latency-", dir=Path.cwd()) as tmp:
         work = Path(tmp)
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        print("instruction sets:", " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
+                                            if f in cpuinfo), "| cores:", os.cpu_count())
+        print("nodes:", subprocess.run(["sinfo", "-h", "-N", "-p", args.partition, "-o", "%N"],
+                                       capture_output=True, text=True).stdout.split())
+        node_check(args.partition, work, args.repeats)
         data, weights = synthetic_root(work / "data")
         ex = build_executor(partition=args.partition, folder=str(work / "jobs"), time="10")
         figures: dict[str, list[tuple[float, float]]] = {"trivial": [], "tiny prune": []}

@@ -12,7 +12,8 @@ nears, the job is requeued with the same arguments and the function resumes from
 
 The options (``ExecutorOptions``, one click option per field through ``jobs.cli.executor_options``) are
 checked twice before anything is submitted: their form when they are parsed, then against the
-cluster (``sinfo``: the partition exists, it has the GPUs asked for; the job folder is writable).
+cluster (``sinfo``: the partition exists, it has the GPUs asked for; the job folder is writable; a
+node of the partition sees the job folder and the results root: ``check_nodes_see``).
 Each failure is one ``ExecutorError`` line; the CLI turns it into exit code 2.
 
 The job folder (``--folder``) holds each job's sbatch script, pickled function and arguments, result
@@ -22,14 +23,19 @@ and every compute node see (home or project space, not ``/tmp``), and so must ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +119,8 @@ class ExecutorOptions:
     max_requeues: int = opt(5, "times a job may requeue itself after a timeout (preemptions do not count "
                                "when --time is over ~50 min)")
     wait: bool = opt(False, "wait for SLURM jobs to finish and print their summaries")
+    check_nodes: bool = opt(True, "before submitting, run a short step on a node of the partition to check that "
+                                  "it sees --folder and --results (remembered a day per partition)")
 
     def __post_init__(self) -> None:
         check(self.gpus >= 0, "gpus", self.gpus, "must be >= 0")
@@ -257,11 +265,11 @@ def filesystem_type(path: str | os.PathLike) -> str:
 
 
 def check_shared(name: str, path: str | os.PathLike) -> None:
-    """Refuse a job folder or results root that compute nodes cannot see (one line, before submitting).
+    """Refuse a job folder or results root in memory (tmpfs, ramfs): local to this machine by nature.
 
-    A path in memory (tmpfs, ramfs) is local to this machine by nature; a path under /tmp on a local
-    disk usually is too, but cannot be told from a shared one here, so it is only warned about. E.g.
-    ``--results /dev/shm/r`` -> "results='/dev/shm/r' is invalid: on tmpfs, local to this machine...".
+    One line, before anything is created: ``--results /dev/shm/r`` -> "results='/dev/shm/r' is
+    invalid: on tmpfs, local to this machine...". Any other filesystem may be local or shared: only
+    a node can tell (``check_nodes_see``).
     """
     p = Path(path).expanduser().resolve()
     probe = next((q for q in (p, *p.parents) if q.exists()), Path("/"))
@@ -269,8 +277,186 @@ def check_shared(name: str, path: str | os.PathLike) -> None:
     check(kind not in NODE_LOCAL_FS, name, str(path),
           f"on {kind}, local to this machine: compute nodes cannot see it; use a shared filesystem "
           f"(the one your home or project space is on)")
+
+
+def warn_if_tmp(name: str, path: str | os.PathLike) -> None:
+    """A warning for a path under /tmp, usually node-local, where no node was asked about it."""
+    p = Path(path).expanduser().resolve()
     if str(p).startswith(("/tmp/", "/var/tmp/")):
         log.warning("%s %s is usually node-local: compute nodes must see it", name, p)
+
+
+# seconds the node check waits for a free node (srun --immediate); a busy partition is a warning, not an error
+NODE_CHECK_WAIT = 15
+# a folder that a node of a partition saw is not checked again from this machine for that long
+NODE_CHECK_TTL = 24 * 3600
+NODE_CHECK_CACHE = ".nodes-see-this.json"
+# environment of the job this launcher may itself run in: hidden from the check's srun so that it asks
+# for a new allocation instead of starting a step in that job (the prefixes of submitit.helpers.clean_env,
+# which changes os.environ in place; SLURM_CONF is kept: it says which cluster)
+_JOB_ENV = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_")
+# sbatch flags that choose among a partition's nodes: the check goes where the job could go
+_PLACEMENT = ("constraint", "reservation", "exclude", "nodelist", "clusters")
+# run by sh on the node, one marker file per folder: "seen|readonly|missing <node> <marker>" each
+_NODE_SCRIPT = r"""node=${SLURMD_NODENAME:-$(hostname)}
+for m in "$@"; do
+  if [ ! -e "$m" ]; then echo "missing $node $m"
+  elif echo "$node" > "$m.node"; then echo "seen $node $m"
+  else echo "readonly $node $m"; fi
+done"""
+
+
+def _node_check_key(partition: str) -> str:
+    return f"{this_host()} {partition}"
+
+
+def _seen_recently(path: Path, key: str) -> bool:
+    try:
+        entry = json.loads((path / NODE_CHECK_CACHE).read_text()).get(key, {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return time.time() - float(entry.get("checked", 0)) < NODE_CHECK_TTL
+
+
+def _remember_seen(path: Path, key: str, node: str) -> None:
+    cache = path / NODE_CHECK_CACHE
+    try:
+        entries = json.loads(cache.read_text())
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    entries[key] = {"node": node, "checked": time.time()}
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        tmp.replace(cache)  # atomic: two launchers at once leave one whole file
+    except OSError:
+        tmp.unlink(missing_ok=True)  # only a cache: the next submission checks again
+
+
+def _appears(path: Path, seconds: float = 5.0) -> bool:
+    """``path`` exists here, within ``seconds`` (an NFS client may cache a directory's listing a while)."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def this_host() -> str:
+    """This machine's short host name, as SLURM names a node."""
+    return socket.gethostname().split(".")[0]
+
+
+def partition_nodes(partition: str) -> list[str]:
+    """The node names of ``partition`` (``sinfo -N``: one line per node, no hostlist to expand); [] unknown."""
+    try:
+        res = subprocess.run(["sinfo", "-h", "-N", "-p", partition, "-o", "%N"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return sorted({line.strip() for line in res.stdout.splitlines() if line.strip()}) if res.returncode == 0 else []
+
+
+def node_check_command(options: ExecutorOptions, markers: Sequence[Path], exclude: Sequence[str] = ()) -> list[str]:
+    """The ``srun`` that looks for ``markers`` on one node of the partition and answers each (one CPU, 1 min).
+
+    ``exclude``: nodes it must not run on (this machine, when it is itself a node of the partition).
+    """
+    cmd = ["srun", f"--partition={options.partition}", f"--immediate={NODE_CHECK_WAIT}", "--nodes=1",
+           "--ntasks=1", "--cpus-per-task=1", "--mem=256M", "--time=1", "--job-name=compress-check", "--quiet"]
+    cmd += [f"--account={options.account}"] * bool(options.account) + [f"--qos={options.qos}"] * bool(options.qos)
+    placement = {k: v for k, v in parse_sbatch_flags(options.sbatch).items() if k in _PLACEMENT}
+    if exclude:
+        placement["exclude"] = ",".join([*exclude, *filter(None, [placement.get("exclude")])])
+    cmd += [f"--{key}={value}" for key, value in placement.items()]
+    return [*cmd, "sh", "-c", _NODE_SCRIPT, "sh", *map(str, markers)]
+
+
+def check_nodes_see(options: ExecutorOptions, folders: Sequence[tuple[str, str | os.PathLike]]) -> bool:
+    """Prove that a node of the partition sees each folder (``(option name, path)``) as this machine does.
+
+    A marker file is written into each folder here; one short ``srun`` step (one CPU, ``--immediate``)
+    on a node of the partition looks for it and writes an answer beside it, which must then appear
+    here. A folder that is missing on the node, or that the node cannot write to, is one
+    ``ExecutorError`` line, and the folders this check created are removed again: e.g. a disk local
+    to the login node mounted at the same path on no node. When this machine is itself a node of the
+    partition, another node is asked (a disk local to this node would pass here and fail there).
+    A partition with no free node within ``NODE_CHECK_WAIT`` seconds, or a cluster that refuses the
+    step, is a warning: nothing could be checked, the job is submitted as asked, and the result is
+    False. What a node saw is remembered in the folder (``NODE_CHECK_CACHE``) for a day per
+    submitting machine and partition, so a second submission runs no step. One node is asked, not
+    every node.
+    """
+    key = _node_check_key(options.partition)
+    todo: list[tuple[str, str, Path]] = []
+    created: list[Path] = []
+    try:
+        for name, given in folders:
+            path = Path(given).expanduser().resolve()
+            created += reversed([q for q in (path, *path.parents) if not q.exists()])
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ExecutorError(f"{name}={str(given)!r} is not writable: {e.strerror or e}") from e
+            if not _seen_recently(path, key):
+                todo.append((name, str(given), path))
+        return not todo or _ask_a_node(options, todo, key)
+    except ExecutorError:
+        for q in reversed(created):  # deepest first; only what is still empty
+            with contextlib.suppress(OSError):
+                q.rmdir()
+        raise
+
+
+def _ask_a_node(options: ExecutorOptions, todo: Sequence[tuple[str, str, Path]], key: str) -> bool:
+    token = uuid.uuid4().hex[:12]
+    markers = [path / f".node-check-{token}" for _, _, path in todo]
+    nodes = partition_nodes(options.partition)
+    exclude = [this_host()] if this_host() in nodes and len(nodes) > 1 else []
+    env = {k: v for k, v in os.environ.items() if k == "SLURM_CONF" or not k.startswith(_JOB_ENV)}
+    unchecked = (f"--folder and --results were not checked from a node of partition {options.partition!r}: "
+                 "make sure they are on a filesystem every node mounts")
+    try:
+        for (name, given, _), marker in zip(todo, markers, strict=True):
+            try:
+                marker.write_text(f"{this_host()}\n")
+            except OSError as e:
+                raise ExecutorError(f"{name}={given!r} is not writable: {e.strerror or e}") from e
+        try:
+            res = subprocess.run(node_check_command(options, markers, exclude), capture_output=True, text=True,
+                                 env=env, timeout=NODE_CHECK_WAIT + 90)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning("%s (srun: %s)", unchecked, e)
+            return False
+        answers = {}
+        for line in res.stdout.splitlines():
+            verdict, _, rest = line.partition(" ")
+            node, _, marker = rest.partition(" ")
+            answers[marker] = (verdict, node)
+        if res.returncode != 0 or not all(str(m) in answers for m in markers):
+            why = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+            log.warning("%s (%s)", unchecked, why.removeprefix("srun: error: "))
+            return False
+        for (name, given, _), marker in zip(todo, markers, strict=True):
+            verdict, node = answers[str(marker)]
+            where = f"from node {node} of partition {options.partition!r}"
+            if verdict == "missing":
+                raise ExecutorError(f"{name}={given!r} is not visible {where}: a file written into it here is "
+                                    f"not there; use a filesystem every node mounts at this path")
+            if verdict == "readonly":
+                raise ExecutorError(f"{name}={given!r} is not writable {where}")
+            if not _appears(marker.with_name(marker.name + ".node")):
+                raise ExecutorError(f"{name}={given!r}: what node {node} wrote into it does not appear here; "
+                                    f"use a filesystem every node mounts at this path")
+        for (_, _, path), marker in zip(todo, markers, strict=True):  # all seen: remembered, none before
+            _remember_seen(path, key, answers[str(marker)][1])
+        return True
+    finally:
+        for marker in markers:
+            marker.unlink(missing_ok=True)
+            marker.with_name(marker.name + ".node").unlink(missing_ok=True)
 
 
 def check_folder(folder: str | os.PathLike) -> Path:
@@ -358,8 +544,9 @@ def build_executor(options: ExecutorOptions | None = None, shared: Sequence[str 
 
     ``fields`` override single options (``build_executor(partition="gpu", gpus=1)``). For SLURM the
     cluster is asked first (``sinfo``), the job folder and the ``shared`` results roots must be on a
-    filesystem the nodes see (``check_shared``), and the job folder is created; any problem raises
-    ``ExecutorError`` before anything is submitted.
+    filesystem the nodes see (not in memory: ``check_shared``; seen from a node of the partition:
+    ``check_nodes_see``, unless ``check_nodes`` is off), and the job folder is created; any problem
+    raises ``ExecutorError`` before anything is submitted.
     """
     options = options or ExecutorOptions()
     if fields:
@@ -367,8 +554,12 @@ def build_executor(options: ExecutorOptions | None = None, shared: Sequence[str 
     if options.local:
         return LocalExecutor()
     check_cluster(options, cluster_partitions())
-    check_shared("folder", options.folder)
-    for path in shared:
-        check_shared("results", path)
+    folders = [("folder", options.folder), *(("results", path) for path in shared)]
+    for name, path in folders:
+        check_shared(name, path)
+    seen = options.check_nodes and check_nodes_see(options, folders)
     check_folder(options.folder)
+    if not seen:
+        for name, path in folders:
+            warn_if_tmp(name, path)
     return SlurmExecutor(options)

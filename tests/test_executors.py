@@ -333,3 +333,41 @@ def test_a_path_in_memory_is_refused_as_a_shared_folder(tmp_path) -> None:
         check_shared("results", "/dev/shm/x/y")  # judged by its nearest existing parent; nothing is created
     assert not Path("/dev/shm/x").exists()
     check_shared("results", Path.cwd() / "results")  # the checkout's disk: accepted
+
+
+def test_the_node_check_goes_where_the_job_could_go() -> None:
+    """Account, QOS and the placement flags of --sbatch reach the check's srun; this machine is excluded."""
+    from jobs.executors import node_check_command
+
+    options = ExecutorOptions(partition="gpu", account="lab", qos="high",
+                              sbatch=("constraint=a100", "exclude=n9", "exclusive", "comment=x"))
+    cmd = node_check_command(options, [Path("/shared/a/.node-check-1"), Path("/shared/b c/.node-check-1")],
+                             exclude=["login1"])
+    flags = cmd[:cmd.index("sh")]
+    assert flags[0] == "srun" and "--partition=gpu" in flags and "--nodes=1" in flags and "--ntasks=1" in flags
+    assert {"--account=lab", "--qos=high", "--constraint=a100", "--exclude=login1,n9"} <= set(flags)
+    assert not [f for f in flags if f.startswith(("--exclusive", "--comment", "--gpus"))]
+    assert [f for f in flags if f.startswith("--immediate=")]  # a busy partition does not block the launcher
+    assert cmd[-2:] == ["/shared/a/.node-check-1", "/shared/b c/.node-check-1"]  # one argument each, spaces kept
+
+
+def test_the_node_script_answers_for_each_marker(tmp_path) -> None:
+    """What runs on the node: seen (and an answer written beside it), missing, or not writable."""
+    from jobs.executors import node_check_command
+
+    seen, missing, stuck = tmp_path / "seen", tmp_path / "missing", tmp_path / "stuck"
+    seen.write_text("here\n")
+    stuck.mkdir()
+    (tmp_path / "stuck.node").mkdir()  # the answer cannot be written: a folder holds its name
+    cmd = node_check_command(ExecutorOptions(partition="debug"), [seen, missing, stuck])
+    script = cmd[cmd.index("sh"):]
+    out = subprocess.run(script, capture_output=True, text=True,
+                         env={"SLURMD_NODENAME": "node7", "PATH": "/usr/bin:/bin"})
+    assert out.stdout.splitlines() == [f"seen node7 {seen}", f"missing node7 {missing}", f"readonly node7 {stuck}"]
+    assert (tmp_path / "seen.node").read_text() == "node7\n" and not (tmp_path / "missing.node").exists()
+
+
+def test_check_nodes_is_an_option_of_every_slurm_command() -> None:
+    for command in (["prune"], ["ptq"], ["tune", "prune"]):
+        res = CliRunner().invoke(cli, [*command, "--help"], terminal_width=200)
+        assert "--check-nodes" in res.output and "--no-check-nodes" in res.output, command

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,30 @@ def test_dead_node_requeues_its_job_onto_another_node(nodes, tmp_path):
     assert second != first and second in nodes
     assert out.read_text().splitlines() == [f"start {first} 0", f"start {second} 1", f"done {second}"]
     assert run("sinfo", "-h", "-N", "-n", first, "-o", "%T").split()[0] in IN_SERVICE
+
+
+def test_a_launcher_on_a_node_has_another_node_check_its_folders(nodes, tmp_path):
+    """Submitting from a node of the partition (an interactive session): a disk local to that node
+    would pass a check made on the node itself, so the folders are checked from another node."""
+    if os.geteuid() != 0:
+        pytest.skip("entering a node's UTS namespace needs root")
+    pid = Path("/run/slurm-dev/slurmd-devnode1.pid")
+    if not pid.exists():
+        pytest.skip(f"no {pid}: not the dev cluster's devnode1")
+    code = ("import json, sys\n"
+            "from jobs.executors import ExecutorOptions, NODE_CHECK_CACHE, check_nodes_see, this_host\n"
+            "o = ExecutorOptions(partition='debug', folder=sys.argv[1])\n"
+            "assert check_nodes_see(o, [('folder', sys.argv[1])])\n"
+            "cache = json.loads(open(sys.argv[1] + '/' + NODE_CHECK_CACHE).read())\n"
+            "print(this_host(), cache[this_host() + ' debug']['node'])")
+    answered = []
+    for i in range(3):
+        out = run("nsenter", f"--uts=/proc/{pid.read_text().strip()}/ns/uts", sys.executable, "-c", code,
+                  str(tmp_path / f"jobs{i}"))
+        here, node = out.split()
+        assert here == "devnode1"
+        answered.append(node)
+    assert set(answered) <= set(nodes) - {"devnode1"}, answered
 
 
 # --- the project's own jobs across nodes -------------------------------------------------------

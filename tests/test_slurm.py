@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -319,9 +320,13 @@ def test_cancelled_job_shows_cancelled_and_no_partial_rows(cluster, tiny, work):
     assert "CANCELLED" in res.output and "stopped at phase" in res.output
     stopped = torch.load(run_dir(spec) / "state.pt", map_location="cpu", weights_only=False)
     assert not (run_dir(spec) / "summary.json").exists() and spec.run_id not in finished_runs(spec.results)
-    # rows exist only for phases that finished before the cancel; the phase in flight has none
-    assert set(rows(spec, "phases")["phase"]) == set(range(stopped["phase"]))
-    assert set(rows(spec, "epochs")["phase"]) <= set(range(1, stopped["phase"]))
+    # rows exist only for phases that finished before the cancel; the phase in flight has none (and when
+    # this runs alone, no run has written an epochs table yet)
+    def phases_in(table: str) -> set[int]:
+        return set(rows(spec, table)["phase"]) if (Path(spec.results) / table).exists() else set()
+
+    assert phases_in("phases") == set(range(stopped["phase"]))
+    assert phases_in("epochs") <= set(range(1, stopped["phase"]))
     modules = read_table(spec.results, "modules").to_pandas() if (Path(spec.results) / "modules").exists() else None
     assert modules is None or spec.run_id not in set(modules["run_id"])
 
@@ -352,6 +357,84 @@ def test_bad_input_is_one_line_and_submits_nothing(cluster, synthetic_cifar, syn
     assert not folder.exists() and not (tmp_path / "results").exists()
     assert not list(Path("/dev/shm").glob("compress-test-*"))
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def squeue_ids() -> str:
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("hidden", ["folder", "results"])
+def test_a_folder_no_node_sees_is_refused_and_left_as_it_was(cluster, synthetic_cifar, synthetic_weights, tmp_path,
+                                                             hidden):
+    """The launcher sees a folder that the nodes do not (a disk mounted on this machine only).
+
+    The launcher runs in its own mount namespace where ``view`` is ``private`` bind-mounted; the
+    slurmd and its steps see the plain ``view``. The node check must refuse in one line, naming the
+    option, and leave both sides as they were.
+    """
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give the launcher a mount of its own")
+    view, private = tmp_path / "view", tmp_path / "private"
+    view.mkdir()
+    private.mkdir()
+    paths = {"folder": tmp_path / "jobs", "results": tmp_path / "results"}
+    paths[hidden] = view / hidden
+    cmd = [sys.executable, "-m", "jobs.launch", "prune", "--partition", "debug", "--folder", str(paths["folder"]),
+           "--results", str(paths["results"]), "--data-root", str(synthetic_cifar), "--weights",
+           str(synthetic_weights), "--phases", "1", "--epochs", "1"]
+    script = f'mount --bind "{private}" "{view}" && exec "$@"'
+    before = squeue_ids()
+    res = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr
+    assert re.fullmatch(rf"error: {hidden}='{re.escape(str(paths[hidden]))}' is not visible from node \S+ of "
+                        r"partition 'debug': a file written into it here is not there; .*\n", res.stderr), res.stderr
+    assert squeue_ids() == before
+    assert list(private.iterdir()) == [] and list(view.iterdir()) == []  # what the check created is gone
+    assert not (tmp_path / "jobs" / ".nodes-see-this.json").exists()
+
+
+def test_what_a_node_saw_is_remembered(cluster, work):
+    """The second submission to the same folders runs no check; --no-check-nodes runs none and writes nothing."""
+    from jobs.executors import NODE_CHECK_CACHE, partition_nodes, this_host
+
+    folder, results = work / "seen-jobs", work / "seen-results"
+    build_executor(partition="debug", folder=str(folder), time="10", shared=[str(results)])
+    caches = [json.loads((p / NODE_CHECK_CACHE).read_text()) for p in (folder, results)]
+    for cache in caches:
+        assert list(cache) == [f"{this_host()} debug"]
+        assert cache[f"{this_host()} debug"]["node"] in partition_nodes("debug")
+    assert sorted(p.name for p in folder.iterdir()) == [NODE_CHECK_CACHE]  # no marker left behind
+    assert sorted(p.name for p in results.iterdir()) == [NODE_CHECK_CACHE]
+    build_executor(partition="debug", folder=str(folder), time="10", shared=[str(results)])
+    assert [json.loads((p / NODE_CHECK_CACHE).read_text()) for p in (folder, results)] == caches  # not checked again
+    unchecked = work / "unchecked-jobs"
+    build_executor(partition="debug", folder=str(unchecked), time="10", check_nodes=False)
+    assert unchecked.is_dir() and not (unchecked / NODE_CHECK_CACHE).exists()
+
+
+def test_a_busy_partition_is_a_warning_not_a_refusal(cluster, work, monkeypatch, caplog):
+    """No node free within the wait: the folders could not be checked; the job is still submitted as asked."""
+    import jobs.executors
+    from jobs.executors import NODE_CHECK_CACHE, partition_nodes
+
+    monkeypatch.setattr(jobs.executors, "NODE_CHECK_WAIT", 2)
+    blockers = [subprocess.run(["sbatch", "--parsable", "-p", "debug", "--exclusive", "-w", node, "-o", "/dev/null",
+                                "--wrap", "sleep 600"], capture_output=True, text=True, check=True).stdout.strip()
+                for node in partition_nodes("debug")]
+    try:
+        wait_until("the blockers to hold every node", lambda: set(subprocess.run(
+            ["squeue", "-h", "-o", "%T", "-j", ",".join(blockers)], capture_output=True, text=True).stdout.split())
+            == {"RUNNING"}, timeout=300, every=1)
+        folder = work / "busy-jobs"
+        with caplog.at_level("WARNING", logger="jobs.executors"):
+            ex = build_executor(partition="debug", folder=str(folder), time="10")
+        assert ex.folder == folder.resolve() and not (folder / NODE_CHECK_CACHE).exists()
+        warned = [r.getMessage() for r in caplog.records if "were not checked" in r.getMessage()]
+        assert len(warned) == 1 and "partition 'debug'" in warned[0] and "busy" in warned[0].lower(), warned
+    finally:
+        subprocess.run(["scancel", *blockers], check=False)
 
 
 def test_failed_job_shows_its_error(cluster, tiny, work):
