@@ -113,6 +113,19 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = False) 
                     f"to fetch it into {base} (163 MB, checksum-verified)")
 
 
+def data_probe(root: str | os.PathLike | None = None) -> Path:
+    """The test-split file that ``load_cifar10`` reads under ``root`` (either layout), else ``root`` itself.
+
+    What another machine must also have for a job there to load the data, e.g. a compute node.
+    """
+    base = resolve_root(root)
+    for path in (base / "test_batch.bin", base / BIN_DIR / "test_batch.bin", base / PY_DIR / "test_batch",
+                 base / "test_batch"):
+        if path.exists():
+            return path
+    return base
+
+
 def load_test_labels(root: str | os.PathLike | None = None) -> np.ndarray:
     """The test split's labels (int64, 10,000, in the fixed test-set order), e.g. to score stored predictions.
 

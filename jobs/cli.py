@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import types
 import typing
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import rich_click as click
@@ -167,17 +169,38 @@ def executor_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return spec_options(ExecutorOptions)(command)
 
 
-def open_executor(options: ExecutorOptions, spans_nodes: bool = False,
-                  shared: Sequence[str] = ()) -> LocalExecutor | SlurmExecutor:
+def job_inputs(specs: Sequence[Any]) -> list[tuple[str, str]]:
+    """What the specs' jobs read from disk, as this machine has it: ``(option name, path)``.
+
+    The data (its test-split file under the data root, the option or ``$COMPRESS_DATA``), the weights
+    and the teacher file; a node must see each at the same path (``check_nodes_see``). A name that
+    is no path here ('pretrained', downloaded by the job) is left out.
+    """
+    from compress.data import ENV_DATA, data_probe  # here: compress.data imports torch; --help and status need not
+
+    out: dict[tuple[str, str], None] = {}
+    for spec in specs:
+        data = getattr(spec, "data_root", "") or os.environ.get(ENV_DATA, "")
+        values = {"data_root": str(data_probe(data)) if data else "", "weights": getattr(spec, "weights", ""),
+                  "teacher": getattr(spec, "teacher", "")}
+        for name, value in values.items():
+            if value and Path(value).expanduser().exists():
+                out[(name, str(Path(value).expanduser().resolve()))] = None
+    return list(out)
+
+
+def open_executor(options: ExecutorOptions, spans_nodes: bool = False, shared: Sequence[str] = (),
+                  inputs: Sequence[tuple[str, str]] = ()) -> LocalExecutor | SlurmExecutor:
     """``build_executor`` for the CLI: a cluster problem is one line and exit code 2.
 
     Only a search (``spans_nodes``) uses more than one node; other jobs spread over nodes as arrays.
+    ``inputs`` (``job_inputs``): files the jobs read, checked from a node with the folders.
     """
     if options.nodes > 1 and not spans_nodes:
         fail(f"nodes={options.nodes} is invalid: only a search (tune) spans nodes; this job runs on one node "
              f"(spread runs over nodes with --seeds, an array)")
     try:
-        return build_executor(options, shared=shared)
+        return build_executor(options, shared=shared, inputs=inputs)
     except ValueError as e:
         fail(str(e))
 

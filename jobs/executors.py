@@ -297,13 +297,36 @@ NODE_CHECK_CACHE = ".nodes-see-this.json"
 _JOB_ENV = ("SLURM_", "SLURMD_", "SRUN_", "SBATCH_", "SUBMITIT_")
 # sbatch flags that choose among a partition's nodes: the check goes where the job could go
 _PLACEMENT = ("constraint", "reservation", "exclude", "nodelist", "clusters")
-# run by sh on the node, one marker file per folder: "seen|readonly|missing <node> <marker>" each
+# run by sh on the node: for a marker file written into a folder here, "seen|readonly|missing <node> <marker>"
+# (seen: found, and an answer written beside it); for "?<path>" of an input, "present|absent <node> <path>"
 _NODE_SCRIPT = r"""node=${SLURMD_NODENAME:-$(hostname)}
 for m in "$@"; do
-  if [ ! -e "$m" ]; then echo "missing $node $m"
-  elif echo "$node" > "$m.node"; then echo "seen $node $m"
-  else echo "readonly $node $m"; fi
+  case "$m" in
+    "?"*) p=${m#?}
+          if [ -r "$p" ]; then echo "present $node $p"; else echo "absent $node $p"; fi ;;
+    *) if [ ! -e "$m" ]; then echo "missing $node $m"
+       elif echo "$node" > "$m.node"; then echo "seen $node $m"
+       else echo "readonly $node $m"; fi ;;
+  esac
 done"""
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """One thing the node check asks about: a folder (a marker goes in) or an input (it must be there)."""
+
+    name: str        # the option: folder, results, data_root, weights
+    given: str       # as the user wrote it, for the error line
+    path: Path       # resolved here
+    cache: Path      # the folder whose NODE_CHECK_CACHE remembers it
+    key: str         # its entry there
+    is_input: bool
+    token: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def probe(self) -> Path:
+        """The input itself, or the marker file that goes into the folder."""
+        return self.path if self.is_input else self.path / f".node-check-{self.token}"
 
 
 def _node_check_key(partition: str) -> str:
@@ -359,10 +382,11 @@ def partition_nodes(partition: str) -> list[str]:
     return sorted({line.strip() for line in res.stdout.splitlines() if line.strip()}) if res.returncode == 0 else []
 
 
-def node_check_command(options: ExecutorOptions, markers: Sequence[Path], exclude: Sequence[str] = ()) -> list[str]:
-    """The ``srun`` that looks for ``markers`` on one node of the partition and answers each (one CPU, 1 min).
+def node_check_command(options: ExecutorOptions, probes: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+    """The ``srun`` that runs ``_NODE_SCRIPT`` over ``probes`` on one node of the partition (one CPU, 1 min).
 
-    ``exclude``: nodes it must not run on (this machine, when it is itself a node of the partition).
+    ``probes``: marker files, and ``?<path>`` for inputs. ``exclude``: nodes it must not run on (this
+    machine, when it is itself a node of the partition).
     """
     cmd = ["srun", f"--partition={options.partition}", f"--immediate={NODE_CHECK_WAIT}", "--nodes=1",
            "--ntasks=1", "--cpus-per-task=1", "--mem=256M", "--time=1", "--job-name=compress-check", "--quiet"]
@@ -371,26 +395,29 @@ def node_check_command(options: ExecutorOptions, markers: Sequence[Path], exclud
     if exclude:
         placement["exclude"] = ",".join([*exclude, *filter(None, [placement.get("exclude")])])
     cmd += [f"--{key}={value}" for key, value in placement.items()]
-    return [*cmd, "sh", "-c", _NODE_SCRIPT, "sh", *map(str, markers)]
+    return [*cmd, "sh", "-c", _NODE_SCRIPT, "sh", *map(str, probes)]
 
 
-def check_nodes_see(options: ExecutorOptions, folders: Sequence[tuple[str, str | os.PathLike]]) -> bool:
-    """Prove that a node of the partition sees each folder (``(option name, path)``) as this machine does.
+def check_nodes_see(options: ExecutorOptions, folders: Sequence[tuple[str, str | os.PathLike]],
+                    inputs: Sequence[tuple[str, str | os.PathLike]] = ()) -> bool:
+    """Prove that a node of the partition sees each folder (``(option name, path)``) as this machine does,
+    and each input (a data file, the weights) where this machine has it (``jobs.cli.job_inputs``).
 
     A marker file is written into each folder here; one short ``srun`` step (one CPU, ``--immediate``)
     on a node of the partition looks for it and writes an answer beside it, which must then appear
-    here. A folder that is missing on the node, or that the node cannot write to, is one
-    ``ExecutorError`` line, and the folders this check created are removed again: e.g. a disk local
-    to the login node mounted at the same path on no node. When this machine is itself a node of the
-    partition, another node is asked (a disk local to this node would pass here and fail there).
-    A partition with no free node within ``NODE_CHECK_WAIT`` seconds, or a cluster that refuses the
-    step, is a warning: nothing could be checked, the job is submitted as asked, and the result is
-    False. What a node saw is remembered in the folder (``NODE_CHECK_CACHE``) for a day per
+    here; the same step looks for each input. A folder that is missing on the node, or that the node
+    cannot write to, or an input that is not there, is one ``ExecutorError`` line, and the folders
+    this check created are removed again: e.g. a disk local to the login node mounted at the same
+    path on no node. When this machine is itself a node of the partition, another node is asked (a
+    disk local to this node would pass here and fail there). A partition with no free node within
+    ``NODE_CHECK_WAIT`` seconds, or a cluster that refuses the step, is a warning: nothing could be
+    checked, the job is submitted as asked, and the result is False. What a node saw is remembered
+    (``NODE_CHECK_CACHE`` in each folder; the inputs in the first, the job folder) for a day per
     submitting machine and partition, so a second submission runs no step. One node is asked, not
     every node.
     """
     key = _node_check_key(options.partition)
-    todo: list[tuple[str, str, Path]] = []
+    items: list[_Checked] = []
     created: list[Path] = []
     try:
         for name, given in folders:
@@ -400,9 +427,12 @@ def check_nodes_see(options: ExecutorOptions, folders: Sequence[tuple[str, str |
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ExecutorError(f"{name}={str(given)!r} is not writable: {e.strerror or e}") from e
-            if not _seen_recently(path, key):
-                todo.append((name, str(given), path))
-        return not todo or _ask_a_node(options, todo, key)
+            items.append(_Checked(name, str(given), path, path, key, False))
+        for name, given in inputs:
+            path = Path(given).expanduser().resolve()
+            items.append(_Checked(name, str(given), path, items[0].path, f"{key} {path}", True))
+        todo = [item for item in items if not _seen_recently(item.cache, item.key)]
+        return not todo or _ask_a_node(options, todo)
     except ExecutorError:
         for q in reversed(created):  # deepest first; only what is still empty
             with contextlib.suppress(OSError):
@@ -410,22 +440,24 @@ def check_nodes_see(options: ExecutorOptions, folders: Sequence[tuple[str, str |
         raise
 
 
-def _ask_a_node(options: ExecutorOptions, todo: Sequence[tuple[str, str, Path]], key: str) -> bool:
-    token = uuid.uuid4().hex[:12]
-    markers = [path / f".node-check-{token}" for _, _, path in todo]
+def _ask_a_node(options: ExecutorOptions, todo: Sequence[_Checked]) -> bool:
     nodes = partition_nodes(options.partition)
     exclude = [this_host()] if this_host() in nodes and len(nodes) > 1 else []
     env = {k: v for k, v in os.environ.items() if k == "SLURM_CONF" or not k.startswith(_JOB_ENV)}
-    unchecked = (f"--folder and --results were not checked from a node of partition {options.partition!r}: "
-                 "make sure they are on a filesystem every node mounts")
+    what = ", ".join(dict.fromkeys(f"--{item.name.replace('_', '-')}" for item in todo))
+    unchecked = (f"{what} not checked from a node of partition {options.partition!r}: make sure every node "
+                 "sees them at the same paths")
+    markers = [item.probe for item in todo if not item.is_input]
     try:
-        for (name, given, _), marker in zip(todo, markers, strict=True):
-            try:
-                marker.write_text(f"{this_host()}\n")
-            except OSError as e:
-                raise ExecutorError(f"{name}={given!r} is not writable: {e.strerror or e}") from e
+        for item in todo:
+            if not item.is_input:
+                try:
+                    item.probe.write_text(f"{this_host()}\n")
+                except OSError as e:
+                    raise ExecutorError(f"{item.name}={item.given!r} is not writable: {e.strerror or e}") from e
+        probes = [f"?{item.path}" if item.is_input else str(item.probe) for item in todo]
         try:
-            res = subprocess.run(node_check_command(options, markers, exclude), capture_output=True, text=True,
+            res = subprocess.run(node_check_command(options, probes, exclude), capture_output=True, text=True,
                                  env=env, timeout=NODE_CHECK_WAIT + 90)
         except (OSError, subprocess.TimeoutExpired) as e:
             log.warning("%s (srun: %s)", unchecked, e)
@@ -433,25 +465,29 @@ def _ask_a_node(options: ExecutorOptions, todo: Sequence[tuple[str, str, Path]],
         answers = {}
         for line in res.stdout.splitlines():
             verdict, _, rest = line.partition(" ")
-            node, _, marker = rest.partition(" ")
-            answers[marker] = (verdict, node)
-        if res.returncode != 0 or not all(str(m) in answers for m in markers):
+            node, _, probe = rest.partition(" ")
+            answers[probe] = (verdict, node)
+        if res.returncode != 0 or not all(str(item.probe) in answers for item in todo):
             why = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
             log.warning("%s (%s)", unchecked, why.removeprefix("srun: error: "))
             return False
-        for (name, given, _), marker in zip(todo, markers, strict=True):
-            verdict, node = answers[str(marker)]
-            where = f"from node {node} of partition {options.partition!r}"
-            if verdict == "missing":
-                raise ExecutorError(f"{name}={given!r} is not visible {where}: a file written into it here is "
-                                    f"not there; use a filesystem every node mounts at this path")
-            if verdict == "readonly":
-                raise ExecutorError(f"{name}={given!r} is not writable {where}")
-            if not _appears(marker.with_name(marker.name + ".node")):
-                raise ExecutorError(f"{name}={given!r}: what node {node} wrote into it does not appear here; "
-                                    f"use a filesystem every node mounts at this path")
-        for (_, _, path), marker in zip(todo, markers, strict=True):  # all seen: remembered, none before
-            _remember_seen(path, key, answers[str(marker)][1])
+        for item in todo:
+            verdict, node = answers[str(item.probe)]
+            where = f"on node {node} of partition {options.partition!r}"
+            problem = {
+                "absent": f"is not there {where} (the job reads it there): put it on a filesystem every node "
+                          f"mounts, or copy it to each node at the same path",
+                "missing": f"is not visible {where}: a file written into it here is not there; use a filesystem "
+                           f"every node mounts at this path",
+                "readonly": f"is not writable {where}",
+            }.get(verdict)
+            if problem is None and not item.is_input and not _appears(item.probe.with_name(item.probe.name + ".node")):
+                problem = (f"is not the same folder {where}: what the node wrote into it does not appear here; use "
+                           f"a filesystem every node mounts at this path")
+            if problem:
+                raise ExecutorError(f"{item.name}={item.given!r} {problem}")
+        for item in todo:  # all seen: remembered, none before
+            _remember_seen(item.cache, item.key, answers[str(item.probe)][1])
         return True
     finally:
         for marker in markers:
@@ -539,13 +575,15 @@ class SlurmExecutor:
 
 
 def build_executor(options: ExecutorOptions | None = None, shared: Sequence[str | os.PathLike] = (),
+                   inputs: Sequence[tuple[str, str | os.PathLike]] = (),
                    **fields: Any) -> LocalExecutor | SlurmExecutor:
     """The executor for the launch options; no partition means this machine.
 
     ``fields`` override single options (``build_executor(partition="gpu", gpus=1)``). For SLURM the
     cluster is asked first (``sinfo``), the job folder and the ``shared`` results roots must be on a
     filesystem the nodes see (not in memory: ``check_shared``; seen from a node of the partition:
-    ``check_nodes_see``, unless ``check_nodes`` is off), and the job folder is created; any problem
+    ``check_nodes_see``, unless ``check_nodes`` is off, which also looks for the ``inputs``, e.g.
+    ``("data_root", "/shared/cifar")``, on the node), and the job folder is created; any problem
     raises ``ExecutorError`` before anything is submitted.
     """
     options = options or ExecutorOptions()
@@ -557,7 +595,7 @@ def build_executor(options: ExecutorOptions | None = None, shared: Sequence[str 
     folders = [("folder", options.folder), *(("results", path) for path in shared)]
     for name, path in folders:
         check_shared(name, path)
-    seen = options.check_nodes and check_nodes_see(options, folders)
+    seen = options.check_nodes and check_nodes_see(options, folders, inputs)
     check_folder(options.folder)
     if not seen:
         for name, path in folders:

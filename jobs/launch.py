@@ -38,6 +38,7 @@ from jobs.cli import (
     echo_submitted,
     executor_options,
     fail,
+    job_inputs,
     open_executor,
     run_here,
     spec_from_options,
@@ -233,7 +234,7 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
         states = [check_run(spec) for spec in specs]  # another spec's run under this id: refused before anything
     except USER_ERRORS as e:
         fail(str(e))
-    ex = open_executor(executor, shared=sorted({s.results for s in specs}))
+    ex = open_executor(executor, shared=sorted({s.results for s in specs}), inputs=job_inputs(specs))
     if ex.local:
         for spec, state in zip(specs, states, strict=True):
             click.echo(f"run {spec.run_id} ({RUN_STATES[state]}): results under {spec.results}/")
@@ -532,7 +533,7 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
         check_results_root(spec.results, 2**20)
     except USER_ERRORS as e:
         fail(str(e))
-    ex = open_executor(executor, shared=[spec.results])
+    ex = open_executor(executor, shared=[spec.results], inputs=job_inputs(specs))
     click.echo(f"run{'s' if len(specs) > 1 else ''} {', '.join(s.run_id for s in specs)}: {len(tasks)} task(s), "
                f"results under {spec.results}/ptq/")
 

@@ -19,6 +19,7 @@ from jobs.cli import (
     echo_submitted,
     executor_options,
     fail,
+    job_inputs,
     open_executor,
     spec_from_options,
     spec_options,
@@ -99,7 +100,7 @@ def _command(kind: str) -> click.Command:
             if not executor.local:
                 click.echo(render_sbatch(executor))
             return
-        ex = open_executor(executor, spans_nodes=True, shared=[base.results])
+        ex = open_executor(executor, spans_nodes=True, shared=[base.results], inputs=job_inputs([base]))
         if ex.local:
             warn_slow_cpu_bf16(base)
             try:

@@ -351,20 +351,44 @@ def test_the_node_check_goes_where_the_job_could_go() -> None:
     assert cmd[-2:] == ["/shared/a/.node-check-1", "/shared/b c/.node-check-1"]  # one argument each, spaces kept
 
 
-def test_the_node_script_answers_for_each_marker(tmp_path) -> None:
-    """What runs on the node: seen (and an answer written beside it), missing, or not writable."""
+def test_the_node_script_answers_for_each_probe(tmp_path) -> None:
+    """What runs on the node: a marker seen (and an answer written beside it), missing, or not writable;
+    an input present or absent."""
     from jobs.executors import node_check_command
 
     seen, missing, stuck = tmp_path / "seen", tmp_path / "missing", tmp_path / "stuck"
     seen.write_text("here\n")
     stuck.mkdir()
     (tmp_path / "stuck.node").mkdir()  # the answer cannot be written: a folder holds its name
-    cmd = node_check_command(ExecutorOptions(partition="debug"), [seen, missing, stuck])
+    data = tmp_path / "data dir"
+    data.mkdir()
+    cmd = node_check_command(ExecutorOptions(partition="debug"),
+                             [str(seen), str(missing), str(stuck), f"?{data}", f"?{tmp_path / 'nope'}"])
     script = cmd[cmd.index("sh"):]
     out = subprocess.run(script, capture_output=True, text=True,
                          env={"SLURMD_NODENAME": "node7", "PATH": "/usr/bin:/bin"})
-    assert out.stdout.splitlines() == [f"seen node7 {seen}", f"missing node7 {missing}", f"readonly node7 {stuck}"]
+    assert out.stdout.splitlines() == [f"seen node7 {seen}", f"missing node7 {missing}", f"readonly node7 {stuck}",
+                                       f"present node7 {data}", f"absent node7 {tmp_path / 'nope'}"]
     assert (tmp_path / "seen.node").read_text() == "node7\n" and not (tmp_path / "missing.node").exists()
+    assert not (tmp_path / "data dir.node").exists()  # an input is only looked at
+
+
+def test_job_inputs_are_the_data_weights_and_teacher_that_exist_here(tmp_path, monkeypatch) -> None:
+    from jobs.cli import job_inputs
+
+    (tmp_path / "w.pt").write_text("")
+    (tmp_path / "data" / "cifar-10-batches-bin").mkdir(parents=True)
+    (tmp_path / "data" / "cifar-10-batches-bin" / "test_batch.bin").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("COMPRESS_DATA", str(tmp_path / "data"))
+    a = PruneSpec(weights=str(tmp_path / "w.pt"), data_root="", kd_weight=0.5, teacher=str(tmp_path / "w.pt"))
+    b = PruneSpec(weights="pretrained", data_root=str(tmp_path / "data"), seed=1)
+    c = PruneSpec(data_root=str(tmp_path / "empty"), seed=2)  # no data yet (--download): the folder itself
+    # a data file, not just the root: a node may have an empty folder at the same path
+    assert job_inputs([a, b, c]) == [
+        ("data_root", str(tmp_path / "data" / "cifar-10-batches-bin" / "test_batch.bin")),
+        ("weights", str(tmp_path / "w.pt")), ("teacher", str(tmp_path / "w.pt")),
+        ("data_root", str(tmp_path / "empty"))]
 
 
 def test_check_nodes_is_an_option_of_every_slurm_command() -> None:

@@ -363,10 +363,10 @@ def squeue_ids() -> str:
     return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
 
 
-@pytest.mark.parametrize("hidden", ["folder", "results"])
-def test_a_folder_no_node_sees_is_refused_and_left_as_it_was(cluster, synthetic_cifar, synthetic_weights, tmp_path,
-                                                             hidden):
-    """The launcher sees a folder that the nodes do not (a disk mounted on this machine only).
+@pytest.mark.parametrize("hidden", ["folder", "results", "data_root"])
+def test_what_no_node_sees_is_refused_and_left_as_it_was(cluster, synthetic_cifar, synthetic_weights, tmp_path,
+                                                         hidden):
+    """The launcher sees a folder (or the data) that the nodes do not: a disk mounted on this machine only.
 
     The launcher runs in its own mount namespace where ``view`` is ``private`` bind-mounted; the
     slurmd and its steps see the plain ``view``. The node check must refuse in one line, naming the
@@ -377,10 +377,13 @@ def test_a_folder_no_node_sees_is_refused_and_left_as_it_was(cluster, synthetic_
     view, private = tmp_path / "view", tmp_path / "private"
     view.mkdir()
     private.mkdir()
-    paths = {"folder": tmp_path / "jobs", "results": tmp_path / "results"}
+    paths = {"folder": tmp_path / "jobs", "results": tmp_path / "results", "data_root": synthetic_cifar}
     paths[hidden] = view / hidden
+    if hidden == "data_root":  # the launcher has the data (its preflight reads it); the nodes an empty folder
+        shutil.copytree(synthetic_cifar, private / hidden)
+        (view / hidden).mkdir()
     cmd = [sys.executable, "-m", "jobs.launch", "prune", "--partition", "debug", "--folder", str(paths["folder"]),
-           "--results", str(paths["results"]), "--data-root", str(synthetic_cifar), "--weights",
+           "--results", str(paths["results"]), "--data-root", str(paths["data_root"]), "--weights",
            str(synthetic_weights), "--phases", "1", "--epochs", "1"]
     script = f'mount --bind "{private}" "{view}" && exec "$@"'
     before = squeue_ids()
@@ -388,26 +391,34 @@ def test_a_folder_no_node_sees_is_refused_and_left_as_it_was(cluster, synthetic_
                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr.count("\n") == 1, res.stderr
-    assert re.fullmatch(rf"error: {hidden}='{re.escape(str(paths[hidden]))}' is not visible from node \S+ of "
-                        r"partition 'debug': a file written into it here is not there; .*\n", res.stderr), res.stderr
+    problem = ("is not there on node \\S+ of partition 'debug' \\(the job reads it there\\)" if hidden == "data_root"
+               else "is not visible on node \\S+ of partition 'debug': a file written into it here is not there")
+    # the data is named by the file the job would read first (the test split), the folders as given
+    assert re.fullmatch(rf"error: {hidden}='{re.escape(str(paths[hidden]))}[^']*' {problem}.*\n", res.stderr), \
+        res.stderr
     assert squeue_ids() == before
-    assert list(private.iterdir()) == [] and list(view.iterdir()) == []  # what the check created is gone
-    assert not (tmp_path / "jobs" / ".nodes-see-this.json").exists()
+    # what the check created is gone: only the data, on both sides, and the nodes' folder is still empty
+    kept = [hidden] if hidden == "data_root" else []
+    assert [p.name for p in private.iterdir()] == kept and [p.name for p in view.iterdir()] == kept
+    assert all(not list(p.iterdir()) for p in view.iterdir())
+    assert not (tmp_path / "jobs").exists() and not (tmp_path / "results").exists()
 
 
-def test_what_a_node_saw_is_remembered(cluster, work):
+def test_what_a_node_saw_is_remembered(cluster, synthetic_weights, work):
     """The second submission to the same folders runs no check; --no-check-nodes runs none and writes nothing."""
     from jobs.executors import NODE_CHECK_CACHE, partition_nodes, this_host
 
     folder, results = work / "seen-jobs", work / "seen-results"
-    build_executor(partition="debug", folder=str(folder), time="10", shared=[str(results)])
+    inputs = [("weights", str(synthetic_weights))]
+    build_executor(partition="debug", folder=str(folder), time="10", shared=[str(results)], inputs=inputs)
     caches = [json.loads((p / NODE_CHECK_CACHE).read_text()) for p in (folder, results)]
-    for cache in caches:
-        assert list(cache) == [f"{this_host()} debug"]
-        assert cache[f"{this_host()} debug"]["node"] in partition_nodes("debug")
+    key = f"{this_host()} debug"
+    assert sorted(caches[0]) == [key, f"{key} {synthetic_weights.resolve()}"]  # the inputs: in the job folder's
+    assert list(caches[1]) == [key]
+    assert {entry["node"] for cache in caches for entry in cache.values()} <= set(partition_nodes("debug"))
     assert sorted(p.name for p in folder.iterdir()) == [NODE_CHECK_CACHE]  # no marker left behind
     assert sorted(p.name for p in results.iterdir()) == [NODE_CHECK_CACHE]
-    build_executor(partition="debug", folder=str(folder), time="10", shared=[str(results)])
+    build_executor(partition="debug", folder=str(folder), time="10", shared=[str(results)], inputs=inputs)
     assert [json.loads((p / NODE_CHECK_CACHE).read_text()) for p in (folder, results)] == caches  # not checked again
     unchecked = work / "unchecked-jobs"
     build_executor(partition="debug", folder=str(unchecked), time="10", check_nodes=False)
@@ -431,7 +442,7 @@ def test_a_busy_partition_is_a_warning_not_a_refusal(cluster, work, monkeypatch,
         with caplog.at_level("WARNING", logger="jobs.executors"):
             ex = build_executor(partition="debug", folder=str(folder), time="10")
         assert ex.folder == folder.resolve() and not (folder / NODE_CHECK_CACHE).exists()
-        warned = [r.getMessage() for r in caplog.records if "were not checked" in r.getMessage()]
+        warned = [r.getMessage() for r in caplog.records if "not checked from a node" in r.getMessage()]
         assert len(warned) == 1 and "partition 'debug'" in warned[0] and "busy" in warned[0].lower(), warned
     finally:
         subprocess.run(["scancel", *blockers], check=False)
