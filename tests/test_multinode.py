@@ -4,8 +4,9 @@ Each node there is a real ``slurmd`` in its own network and UTS namespace (its o
 address on a bridge), so placement and node failure are real: a job array spreads over the nodes,
 and a node that dies under a requeueable batch job sends that job to another node, where it
 completes (``dev-cluster.sh node-down`` kills the node's slurmd and every process in its namespace;
-``node-up`` brings it back). Real sbatch, sacct and node failure, nothing mocked; the array test
-takes ~15 s, the node failure ~70 s, the seeds array through the CLI ~80 s. Every test skips,
+``node-up`` brings it back), and a launcher on one of the nodes has another node check its folders.
+Real sbatch, sacct and node failure, nothing mocked; the array test takes ~15 s, the node failure
+~70 s, the seeds array through the CLI ~80 s. Every test skips,
 saying why, unless the running cluster has three nodes or more.
 """
 
