@@ -120,7 +120,7 @@ class ExecutorOptions:
                                "when --time is over ~50 min)")
     wait: bool = opt(False, "wait for SLURM jobs to finish and print their summaries")
     check_nodes: bool = opt(True, "before submitting, run a short step on a node of the partition to check that "
-                                  "it sees --folder and --results (remembered a day per partition)")
+                                  "it sees --folder, --results, the data and the weights (remembered a day)")
 
     def __post_init__(self) -> None:
         check(self.gpus >= 0, "gpus", self.gpus, "must be >= 0")
