@@ -9,7 +9,7 @@ subset = 1,000 configurations of the manual int8 path on the real weights, evalu
 ``--test-size`` test images. One task per (seed, calibration size) calibrates once and evaluates its
 40 alpha/center variants, so 25 tasks; ``--tasks-per-job`` groups them into fewer array jobs.
 
-Every call the launcher and ``status`` make to the scheduler (sbatch, sacct, squeue, scontrol,
+Every call the launcher and ``status`` make to the scheduler (sbatch, sacct, squeue, scontrol, srun,
 sinfo) goes through a logging shim on PATH in front of the real command, so the counts are measured,
 not assumed. Prints the CPU, the figures, and whether every configuration has exactly one row.
 """
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEDULER = ("sbatch", "sacct", "squeue", "scontrol", "sinfo", "scancel")
+SCHEDULER = ("sbatch", "sacct", "squeue", "scontrol", "sinfo", "scancel", "srun")
 
 
 def shim(folder: Path, log: Path) -> dict[str, str]:
@@ -39,13 +39,17 @@ def shim(folder: Path, log: Path) -> dict[str, str]:
         if real is None:
             sys.exit(f"{cmd} not found: start the dev cluster (bash slurm/dev-cluster.sh start)")
         path = folder / cmd
-        path.write_text(f'#!/bin/sh\necho {cmd} >> {log}\nexec {real} "$@"\n')
+        # the caller too: the jobs inherit this PATH, and their batch scripts' own srun calls are not counted
+        path.write_text(f'#!/bin/sh\necho "{cmd} $(cat /proc/$PPID/comm)" >> {log}\nexec {real} "$@"\n')
         path.chmod(0o755)
     return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
 
 
 def calls(log: Path) -> collections.Counter:
-    return collections.Counter(log.read_text().split()) if log.exists() else collections.Counter()
+    """Scheduler calls made by the launcher and ``status`` (Python), not by the jobs' batch scripts."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return collections.Counter(cmd for cmd, _, caller in (ln.partition(" ") for ln in lines)
+                               if caller.startswith("python"))
 
 
 def launch(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -70,7 +74,8 @@ def main() -> None:
     flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
              if f in Path("/proc/cpuinfo").read_text()]
     print("instruction sets:", " ".join(flags))
-    print("nodes:", subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split())
+    print("nodes:", sorted(set(subprocess.run(["sinfo", "-h", "-N", "-p", a.partition, "-o", "%N"],
+                                              capture_output=True, text=True).stdout.split())))
 
     args = ["ptq", "--partition", a.partition, "--folder", str(work / "jobs"), "--results", str(work / "results"),
             "--run-id", "scale", "--seeds", "0,1,2,3,4", "--methods", "manual", "--observers", "minmax",
