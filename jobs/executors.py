@@ -333,22 +333,23 @@ def _node_check_key(partition: str) -> str:
     return f"{this_host()} {partition}"
 
 
-def _seen_recently(path: Path, key: str) -> bool:
+def _read_cache(path: Path) -> dict[str, Any]:
+    """The entries of ``path``'s NODE_CHECK_CACHE; none when it is missing or not ours (it is only a cache)."""
     try:
-        entry = json.loads((path / NODE_CHECK_CACHE).read_text()).get(key, {})
-    except (OSError, ValueError, AttributeError):
-        return False
-    return time.time() - float(entry.get("checked", 0)) < NODE_CHECK_TTL
+        entries = json.loads((path / NODE_CHECK_CACHE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _seen_recently(path: Path, key: str) -> bool:
+    entry = _read_cache(path).get(key)
+    return isinstance(entry, dict) and time.time() - float(entry.get("checked", 0)) < NODE_CHECK_TTL
 
 
 def _remember_seen(path: Path, key: str, node: str) -> None:
     cache = path / NODE_CHECK_CACHE
-    try:
-        entries = json.loads(cache.read_text())
-        entries = entries if isinstance(entries, dict) else {}
-    except (OSError, ValueError):
-        entries = {}
-    entries[key] = {"node": node, "checked": time.time()}
+    entries = {**_read_cache(path), key: {"node": node, "checked": time.time()}}
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
@@ -595,8 +596,11 @@ def build_executor(options: ExecutorOptions | None = None, shared: Sequence[str 
     folders = [("folder", options.folder), *(("results", path) for path in shared)]
     for name, path in folders:
         check_shared(name, path)
-    seen = options.check_nodes and check_nodes_see(options, folders, inputs)
-    check_folder(options.folder)
+    seen = False
+    if options.check_nodes:  # creates the folders and writes into each: check_folder's work, and a node's
+        seen = check_nodes_see(options, folders, inputs)
+    else:
+        check_folder(options.folder)
     if not seen:
         for name, path in folders:
             warn_if_tmp(name, path)

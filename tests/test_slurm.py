@@ -145,6 +145,11 @@ def scontrol(*args: str) -> str:
     return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
 
 
+def squeue_ids() -> str:
+    """The ids of every queued and running job (to show that nothing was submitted)."""
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+
+
 def launch(*args: str) -> Any:
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
@@ -314,8 +319,7 @@ def test_cancelled_job_shows_cancelled_and_no_partial_rows(cluster, tiny, work):
     wait_until("the job to be inside a phase", mid_phase(spec))
     subprocess.run(["scancel", job.job_id], check=True)
     assert report(job, work).state == "CANCELLED"
-    wait_until("the job's processes to end", lambda: job.job_id not in subprocess.run(
-        ["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout, 30, 0.5)
+    wait_until("the job's processes to end", lambda: job.job_id not in squeue_ids(), 30, 0.5)
     res = launch("status", job.job_id, "--folder", str(work / "jobs"))
     assert "CANCELLED" in res.output and "stopped at phase" in res.output
     stopped = torch.load(run_dir(spec) / "state.pt", map_location="cpu", weights_only=False)
@@ -350,17 +354,13 @@ def test_bad_input_is_one_line_and_submits_nothing(cluster, synthetic_cifar, syn
             "--weights", str(synthetic_weights), "--phases", "1", "--epochs", "1"]
     if "--folder" not in bad:
         args += ["--folder", str(folder)]
-    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    before = squeue_ids()
     res = launch(*args, *bad)
     assert res.exit_code == 2
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and expected in res.stderr
     assert not folder.exists() and not (tmp_path / "results").exists()
     assert not list(Path("/dev/shm").glob("compress-test-*"))
-    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
-
-
-def squeue_ids() -> str:
-    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert squeue_ids() == before
 
 
 @pytest.mark.parametrize("hidden", ["folder", "results", "data_root"])
@@ -493,13 +493,13 @@ def test_two_submissions_of_one_run_id(cluster, synthetic_cifar, synthetic_weigh
     first = launch(*args)
     assert first.exit_code == 0, first.output + first.stderr
     job_id = first.output.split("submitted job ", 1)[1].split(":", 1)[0]
-    queued = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    queued = squeue_ids()
     for extra in ([], ["--seed", "3"]):  # the same spec (work done twice) and another spec (rows mixed)
         second = launch(*args, *extra)
         assert second.exit_code == 2 and len(second.stderr.splitlines()) == 1, second.output + second.stderr
         assert second.stderr.startswith(f"error: run dup is in use by {job_id}") or (
             "holds another spec (seed 0 there, 3 here)" in second.stderr), second.stderr
-        assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == queued
+        assert squeue_ids() == queued
     r = settled(job_id, folder)
     assert r.state == "COMPLETED", r
     phases = read_table(results, "phases").to_pandas()
