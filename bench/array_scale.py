@@ -28,6 +28,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from machine import cpu_line  # noqa: E402  (this folder: the script's own)
+
+from jobs.executors import partition_nodes  # noqa: E402
+
 SCHEDULER = ("sbatch", "sacct", "squeue", "scontrol", "sinfo", "scancel", "srun")
 
 
@@ -71,11 +77,8 @@ def main() -> None:
     log = work / "scheduler-calls.log"
     env = shim(work / "shim", log)
     print(subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Flags:")[0].strip())
-    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
-             if f in Path("/proc/cpuinfo").read_text()]
-    print("instruction sets:", " ".join(flags))
-    print("nodes:", sorted(set(subprocess.run(["sinfo", "-h", "-N", "-p", a.partition, "-o", "%N"],
-                                              capture_output=True, text=True).stdout.split())))
+    print(cpu_line())
+    print("nodes:", partition_nodes(a.partition))
 
     args = ["ptq", "--partition", a.partition, "--folder", str(work / "jobs"), "--results", str(work / "results"),
             "--run-id", "scale", "--seeds", "0,1,2,3,4", "--methods", "manual", "--observers", "minmax",

@@ -60,14 +60,16 @@ from pathlib import Path
 import click
 import torch
 import torch._inductor.config
+from machine import cpu_line
 from torch import nn
 
 from compress.artifacts import load_artifact, read_manifest, write_artifact
+from compress.catalog import unsupported
 from compress.data import BatchLoader, Cifar10, DataError, load_cifar10
 from compress.loops import evaluate
 from compress.models import load_model
 from compress.quant import quiet
-from compress.quant.backends import BACKENDS, unsupported
+from compress.quant.backends import BACKENDS
 from compress.quant.int8 import effective_reduce_range, set_engine
 from compress.quant.size import float_bytes
 from jobs.ptq import program_bytes
@@ -77,7 +79,6 @@ with quiet():
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 
 CPU = torch.device("cpu")
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 SANITY_IMAGES = 1_000
 OBSERVER = "minmax"
 WEIGHT_SCHEME = "per_channel"
@@ -116,21 +117,6 @@ class _Padded(nn.Module):
         """A no-op: every model here is in eval mode already, and ``eval()`` on a loaded ``.pt2`` module
         re-exports its graph, which resets dynamo and throws away every graph compiled so far."""
         return self
-
-
-def cpu_description() -> tuple[str, list[str], list[str]]:
-    """The CPU's model name and which of ``ISA_FLAGS`` /proc/cpuinfo lists (present, absent)."""
-    name, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "unknown CPU":
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:  # not Linux: the table still prints, without the instruction sets
-        pass
-    return name, [f for f in ISA_FLAGS if f in flags], [f for f in ISA_FLAGS if f not in flags]
 
 
 def build_files(model: nn.Module, calib: BatchLoader, engine: str, folder: Path) -> list[Path]:
@@ -281,9 +267,7 @@ def _report(timed: list[Timed], sizes: list[int], seconds: float, repeats: int, 
     """Print the machine, the models (file, size, top-1), then the table of medians and ratios."""
     import torchao
 
-    name, present, absent = cpu_description()
-    click.echo(f"CPU: {name}; {', '.join(present) or 'none'} present"
-               + (f"; {', '.join(absent)} absent" if absent else ""))
+    click.echo(cpu_line())
     click.echo(f"torch {torch.__version__}, torchao {torchao.__version__}, {torch.get_num_threads()} thread(s), "
                f"quantized engine {torch.backends.quantized.engine} (built files: {engine}); median of {repeats} "
                f"x >= {seconds:g} s per figure")

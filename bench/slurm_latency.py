@@ -25,7 +25,6 @@ import datetime as dt
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.executors import build_executor  # noqa: E402
+from machine import cpu_line  # noqa: E402  (this folder: the script's own)
+
+from jobs.executors import build_executor, partition_nodes  # noqa: E402
 from jobs.specs import PruneSpec  # noqa: E402
 from jobs.training import run_prune  # noqa: E402
 
@@ -106,11 +107,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="slurm-latency-", dir=Path.cwd()) as tmp:
         work = Path(tmp)
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        print("instruction sets:", " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8")
-                                            if f in cpuinfo), "| cores:", os.cpu_count())
-        print("nodes:", subprocess.run(["sinfo", "-h", "-N", "-p", args.partition, "-o", "%N"],
-                                       capture_output=True, text=True).stdout.split())
+        print(cpu_line(), "| cores:", os.cpu_count())
+        print("nodes:", partition_nodes(args.partition))
         node_check(args.partition, work, args.repeats)
         data, weights = synthetic_root(work / "data")
         ex = build_executor(partition=args.partition, folder=str(work / "jobs"), time="10")
