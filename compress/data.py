@@ -7,6 +7,8 @@ The data root comes from ``--data-root`` or the ``COMPRESS_DATA`` environment va
 The whole set is 150 MB as uint8, so it is moved to the device once; batches are cut, cropped and
 flipped there as whole tensors (the cifar10-airbench approach), so a GPU is never waiting on
 per-image Python transforms. Pixels leave the loader as floats in [0, 1]; the model normalises.
+``BatchLoader`` takes any in-memory (N, C, H, W) images, uint8 or float in [0, 1]; other datasets
+(image folders, a user's factory) enter through ``compress.datasets``.
 """
 
 from __future__ import annotations
@@ -14,21 +16,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from compress.catalog import TRAIN_IMAGES
-
 log = logging.getLogger(__name__)
 
 ENV_DATA = "COMPRESS_DATA"
 BIN_DIR = "cifar-10-batches-bin"
 PY_DIR = "cifar-10-batches-py"
-TRAIN_SIZE = TRAIN_IMAGES
+TRAIN_SIZE = 50_000  # CIFAR-10 training images
 
 
 class DataError(ValueError):
@@ -155,8 +155,16 @@ def subset_indices(n: int, size: int, seed: int, how: str = "random") -> torch.T
     return torch.randperm(n, generator=g)[:size]
 
 
+def default_crop_pad(height: int) -> int:
+    """Padding of the random crop for images ``height`` pixels high: an eighth of the side, at least 1.
+
+    32-pixel CIFAR images pad 4 (the usual recipe), 8-pixel digits pad 1, 224-pixel images pad 28.
+    """
+    return max(1, round(height / 8))
+
+
 def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Random ``pad``-pixel translation (zero fill) and horizontal flip of a uint8 batch, per image.
+    """Random ``pad``-pixel translation (zero fill) and horizontal flip of a batch, per image.
 
     Works on whole (N, C, H, W) batches on any device: offsets are drawn on the CPU from
     ``generator`` (so results do not depend on the device) and applied with one gather.
@@ -173,6 +181,32 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # (n, 1, w)
     idx = torch.arange(n, device=x.device)[:, None, None]
     return xp.permute(0, 2, 3, 1)[idx, rows, cols].permute(0, 3, 1, 2)
+
+
+def augment(x: torch.Tensor, crop_pad: int, randaugment: Callable[[torch.Tensor], torch.Tensor] | None,
+            generator: torch.Generator) -> torch.Tensor:
+    """Training augmentation of one (N, C, H, W) batch, uint8 or float in [0, 1], drawn from ``generator``.
+
+    Crop and flip (when ``crop_pad``) on the whole batch, then ``randaugment`` per image. The one
+    copy of the recipe: ``BatchLoader`` runs it on the device, ``compress.datasets.StreamLoader`` in
+    its workers.
+    """
+    if crop_pad:
+        x = random_crop_flip(x, crop_pad, generator)
+    if randaugment is not None:
+        # torchvision's RandAugment draws from the global RNG: seed it from our generator
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            x = torch.stack([randaugment(img) for img in x])
+    return x
+
+
+def to_unit_float(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
+    """A batch as a new float32 tensor in [0, 1]: uint8 is divided by 255, float is copied as it is."""
+    xf = x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
+    if channels_last and xf.dim() == 4:
+        xf = xf.contiguous(memory_format=torch.channels_last)
+    return xf
 
 
 @contextlib.contextmanager
@@ -196,8 +230,26 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+def epoch_key(key: tuple[int, ...]) -> tuple[int, ...]:
+    """An epoch key checked: one or more non-negative integers, e.g. (phase, epoch)."""
+    if not key or any(int(k) < 0 for k in key):
+        raise ValueError(f"epoch key {key!r} must be one or more non-negative integers")
+    return tuple(int(k) for k in key)
+
+
+def epoch_seed(seed: int, key: tuple[int, ...]) -> int:
+    """The generator seed of one epoch: numpy's SeedSequence hash of (seed, *key), 63 bits.
+
+    Shared by ``BatchLoader`` and ``compress.datasets.StreamLoader``, so one (seed, key) means one order.
+    """
+    entropy = [seed + 2**31 if seed < 0 else seed, *key]  # SeedSequence takes >= 0
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
 class BatchLoader:
-    """Batches of (float images in [0, 1], labels) on ``device`` from uint8 tensors.
+    """Batches of (float images in [0, 1], labels) on ``device`` from in-memory (N, C, H, W) images.
+
+    Images are uint8 (0..255, divided by 255 per batch) or float already in [0, 1] (used as they are).
 
     Order and augmentation are a pure function of (seed, epoch key), so an epoch restarted after a
     preemption sees exactly the batches it would have seen. The key is what ``set_epoch`` was given
@@ -243,24 +295,11 @@ class BatchLoader:
 
     def set_epoch(self, *key: int) -> None:
         """Which epoch comes next: one or more non-negative integers, e.g. ``set_epoch(phase, epoch)``."""
-        if not key or any(int(k) < 0 for k in key):
-            raise ValueError(f"epoch key {key!r} must be one or more non-negative integers")
-        self.epoch = tuple(int(k) for k in key)
+        self.epoch = epoch_key(key)
 
     def epoch_seed(self) -> int:
         """The generator seed of the current epoch: a hash of (seed, *key), 63 bits."""
-        entropy = [self.seed + 2**31 if self.seed < 0 else self.seed, *self.epoch]  # SeedSequence takes >= 0
-        return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
-
-    def _augment(self, xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if self.crop_pad:
-            xb = random_crop_flip(xb, self.crop_pad, g)
-        if self._ra is not None:
-            # torchvision's RandAugment draws from the global RNG: seed it from our generator
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-                xb = torch.stack([self._ra(img) for img in xb])
-        return xb
+        return epoch_seed(self.seed, self.epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.epoch_seed())
@@ -274,8 +313,6 @@ class BatchLoader:
                     idx = order[start:start + self.batch_size]
                     xb, yb = self.x[idx], self.y[idx]
                 if self.train:
-                    xb = self._augment(xb, g)
-                xf = xb.float().div_(255.0)
-                if self.channels_last:
-                    xf = xf.contiguous(memory_format=torch.channels_last)
+                    xb = augment(xb, self.crop_pad, self._ra, g)
+                xf = to_unit_float(xb, self.channels_last)
             yield xf, yb

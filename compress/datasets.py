@@ -1,0 +1,737 @@
+"""Any image classification data: CIFAR-10, a folder of class folders, or a user's dataset factory.
+
+One spec string names the data (``--data``), in one of three forms:
+
+- ``cifar10``: the built-in set under ``--data-root`` / ``$COMPRESS_DATA`` (``compress.data``);
+- ``imagefolder:ROOT``: ``ROOT/train/<class>/*.png`` and ``ROOT/val/<class>/*.png`` (any format PIL
+  reads), decoded to RGB and resized to ``image_size`` squares in DataLoader workers;
+- ``pkg.module:function``: ``function()`` returns ``(train, test)`` datasets whose items are
+  ``(image tensor CxHxW, int label)``, uint8 0..255 or float in [0, 1], e.g. ``examples/digits.py``::
+
+      PYTHONPATH=examples python -m jobs.launch train --data digits:load --model ...
+
+Data that fits ``max_memory_bytes`` once decoded is read once into tensors and batched on the
+device by ``compress.data.BatchLoader`` (the CIFAR-10 path); larger data streams: a ``StreamLoader``
+decodes and augments each epoch in worker processes. Either way, order and augmentation are a pure
+function of (seed, epoch key), and evaluation runs in dataset order (stored predictions are in
+test-set order).
+
+torch is imported inside the functions that use it, so ``parse_data`` checks a spec in the CLI
+before torch loads (about a second).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from compress.data import BatchLoader
+
+log = logging.getLogger(__name__)
+
+KINDS = ("cifar10", "imagefolder", "factory")
+FORMS = "cifar10, imagefolder:ROOT (ROOT/train and ROOT/val, a folder per class) or package.module:function"
+CIFAR_STD = (0.2470, 0.2435, 0.2616)  # of the 50,000 training images in [0, 1]
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+DEFAULT_IMAGE_SIZE = 32
+STATS_SAMPLE = 10_000   # streamed data: training images the mean and std are computed over
+READ_BATCH = 256        # images a worker decodes per task when data is read or sampled
+
+
+def parse_data(text: str) -> tuple[str, str]:
+    """The kind and argument of a data spec: ``cifar10``, ``imagefolder:ROOT`` or ``pkg.module:function``.
+
+    Only the form is checked (no file or module is touched), so the CLI refuses a typo before it
+    imports torch. E.g. ``'imagefolder:/data/pets'`` -> ``('imagefolder', '/data/pets')``.
+    """
+    text = text.strip()
+    if text == "cifar10":
+        return "cifar10", ""
+    head, sep, tail = text.partition(":")
+    if sep and head == "imagefolder" and tail:
+        return "imagefolder", tail
+    if sep and head != "imagefolder" and tail.isidentifier() and all(p.isidentifier() for p in head.split(".")):
+        return "factory", text
+    raise ValueError(f"data {text!r} is not a data spec: use {FORMS}")
+
+
+def _default_workers(workers: int | None) -> int:
+    return min(4, os.cpu_count() or 1) if workers is None else max(0, workers)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What a worker returns instead of raising: the one-line message survives the process boundary.
+
+    An exception raised in a DataLoader worker reaches the main process with the worker's traceback
+    folded into its message; this carries the message alone.
+    """
+
+    message: str
+
+
+class DecodedImages:
+    """The images of an image folder split as (uint8 CxHxW tensor, label), RGB, resized to ``size`` squares.
+
+    A plain map-style dataset (no torch import needed to build it); ``targets`` gives the labels
+    without decoding a pixel. An unreadable file raises ``DataError`` naming it.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], classes: list[str], size: int) -> None:
+        self.samples = samples
+        self.classes = classes
+        self.targets = [t for _, t in samples]
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        from compress.data import DataError
+
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+                if img.size != (self.size, self.size):
+                    img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
+                arr = np.asarray(img, dtype=np.uint8)
+        except Exception as e:  # PIL raises OSError, UnidentifiedImageError, ValueError, SyntaxError...
+            raise DataError(f"cannot read image {path}: {_first_line(e)}") from e
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), label
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: images and labels in memory, or a dataset streamed from (then ``x`` and ``y`` are None).
+
+    In memory, ``x`` is (N, C, H, W) uint8 (0..255) or float32 in [0, 1] and ``y`` int64 (N,); a
+    streamed dataset's items are (image tensor CxHxW, int label).
+    """
+
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+    dataset: torch.utils.data.Dataset | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.dataset is None) == (self.x is None or self.y is None):
+            raise ValueError("a Split holds either images and labels (x, y) or a dataset, not both or neither")
+        if self.x is not None and self.y is not None and len(self.x) != len(self.y):
+            raise ValueError(f"{len(self.x)} images but {len(self.y)} labels")
+
+    @property
+    def streamed(self) -> bool:
+        return self.dataset is not None
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.streamed else len(self.x)
+
+    def labels(self) -> torch.Tensor:
+        """The int64 labels in order; a streamed split reads them once (without decoding when it can)."""
+        if not self.streamed:
+            return self.y
+        if "labels" not in self._cache:
+            self._cache["labels"] = _labels_of(self.dataset)
+        return self._cache["labels"]
+
+    def subset(self, idx: torch.Tensor) -> Split:
+        """The rows ``idx``, in that order (a calibration or training subset)."""
+        if not self.streamed:
+            return Split(self.x[idx], self.y[idx])
+        from torch.utils.data import Subset
+
+        return Split(None, None, Subset(self.dataset, [int(i) for i in idx]))
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Both splits and what a model and a result row need to know about them."""
+
+    train: Split
+    test: Split
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (C, H, W) as the loaders deliver it
+    mean: tuple[float, ...]            # per channel, of the training images in [0, 1]
+    std: tuple[float, ...]
+    kind: str                          # cifar10 | imagefolder | factory
+    source: str                        # the folder or module:function read
+
+    def describe(self) -> dict[str, Any]:
+        """The columns a result row records, so a number can be traced back to the data it came from."""
+        return {"data_kind": self.kind, "data_source": self.source, "data_classes": self.num_classes,
+                "data_shape": "x".join(map(str, self.image_shape)),
+                "data_mean": ",".join(f"{v:.6g}" for v in self.mean),
+                "data_std": ",".join(f"{v:.6g}" for v in self.std),
+                "data_streamed": self.train.streamed or self.test.streamed}
+
+
+# --- reading items in workers ----------------------------------------------------------------------
+
+def _check_item(item: Any, i: int, name: str) -> tuple[torch.Tensor, int] | _Failure:
+    """An item as (uint8 or float32 CxHxW tensor, int label), or why it is not one."""
+    import torch
+
+    want = "(image tensor CxHxW, int label)"
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        return _Failure(f"{name}: item {i} is a {type(item).__name__}, not a pair {want}")
+    img, label = item
+    if not isinstance(img, torch.Tensor) or img.dim() != 3:
+        got = f"a tensor of shape {tuple(img.shape)}" if isinstance(img, torch.Tensor) else f"a {type(img).__name__}"
+        return _Failure(f"{name}: item {i} has {got} as its image; items must be {want}")
+    if img.dtype != torch.uint8 and not img.is_floating_point():
+        return _Failure(f"{name}: item {i} has a {img.dtype} image; use uint8 (0..255) or float in [0, 1]")
+    try:
+        label = int(label)
+    except (TypeError, ValueError):
+        return _Failure(f"{name}: item {i} has label {label!r}; items must be {want}")
+    return (img if img.dtype == torch.uint8 else img.to(torch.float32)), label
+
+
+def _stack(images: list[torch.Tensor], first: int, name: str) -> torch.Tensor | _Failure:
+    """One (N, C, H, W) batch: uint8 when every image is, else float32 in [0, 1]."""
+    import torch
+
+    shapes = {tuple(x.shape) for x in images}
+    if len(shapes) > 1:
+        a, b = sorted(shapes)[:2]
+        return _Failure(f"{name}: images of different shapes {a} and {b} near item {first}; "
+                        f"a batch needs one shape (resize them in the dataset)")
+    if any(x.dtype != torch.uint8 for x in images):
+        images = [x.float() / 255 if x.dtype == torch.uint8 else x for x in images]
+    return torch.stack(images)
+
+
+def _batch_seed(epoch_seed: int, batch: int) -> int:
+    """The generator seed of one batch: a hash of (epoch seed, batch number), so no worker count changes it."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([epoch_seed, batch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _Batches:
+    """A dataset of whole batches: key (batch number, indices) -> (images, labels) or a ``_Failure``.
+
+    A worker decodes a batch, checks its items and, for training, augments it with a generator
+    seeded from (epoch seed, batch number): batches are the same whatever the number of workers.
+    """
+
+    def __init__(self, dataset: Any, name: str, augment: bool = False, crop_pad: int | None = None,
+                 randaugment: bool = False, epoch_seed: int = 0) -> None:
+        self.dataset = dataset
+        self.name = name
+        self.augment = augment
+        self.crop_pad = crop_pad
+        self.randaugment = randaugment
+        self.epoch_seed = epoch_seed
+        self._ra: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor] | _Failure:
+        import torch
+
+        from compress.data import DataError, augment, default_crop_pad, one_cpu_thread
+
+        batch, indices = key
+        images, labels = [], []
+        for i in indices:
+            try:
+                got = _check_item(self.dataset[i], i, self.name)
+            except DataError as e:  # DecodedImages: "cannot read image PATH: ..."
+                return _Failure(str(e))
+            except Exception as e:  # a user's dataset may raise anything
+                return _Failure(f"{self.name}: reading item {i} raised {type(e).__name__}: {_first_line(e)}")
+            if isinstance(got, _Failure):
+                return got
+            images.append(got[0])
+            labels.append(got[1])
+        x = _stack(images, indices[0], self.name)
+        if isinstance(x, _Failure):
+            return x
+        y = torch.tensor(labels, dtype=torch.int64)
+        if self.augment:
+            if self._ra is None and self.randaugment:
+                from torchvision.transforms import v2
+
+                self._ra = v2.RandAugment()
+            pad = default_crop_pad(x.shape[2]) if self.crop_pad is None else self.crop_pad
+            with one_cpu_thread(torch.device("cpu")):
+                x = augment(x, pad, self._ra, torch.Generator().manual_seed(_batch_seed(self.epoch_seed, batch)))
+        return x, y
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def _raw_batches(batches: _Batches, order: list[int], batch_size: int, workers: int, epoch_seed: int = 0,
+                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """CPU batches of ``order`` decoded by ``workers`` processes (0: here); a worker's failure is one DataError."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from compress.data import DataError
+
+    keys = [(b, order[s:s + batch_size]) for b, s in enumerate(range(0, len(order), batch_size))]
+    loader = DataLoader(batches, batch_size=None, sampler=keys, collate_fn=_identity, num_workers=workers,
+                        pin_memory=pin_memory, prefetch_factor=2 if workers else None, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(epoch_seed))
+    for got in loader:
+        if isinstance(got, _Failure):
+            raise DataError(got.message)
+        yield got
+
+
+def _read_all(dataset: Any, name: str, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every item of ``dataset`` in order, as one (N, C, H, W) tensor (uint8 if all are) and int64 labels."""
+    import torch
+
+    n = len(dataset)
+    x = y = None
+    start = 0
+    for xb, yb in _raw_batches(_Batches(dataset, name), list(range(n)), READ_BATCH, workers):
+        if x is None:
+            x = torch.empty((n, *xb.shape[1:]), dtype=xb.dtype)
+            y = torch.empty(n, dtype=torch.int64)
+        elif xb.shape[1:] != x.shape[1:]:
+            from compress.data import DataError
+
+            raise DataError(f"{name}: images of different shapes {tuple(x.shape[1:])} and {tuple(xb.shape[1:])} "
+                            f"near item {start}; a batch needs one shape (resize them in the dataset)")
+        if xb.dtype != x.dtype:  # uint8 so far, float from here: the whole store becomes float in [0, 1]
+            if x.dtype == torch.uint8:
+                x = x.float().div_(255)
+            else:
+                xb = xb.float().div_(255)
+        x[start:start + len(xb)] = xb
+        y[start:start + len(yb)] = yb
+        start += len(xb)
+    return x, y
+
+
+def _labels_of(dataset: Any, workers: int | None = None) -> torch.Tensor:
+    """Labels of a dataset in order: from ``targets`` or a TensorDataset's last tensor when it has them, else read."""
+    import torch
+    from torch.utils.data import Subset, TensorDataset
+
+    if isinstance(dataset, Subset):
+        return _labels_of(dataset.dataset, workers)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[-1].to(torch.int64).reshape(-1)
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):
+        return torch.as_tensor(targets, dtype=torch.int64)
+    ys = [yb for _, yb in _raw_batches(_Batches(dataset, "dataset"), list(range(len(dataset))), READ_BATCH,
+                                       _default_workers(workers))]
+    return torch.cat(ys) if ys else torch.empty(0, dtype=torch.int64)
+
+
+# --- statistics ----------------------------------------------------------------------------------
+
+def channel_stats(batches: Iterable[torch.Tensor], name: str = "data") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of images in [0, 1], accumulated in float64 over batches.
+
+    uint8 batches count as x / 255: a channel of 0s and 255s in equal numbers has mean 0.5, std 0.5.
+    Float images outside [0, 1] are refused: a model's normalisation assumes that scale.
+    """
+    import torch
+
+    from compress.data import DataError
+
+    total = sq = None
+    count = 0
+    for xb in batches:
+        xd = xb.to(torch.float64)
+        if xb.dtype == torch.uint8:
+            xd /= 255
+        elif xd.numel() and (float(xd.min()) < 0 or float(xd.max()) > 1):
+            raise DataError(f"{name}: float images must be in [0, 1], found values in "
+                            f"[{float(xd.min()):.4g}, {float(xd.max()):.4g}] (give uint8 0..255 or scale them)")
+        s, q = xd.sum(dim=(0, 2, 3)), (xd * xd).sum(dim=(0, 2, 3))
+        total, sq = (s, q) if total is None else (total + s, sq + q)
+        count += xd.numel() // xd.shape[1]
+    if not count:
+        raise DataError(f"{name}: no training images to compute the mean and std from")
+    mean = total / count
+    std = (sq / count - mean * mean).clamp_min(0).sqrt()
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _chunks(x: torch.Tensor, size: int = 1024) -> Iterator[torch.Tensor]:
+    for start in range(0, len(x), size):
+        yield x[start:start + size]
+
+
+# --- the three kinds ----------------------------------------------------------------------------
+
+def _class_folders(split: Path, root: Path) -> list[str]:
+    from compress.data import DataError
+
+    if not split.is_dir():
+        raise DataError(f"image folder {root} has no {split.name}/ folder: put each class's images in "
+                        f"{root}/{split.name}/<class>/")
+    classes = sorted(e.name for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"{split} has no class folders: put each class's images in {split}/<class>/")
+    return classes
+
+
+def _image_folder_split(split: Path, root: Path, size: int) -> DecodedImages:
+    """One split's files and labels (nothing decoded yet); a class folder without images is an error."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from compress.data import DataError
+
+    _class_folders(split, root)
+    folder = ImageFolder(str(split), allow_empty=True)
+    counts = [0] * len(folder.classes)
+    for _, t in folder.samples:
+        counts[t] += 1
+    empty = [c for c, k in zip(folder.classes, counts, strict=True) if not k]
+    if empty:
+        raise DataError(f"class folder {split / empty[0]} has no images "
+                        f"({len(empty)} of {len(counts)} classes empty; extensions read: {', '.join(IMG_EXTENSIONS)})")
+    return DecodedImages(folder.samples, folder.classes, size)
+
+
+def _image_folder(arg: str, size: int) -> tuple[DecodedImages, DecodedImages]:
+    from compress.data import DataError
+
+    root = Path(arg).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist (imagefolder:ROOT reads ROOT/train/<class>/ and "
+                        f"ROOT/val/<class>/)")
+    train_classes, val_classes = _class_folders(root / "train", root), _class_folders(root / "val", root)
+    if train_classes != val_classes:
+        only_t = sorted(set(train_classes) - set(val_classes))
+        only_v = sorted(set(val_classes) - set(train_classes))
+        raise DataError(f"{root}/train and {root}/val must hold the same class folders: only in train: "
+                        f"{', '.join(only_t) or '-'}; only in val: {', '.join(only_v) or '-'}")
+    return _image_folder_split(root / "train", root, size), _image_folder_split(root / "val", root, size)
+
+
+def _factory(spec: str) -> tuple[Any, Any]:
+    """The (train, test) pair a ``pkg.module:function`` returns, its form checked."""
+    from compress.data import DataError
+
+    module_name, fn_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise DataError(f"cannot import data factory module {module_name} ({_first_line(e)}): it must be "
+                        f"importable where the job runs, e.g. on PYTHONPATH") from e
+    except Exception as e:
+        raise DataError(f"importing data factory module {module_name} raised {type(e).__name__}: "
+                        f"{_first_line(e)}") from e
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise DataError(f"data factory module {module_name} has no function {fn_name}: it must be importable "
+                        f"and define {fn_name}() returning (train, test) datasets")
+    try:
+        got = fn()
+    except Exception as e:
+        raise DataError(f"data factory {spec} raised {type(e).__name__}: {_first_line(e)}") from e
+    want = "a pair (train, test) of datasets whose items are (image tensor CxHxW, int label)"
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        what = f"a {type(got).__name__}" + (f" of {len(got)}" if isinstance(got, (tuple, list)) else "")
+        raise DataError(f"data factory {spec} returned {what}; it must return {want}")
+    for split, ds in zip(("train", "test"), got, strict=True):
+        if not (hasattr(ds, "__getitem__") and hasattr(ds, "__len__")):
+            raise DataError(f"data factory {spec} returned a {type(ds).__name__} as its {split} split; "
+                            f"it must return {want}")
+        if not len(ds):
+            raise DataError(f"data factory {spec} returned an empty {split} split")
+    return got[0], got[1]
+
+
+def _first_image(dataset: Any, name: str) -> torch.Tensor:
+    """Item 0's image, checked: its shape and dtype size the whole split."""
+    from compress.data import DataError
+
+    got = _Batches(dataset, name)[(0, [0])]
+    if isinstance(got, _Failure):
+        raise DataError(got.message)
+    return got[0][0]
+
+
+def _check_stats(name: str, values: tuple[float, ...], channels: int) -> None:
+    from compress.data import DataError
+
+    if len(values) != channels:
+        raise DataError(f"data {name} has {len(values)} values ({','.join(map(str, values))}); the images have "
+                        f"{channels} channels")
+
+
+def load_data(text: str = "cifar10", root: str | os.PathLike | None = None, *, image_size: int = 0,
+              mean: tuple[float, ...] = (), std: tuple[float, ...] = (), download: bool = False,
+              max_memory_bytes: int = 4 * 2**30, workers: int | None = None) -> ImageData:
+    """The data a spec names, checked before anything trains: one ``DataError`` line when it cannot be used.
+
+    ``root`` is the CIFAR-10 root (``cifar10`` only); ``image_size`` the square side image folders are
+    resized to (0: 32). Decoded data that fits ``max_memory_bytes`` (both splits, uint8 for image
+    folders) is read once into tensors; larger data is streamed. ``mean``/``std`` default to the
+    training images' own, computed once (a streamed split: over a seeded sample of 10,000).
+    """
+    from compress.data import DataError, load_cifar10, subset_indices
+
+    try:
+        kind, arg = parse_data(text)
+    except ValueError as e:
+        raise DataError(str(e)) from e
+    if image_size < 0:
+        raise DataError(f"image_size {image_size} must be >= 0 (0: {DEFAULT_IMAGE_SIZE})")
+    if len(mean) != len(std) or any(s <= 0 for s in std):
+        raise DataError(f"data mean ({','.join(map(str, mean))}) and std ({','.join(map(str, std))}) must be "
+                        f"given together, one value per channel, std > 0")
+    workers = _default_workers(workers)
+
+    if kind == "cifar10":
+        if image_size not in (0, 32):
+            raise DataError(f"image_size {image_size} applies to image folders; CIFAR-10 images are 32x32 (use 0)")
+        from compress.models import CIFAR_MEAN
+
+        c = load_cifar10(root, download=download)
+        if mean:
+            _check_stats("mean", mean, 3)
+        return ImageData(Split(c.train_x, c.train_y), Split(c.test_x, c.test_y), len(CIFAR_CLASSES), (3, 32, 32),
+                         tuple(mean) or CIFAR_MEAN, tuple(std) or CIFAR_STD, kind, c.source)
+
+    if kind == "imagefolder":
+        size = image_size or DEFAULT_IMAGE_SIZE
+        train_ds, test_ds = _image_folder(arg, size)
+        shape = (3, size, size)
+        per_image = 3 * size * size
+        num_classes = len(train_ds.classes)
+        source = str(Path(arg).expanduser())
+        names = (f"image folder {source}/train", f"image folder {source}/val")
+    else:
+        train_ds, test_ds = _factory(arg)
+        source = arg
+        names = (f"data factory {arg} (train)", f"data factory {arg} (test)")
+        first = _first_image(train_ds, names[0])
+        if image_size and tuple(first.shape[1:]) != (image_size, image_size):
+            raise DataError(f"image_size {image_size} applies to image folders; data factory {arg} gives "
+                            f"{'x'.join(map(str, first.shape))} images (resize them in the factory, or use 0)")
+        shape = tuple(int(s) for s in first.shape)
+        per_image = first.numel() * first.element_size()
+        classes = getattr(train_ds, "classes", None) or getattr(test_ds, "classes", None)
+        num_classes = len(classes) if classes else 0
+
+    in_memory = per_image * (len(train_ds) + len(test_ds)) <= max_memory_bytes
+    if in_memory:
+        train = Split(*_read_all(train_ds, names[0], workers))
+        test = Split(*_read_all(test_ds, names[1], workers))
+        for split, name in ((train, names[0]), (test, names[1])):
+            if tuple(split.x.shape[1:]) != shape:
+                raise DataError(f"{name}: images are {'x'.join(map(str, split.x.shape[1:]))}, item 0 of the "
+                                f"training split is {'x'.join(map(str, shape))}; all images need one shape")
+    else:
+        train, test = Split(None, None, train_ds), Split(None, None, test_ds)
+        log.info("%s: %s bytes decoded exceed max_memory_bytes=%s, streaming", source,
+                 f"{per_image * (len(train_ds) + len(test_ds)):,}", f"{max_memory_bytes:,}")
+
+    if not num_classes:
+        num_classes = int(max(train.labels().max(), test.labels().max())) + 1
+    for split, name in ((train, names[0]), (test, names[1])):
+        if in_memory or kind == "imagefolder":
+            labels = split.labels()
+            if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+                raise DataError(f"{name}: labels must be in [0, {num_classes - 1}] ({num_classes} classes), "
+                                f"found {int(labels.min())}..{int(labels.max())}")
+
+    if mean:
+        _check_stats("mean", mean, shape[0])
+        mean, std = tuple(mean), tuple(std)
+    elif in_memory:
+        mean, std = channel_stats(_chunks(train.x), names[0])
+    else:
+        idx = subset_indices(len(train_ds), min(len(train_ds), STATS_SAMPLE), seed=0)
+        sample = _raw_batches(_Batches(train_ds, names[0]), idx.tolist(), READ_BATCH, workers)
+        mean, std = channel_stats((xb for xb, _ in sample), names[0])
+    data = ImageData(train, test, num_classes, shape, mean, std, kind, source)
+    log.debug("data %s: %s training and %s test images, %s", text, f"{len(train):,}", f"{len(test):,}",
+             data.describe())
+    return data
+
+
+# --- loaders ----------------------------------------------------------------------------------
+
+class StreamLoader:
+    """``BatchLoader``'s interface over a dataset decoded each epoch in worker processes.
+
+    Order and augmentation are a pure function of (seed, epoch key): the order is a permutation
+    drawn from the epoch seed, and each batch is augmented (crop + flip, optional RandAugment, the
+    ``compress.data.augment`` recipe) in its worker with a generator seeded from (epoch seed, batch
+    number), so neither the number of workers nor which worker takes a batch changes it. Batches
+    leave as float32 in [0, 1], channels_last, on ``device`` (pinned, non-blocking copies on CUDA).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, device: torch.device | str = "cpu", *, train: bool = False,
+                 crop_pad: int | None = None, randaugment: bool = False, seed: int = 0,
+                 workers: int | None = None, channels_last: bool = True, name: str = "dataset") -> None:
+        import torch
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be >= 1")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.train = train
+        self.crop_pad = crop_pad  # None: an eighth of the image height (compress.data.default_crop_pad)
+        self.randaugment = randaugment
+        self.seed = seed
+        self.workers = _default_workers(workers)
+        self.channels_last = channels_last
+        self.name = name
+        self.epoch: tuple[int, ...] = (0,)
+
+    def __len__(self) -> int:
+        return (len(self.dataset) + self.batch_size - 1) // self.batch_size
+
+    def set_epoch(self, *key: int) -> None:
+        """Which epoch comes next: one or more non-negative integers, e.g. ``set_epoch(phase, epoch)``."""
+        from compress.data import epoch_key
+
+        self.epoch = epoch_key(key)
+
+    def epoch_seed(self) -> int:
+        """The seed of the current epoch: the hash of (seed, *key) ``BatchLoader`` uses."""
+        from compress.data import epoch_seed
+
+        return epoch_seed(self.seed, self.epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        import torch
+
+        from compress.data import to_unit_float
+
+        seed = self.epoch_seed()
+        n = len(self.dataset)
+        if self.train:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        else:
+            order = list(range(n))
+        batches = _Batches(self.dataset, self.name, augment=self.train, crop_pad=self.crop_pad,
+                           randaugment=self.randaugment, epoch_seed=seed)
+        cuda = self.device.type == "cuda"
+        for xb, yb in _raw_batches(batches, order, self.batch_size, self.workers, seed, pin_memory=cuda):
+            x = to_unit_float(xb.to(self.device, non_blocking=cuda), self.channels_last)
+            yield x, yb.to(self.device, non_blocking=cuda)
+
+
+def make_loader(split: Split, batch_size: int, device: torch.device | str = "cpu", *, train: bool = False,
+                randaugment: bool = False, seed: int = 0, crop_pad: int | None = None,
+                workers: int | None = None) -> BatchLoader | StreamLoader:
+    """The loader of a split: ``BatchLoader`` on the device for data in memory, else a ``StreamLoader``.
+
+    ``crop_pad`` (training only) defaults to an eighth of the image height: 4 for 32-pixel images.
+    """
+    from compress.data import BatchLoader, default_crop_pad
+
+    if split.streamed:
+        return StreamLoader(split.dataset, batch_size, device, train=train, crop_pad=crop_pad,
+                            randaugment=randaugment, seed=seed, workers=workers)
+    pad = default_crop_pad(split.x.shape[2]) if crop_pad is None else crop_pad
+    return BatchLoader(split.x, split.y, batch_size, device, train=train, crop_pad=pad, randaugment=randaugment,
+                       seed=seed)
+
+
+# --- what a compute node must see; labels for scoring --------------------------------------------
+
+def data_probe_for(text: str, root: str | os.PathLike | None) -> Path:
+    """The file or folder a compute node must see for this data to load there.
+
+    cifar10: its test-split file under ``root``; imagefolder: ``ROOT/val``; a factory: its module's
+    source file, found without importing the module (a package above it is imported).
+    """
+    from compress.data import DataError, data_probe
+
+    try:
+        kind, arg = parse_data(text)
+    except ValueError as e:
+        raise DataError(str(e)) from e
+    if kind == "cifar10":
+        return data_probe(root)
+    if kind == "imagefolder":
+        return Path(arg).expanduser() / "val"
+    module_name = arg.split(":")[0]
+    try:
+        found = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError) as e:
+        found = None
+        why = _first_line(e)
+    else:
+        why = "not found"
+    if found is None or not found.origin or found.origin in ("built-in", "frozen"):
+        raise DataError(f"cannot find data factory module {module_name} ({why}): it must be importable where "
+                        f"the job runs, e.g. on PYTHONPATH")
+    return Path(found.origin)
+
+
+def load_test_labels_for(text: str, root: str | os.PathLike | None, image_size: int = 0) -> np.ndarray:
+    """The test split's labels (int64, in test-set order), e.g. to score stored predictions.
+
+    cifar10 reads only the labels (``compress.data.load_test_labels``); an image folder reads only its
+    file list; a factory is called and its test split's labels read.
+    """
+    from compress.data import DataError, load_test_labels
+
+    try:
+        kind, arg = parse_data(text)
+    except ValueError as e:
+        raise DataError(str(e)) from e
+    if kind == "cifar10":
+        return load_test_labels(root)
+    if kind == "imagefolder":
+        return _labels_of(_image_folder(arg, image_size or DEFAULT_IMAGE_SIZE)[1]).numpy()
+    return _labels_of(_factory(arg)[1]).numpy()
+
+
+def write_imagefolder(out: Path, data_root: str | os.PathLike | None, n_train: int, n_val: int) -> dict[str, Any]:
+    """Write the first ``n_train`` CIFAR-10 training and ``n_val`` test images as PNGs: a demo image folder.
+
+    ``out/train/<class>/<index>.png`` and ``out/val/<class>/<index>.png``, the index zero-padded to
+    five digits, so the folder reads back (classes sorted, files sorted) in CIFAR order within each
+    class. PNG is lossless: at image_size 32 the pixels read back equal CIFAR-10's.
+    """
+    from PIL import Image
+
+    from compress.data import load_cifar10
+
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"image counts must be >= 1, got {n_train} training and {n_val} val")
+    c = load_cifar10(data_root)
+    out = Path(out)
+    written: dict[str, Any] = {"out": str(out)}
+    for split, x, y, n in (("train", c.train_x, c.train_y, n_train), ("val", c.test_x, c.test_y, n_val)):
+        if not 1 <= n <= len(x):
+            raise ValueError(f"{split} image count {n} must be in [1, {len(x)}]")
+        for name in CIFAR_CLASSES:
+            (out / split / name).mkdir(parents=True, exist_ok=True)
+        pixels = x[:n].permute(0, 2, 3, 1).numpy()
+        for i in range(n):
+            Image.fromarray(pixels[i]).save(out / split / CIFAR_CLASSES[int(y[i])] / f"{i:05d}.png")
+        written[split] = n
+    written["classes"] = len(CIFAR_CLASSES)
+    return written
