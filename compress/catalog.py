@@ -2,8 +2,10 @@
 
 Specs validate against these and the CLI lists them in its help before torch is imported (torch
 and torchao take seconds to import; ``--help`` and a bad option should not). The registries that
-implement them (``models.MODELS``, ``quant.observe.OBSERVERS``, ``quant.backends.BACKENDS``...)
-hold the same names; ``tests/test_catalog.py`` checks that they agree.
+implement them (``quant.observe.OBSERVERS``, ``quant.backends.BACKENDS``...) hold the same names;
+``tests/test_catalog.py`` checks that they agree. Models and data are not listed here: any model
+string and any data source is checked by building it (``compress.registry``, ``compress.datasets``)
+when a command runs, before anything is submitted or written.
 """
 
 from __future__ import annotations
@@ -11,11 +13,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-MODELS = ("resnet20a", "resnet20b")
-CLASSIFIERS = {"resnet20a": "linear", "resnet20b": "fc"}
-TRAIN_IMAGES = 50_000
-TEST_IMAGES = 10_000
 
 OBSERVERS = ("minmax", "moving_average", "histogram")
 ENGINES = ("x86", "fbgemm", "qnnpack")
@@ -59,34 +56,14 @@ def shrinks(alphas: Iterable[float], centers: Iterable[str]) -> bool:
     return set(alphas) != {1.0} or set(centers) != {"min"}
 
 
-def prunable_layers(model: str) -> dict[str, int]:
-    """Every conv/linear layer of ``model`` and its weight count, in the order the model holds them.
-
-    Derived from the architecture (ResNet-20: 16/32/64 channels, 3 blocks a stage; option B adds a
-    1x1 downsample conv where the stage widens), so a spec can check a sparsity budget without
-    building the model. E.g. resnet20a: 20 layers, 268,336 weights. ``tests/test_catalog.py`` checks
-    it against ``prunable(build_model(model))``.
-    """
-    layers = {"conv1": 3 * 16 * 9}
-    planes_in = 16
-    for stage, planes in enumerate((16, 32, 64), start=1):
-        for block in range(3):
-            layers[f"layer{stage}.{block}.conv1"] = planes_in * planes * 9
-            layers[f"layer{stage}.{block}.conv2"] = planes * planes * 9
-            if model == "resnet20b" and planes_in != planes:
-                layers[f"layer{stage}.{block}.downsample.0"] = planes_in * planes
-            planes_in = planes
-    layers[CLASSIFIERS[model]] = 64 * 10
-    return layers
-
-
 def sparsity_budget_error(sizes: dict[str, int], sparsity: float, exclude: Iterable[str] = (),
                           max_layer_sparsity: float = 1.0, zeros: dict[str, int] | None = None) -> str:
     """Why ``round(sparsity * N)`` zeros cannot be placed in the layers ``sizes`` ("" when they can).
 
     The rule global magnitude pruning applies: kept-dense layers (``exclude``) count in N but take no
     new zeros; each other layer holds at most ``floor(cap * n)`` zeros (or the zeros it already has).
-    ``zeros`` are the zeros already there (none on a fresh model). E.g. resnet20a at 0.99 with
+    ``zeros`` are the zeros already there (none on a fresh model); ``sizes`` come from the built model
+    (``compress.prune.check_budget``). E.g. resnet20a at 0.99 with
     layer3 kept dense needs 265,653 zeros but only 65,584 weights are outside it.
     """
     zeros = zeros or {}

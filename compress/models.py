@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,22 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+class Normalized(nn.Module):
+    """Any classifier with the data's input normalisation in front: modules ``normalize`` and ``net``.
+
+    How a model from outside the built-ins (timm, torchvision, a user's factory) takes plain [0, 1]
+    pixels like the built-ins and keeps its normalisation in its state dict and exported files.
+    """
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
 
 
 class Add(nn.Module):
@@ -87,6 +104,8 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs: 16/32/64 channels, global average pool, linear classifier."""
 
+    input_shape = (3, 32, 32)  # what example inputs of export and tracing take; other models get their data's
+
     def __init__(
         self,
         depth: int,
@@ -130,11 +149,48 @@ class CifarResNet(nn.Module):
 
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, BN name) for every conv that feeds a BatchNorm, in forward order.
+    """(conv name, BN name) for every conv whose output feeds a BatchNorm directly, in module order.
 
-    Pairs are found structurally: within a parent module, a ``convN``/``bnN`` name match or a conv
-    followed directly by a BN inside a Sequential. Used by BN folding and BN-gamma filter pruning.
+    Found in the traced graph (``torch.fx``, convs and BatchNorms kept as leaves), so any model's
+    naming works (timm's ``conv_stem`` -> ``bn1``, a Sequential, a block's ``conv2`` -> ``bn2``); a
+    BN of another width than the conv's output is not a pair. A model FX cannot trace falls back to
+    the names: a ``convN``/``bnN`` pair in one parent, or a conv directly followed by a BN in a
+    Sequential. Used by BN folding and BN-gamma filter pruning.
     """
+    try:
+        pairs = _traced_pairs(model)
+    except Exception:  # FX cannot trace every model (data-dependent control flow): fall back to the names
+        pairs = _named_pairs(model)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(pairs, key=lambda p: order[p[0]])
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Keeps convs and BatchNorms (timm's BatchNormAct2d too) as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        if isinstance(m, nn.modules.conv._ConvNd | nn.modules.batchnorm._BatchNorm):
+            return True
+        return super().is_leaf_module(m, qualified_name)
+
+
+def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    graph = _LeafTracer().trace(model)
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node) or src.op != "call_module":
+            continue
+        conv, bn = modules.get(src.target), modules[node.target]
+        if isinstance(conv, nn.Conv2d) and conv.out_channels == bn.num_features:
+            pairs.append((str(src.target), str(node.target)))
+    return pairs
+
+
+def _named_pairs(model: nn.Module) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
     for parent_name, parent in model.named_modules():
         prefix = f"{parent_name}." if parent_name else ""
@@ -157,19 +213,20 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 class ModelInfo:
     """One registered architecture: how to build it and where its published weights live."""
 
-    build: Callable[[], CifarResNet]
+    build: Callable[..., CifarResNet]
     weights_url: str | None
     weights_sha256_prefix: str | None
     key_prefix: str  # stripped from published state-dict keys (DataParallel's "module.")
     about: str
 
 
-def _resnet20a() -> CifarResNet:
-    return CifarResNet(20, "A", "linear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+def _resnet20a(num_classes: int = 10) -> CifarResNet:
+    return CifarResNet(20, "A", "linear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                       num_classes=num_classes)
 
 
-def _resnet20b() -> CifarResNet:
-    return CifarResNet(20, "B", "fc", mean=CIFAR_MEAN, std=(0.2023, 0.1994, 0.2010))
+def _resnet20b(num_classes: int = 10) -> CifarResNet:
+    return CifarResNet(20, "B", "fc", mean=CIFAR_MEAN, std=(0.2023, 0.1994, 0.2010), num_classes=num_classes)
 
 
 MODELS: dict[str, ModelInfo] = {
@@ -194,11 +251,14 @@ class WeightsError(ValueError):
     """A weights file that cannot be loaded into the requested model."""
 
 
-def build_model(name: str) -> CifarResNet:
-    """A freshly initialised model by registry name; an unknown name lists the known ones."""
+def build_model(name: str, **kwargs: Any) -> CifarResNet:
+    """A freshly initialised built-in model by name (``num_classes`` may be given); an unknown name lists them.
+
+    Any other model is built through ``compress.registry``, which calls this for the built-ins.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
-    model = MODELS[name].build()
+    model = MODELS[name].build(**kwargs)
     model.model_name = name  # what an exported artifact names, so its loader builds the same architecture
     return model
 
@@ -216,7 +276,7 @@ def _download(url: str, sha_prefix: str | None, cache: Path) -> Path:
     return dest
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The model weights in any checkpoint this project meets, with pruning made permanent.
 
     Reads plain state dicts (``{"state_dict": ...}`` too), project checkpoints (``{"model": ...}``; a
@@ -236,7 +296,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path} does not hold a state dict of tensors")
+        raise WeightsError(f"{path} does not hold a state dict of tensors (nor one under 'state_dict' or 'model')")
     if any(k.endswith("_orig") for k in obj):
         merged = {k: v for k, v in obj.items() if not k.endswith(("_orig", "_mask"))}
         for k, v in obj.items():
@@ -265,22 +325,23 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], key_prefix: str
     if missing or unexpected or shape:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing[:6]}{'...' if len(missing) > 6 else ''}")
+            parts.append(f"{len(missing)} missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}")
+            parts.append(f"{len(unexpected)} unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
         if shape:
             parts.append(f"shape mismatch {shape[:3]}")
-        raise WeightsError(f"{source or 'state dict'} does not fit {type(model).__name__}: " + "; ".join(parts))
+        what = getattr(model, "model_ref", "") or type(model).__name__
+        raise WeightsError(f"{source or 'state dict'} does not fit {what}: " + "; ".join(parts))
     merged = {**own, **state}
     model.load_state_dict(merged)
 
 
-def load_model(name: str, weights: str | Path | None = None) -> CifarResNet:
-    """Build ``name`` and load ``weights``: a path, ``"pretrained"`` (download, hash-checked) or None.
+def load_model(name: str, weights: str | Path | None = None, **kwargs: Any) -> CifarResNet:
+    """Build built-in ``name`` and load ``weights``: a path, ``"pretrained"`` (download, hash-checked) or None.
 
-    The one checkpoint reader: any file ``_read_state_dict`` reads, pruning masks made permanent.
+    The one checkpoint reader: any file ``read_state_dict`` reads, pruning masks made permanent.
     """
-    model = build_model(name)
+    model = build_model(name, **kwargs)
     if weights is None:
         return model
     info = MODELS[name]
@@ -290,7 +351,7 @@ def load_model(name: str, weights: str | Path | None = None) -> CifarResNet:
         path = _download(info.weights_url, info.weights_sha256_prefix, Path(torch.hub.get_dir()) / "checkpoints")
     else:
         path = Path(weights)
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     try:
         load_state(model, state, _prefix(name, state), source=str(path))
     except WeightsError as e:
@@ -317,7 +378,11 @@ def _fits(name: str, state: dict[str, torch.Tensor]) -> bool:
 
 
 def prunable(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every conv and linear layer: the weights global magnitude pruning ranks and counts."""
+    """Every conv (1-3D, grouped and depthwise too) and linear layer: the weights pruning ranks and counts.
+
+    A layer counts the weights it stores: a grouped conv's weight is (out, in / groups, k, k), so a
+    depthwise 3x3 conv over 64 channels counts 64 * 1 * 9 = 576 weights. Transposed convs are left out.
+    """
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
+        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and not getattr(m, "transposed", False):
             yield name, m

@@ -56,6 +56,29 @@ def make_permanent(model: nn.Module, masks: MaskSet) -> None:
     masks.masks.clear()
 
 
+def check_budget(model: nn.Module, sparsity: float, keep_dense: Iterable[str] = (),
+                 max_layer_sparsity: float = 1.0) -> None:
+    """One ``ValueError`` line when ``keep_dense`` names no conv/linear layer of ``model`` or the final
+    ``sparsity`` cannot be placed (``catalog.sparsity_budget_error``); checked on the built model
+    before a run starts. E.g. a timm resnet18 wrapped for its normalisation names its stem ``net.conv1``.
+    """
+    import difflib
+
+    sizes = {n: m.weight.numel() for n, m in prunable(model)}
+    if not sizes:
+        raise ValueError(f"the model has no conv or linear layer to prune ({type(model).__name__})")
+    unknown = [n for n in keep_dense if n not in sizes]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(sizes), n=3, cutoff=0.5)
+        names = list(sizes)
+        raise ValueError(f"keep_dense={','.join(keep_dense)!r} is invalid: unknown module(s) {unknown}; "
+                         + (f"closest: {', '.join(close)}; " if close else "")
+                         + f"the model's {len(names)} conv/linear modules are {', '.join(names[:3])}, ..., {names[-1]}")
+    error = catalog.sparsity_budget_error(sizes, sparsity, keep_dense, max_layer_sparsity)
+    if error:
+        raise ValueError(f"final_sparsity={sparsity!r} is invalid: {error}")
+
+
 def prunable_weights(model: nn.Module, exclude: Iterable[str] = ()) -> list[tuple[str, torch.Tensor]]:
     """(parameter name, weight) of every conv/linear layer not in ``exclude`` (module names)."""
     skip = set(exclude)
