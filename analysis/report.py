@@ -268,7 +268,9 @@ class Significance:
             return None
         key = (bytes(pred), float(value))
         if key not in self._seen:
-            p = np.frombuffer(key[0], dtype=np.uint8)
+            # one byte a prediction, two (int16) for more than 256 classes (``compress.loops.evaluate``)
+            wide = (row.get("data_classes") or 0) > 256
+            p = np.frombuffer(key[0], dtype="<i2" if wide else np.uint8)
             right = p == self.labels[:len(p)] if len(p) <= len(self.labels) else None
             ok = right is not None and abs(100.0 * int(right.sum()) / max(1, len(p)) - key[1]) <= 1e-9
             self._seen[key] = right if ok else None

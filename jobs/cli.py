@@ -42,7 +42,8 @@ def _base_type(tp: Any) -> Any:
 PANELS = {"RunFields": "Run", "TrainFields": "Training", "PruneSpec": "Pruning", "PTQSpec": "Quantization",
           "TuneSpec": "Search", "ExecutorOptions": "SLURM (with --partition; without it the job runs here)",
           "ExportSpec": "Export"}
-FIELD_PANELS = {"model": "Model and data", "weights": "Model and data", "data_root": "Model and data",
+FIELD_PANELS = {**{k: "Model and data" for k in ("model", "model_args", "weights", "data", "data_root", "image_size",
+                                                  "data_mean", "data_std")},
                 "kd_weight": "Distillation", "kd_temperature": "Distillation", "teacher": "Distillation"}
 
 
@@ -172,17 +173,23 @@ def executor_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def job_inputs(specs: Sequence[Any]) -> list[tuple[str, str]]:
     """What the specs' jobs read from disk, as this machine has it: ``(option name, path)``.
 
-    The data (its test-split file under the data root, the option or ``$COMPRESS_DATA``), the weights
-    and the teacher file; a node must see each at the same path (``check_nodes_see``). A name that
-    is no path here ('pretrained', downloaded by the job) is left out.
+    The data (its test-split file under the data root, the option or ``$COMPRESS_DATA``; an image
+    folder's val/ folder; a data factory's source file), the weights, the teacher file and a model
+    factory's source file (the job imports it there); a node must see each at the same path
+    (``check_nodes_see``). A name that is no path here ('pretrained', downloaded by the job) is left out.
     """
-    from compress.data import ENV_DATA, data_probe  # here: compress.data imports torch; --help and status need not
+    from compress.data import ENV_DATA  # here: compress.data imports torch; --help and status need not
+    from compress.datasets import data_probe_for
+    from compress.registry import factory_source, parse_model
 
     out: dict[tuple[str, str], None] = {}
     for spec in specs:
-        data = getattr(spec, "data_root", "") or os.environ.get(ENV_DATA, "")
-        values = {"data_root": str(data_probe(data)) if data else "", "weights": getattr(spec, "weights", ""),
-                  "teacher": getattr(spec, "teacher", "")}
+        root = getattr(spec, "data_root", "") or os.environ.get(ENV_DATA, "")
+        kind = getattr(spec, "data", "cifar10")
+        probe = str(data_probe_for(kind, root)) if (root or kind != "cifar10") else ""
+        source = factory_source(parse_model(spec.model))  # a user's model module: the nodes import it
+        values = {"data" if kind != "cifar10" else "data_root": probe, "weights": getattr(spec, "weights", ""),
+                  "teacher": getattr(spec, "teacher", ""), "model": str(source or "")}
         for name, value in values.items():
             if value and Path(value).expanduser().exists():
                 out[(name, str(Path(value).expanduser().resolve()))] = None

@@ -35,13 +35,14 @@ from typing import Any
 
 import torch
 
+from compress import registry
 from compress.artifacts import COMPILE_PT2, LOAD_PACKED, LOAD_PT2, load_artifact, manifest_path, write_artifact
-from compress.data import BatchLoader, load_cifar10
+from compress.datasets import load_data, make_loader
 from compress.loops import evaluate, pick_device
-from compress.models import load_model
 from compress.quant import quiet
 from compress.quant.packed import pack_float
 from compress.results import provenance, read_table
+from jobs.inputs import load_run_data, load_run_model
 from jobs.ptq import _quantize_all, program_bytes
 from jobs.selection import Choice, describe, parse_selector, select_row
 from jobs.specs import ExportSpec, PTQSpec, check
@@ -113,18 +114,34 @@ def _check_same(name: str, want: torch.Tensor, got: torch.Tensor) -> None:
 
 
 def _manifest(kind: str, spec: dict[str, Any], source: dict[str, Any], top1: float, images: int,
-              preds: torch.Tensor, load: str, batch_size: int, **extra: Any) -> dict[str, Any]:
+              preds: torch.Tensor, load: str, batch_size: int, model: torch.nn.Module, **extra: Any) -> dict[str, Any]:
     prov = provenance()
     return {"kind": kind, "expected_top1": top1, "test_images": images, "predictions_sha256": _preds_sha(preds),
-            "load": load, "input": {**INPUT, "batch_size": batch_size}, "source": source, "spec": spec, **extra,
-            "git_commit": prov["git_commit"], "written_at": _dt.datetime.now(_dt.UTC).isoformat()}
+            "load": load, "input": _input(model, batch_size), "model": _model_entry(spec), "source": source,
+            "spec": spec, **extra, "git_commit": prov["git_commit"],
+            "written_at": _dt.datetime.now(_dt.UTC).isoformat()}
 
 
-# how the expected top-1 was measured: the first N CIFAR-10 test images, in this layout and these batches.
-# A .pt2 computes its convolutions in float on dequantized values, so another layout or batch size can
-# round a few activations the other way and change a handful of predictions.
-INPUT = {"images": "float32 RGB in [0, 1], (N, 3, 32, 32), normalisation inside the model",
-         "memory_format": "channels_last"}
+def _model_entry(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"model": spec.get("model", ""), "model_args": spec.get("model_args", ""), "data": spec.get("data", "")}
+
+
+def _input(model: torch.nn.Module, batch_size: int) -> dict[str, Any]:
+    """How the expected top-1 was measured: the first N test images of the run's data, in this layout and these
+    batches. A .pt2 computes its convolutions in float on dequantized values, so another layout or batch size can
+    round a few activations the other way and change a handful of predictions."""
+    shape = list(getattr(model, "input_shape", ()))
+    norm = _normalisation(model)
+    return {"images": f"float32 in [0, 1], (N, {', '.join(map(str, shape))}), normalisation inside the model",
+            "shape": shape, "normalisation": norm, "memory_format": "channels_last", "batch_size": batch_size}
+
+
+def _normalisation(model: torch.nn.Module) -> dict[str, list[float]]:
+    state = model.state_dict()
+    mean, std = state.get("normalize.mean"), state.get("normalize.std")
+    if mean is None or std is None:
+        return {}
+    return {"mean": [round(float(v), 6) for v in mean.flatten()], "std": [round(float(v), 6) for v in std.flatten()]}
 
 
 def _preds_sha(preds: torch.Tensor) -> str:
@@ -146,10 +163,11 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
     with quiet():
         _quantize_all(task, keep=lambda r, b: built.append((r, b)))
     (_, b), = built
-    data = load_cifar10(task.data_root or None)
-    n_test = task.test_size or len(data.test_x)
+    data = load_run_data(task)
+    float_model = load_run_model(task, data)
+    n_test = task.test_size or len(data.test)
     cpu = torch.device("cpu")
-    test = BatchLoader(data.test_x[:n_test], data.test_y[:n_test], task.eval_batch_size, cpu)
+    test = make_loader(data.test.subset(torch.arange(n_test)), task.eval_batch_size, cpu)
     with quiet():
         ev = evaluate(b.model, test, cpu, keep_predictions=True, desc="int8 eval")
     # a sweep calibrated on a GPU, or under other library versions, can round a range differently here: the
@@ -166,7 +184,7 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
     source = {"run_id": spec.run, "row": {k: row.get(k) for k in keep}, "selector": spec.select,
               "reason": choice.reason, "rows_considered": len(rows), "reproduced": not drift, "drift": drift}
     common = dict(spec=dataclasses.asdict(task), source=source, top1=ev.top1, images=ev.images, preds=ev.predictions,
-                  batch_size=task.eval_batch_size)
+                  batch_size=task.eval_batch_size, model=float_model)
     written = []
     if b.packed is not None:
         path = folder / f"{slug}.int8.packed"
@@ -174,6 +192,9 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
         if row.get("int8_packed_bytes") is not None and len(blob) != row["int8_packed_bytes"] and not drift:
             raise ExportError(f"packed file of {len(blob):,} bytes, the row says {row['int8_packed_bytes']:,}")
         written.append((path, blob, _manifest("int8-packed", load=LOAD_PACKED, **common)))
+    if b.packed is None and b.program is None:
+        raise ExportError(f"{describe(row)} has no file to export: the {row['method']} int8 model of "
+                          f"{task.model} has no packed form; export a pt2e row (--select method=pt2e)")
     if b.program is not None:
         path = folder / f"{slug}.int8.pt2"
         written.append((path, program_bytes(b.program()),
@@ -186,24 +207,28 @@ def _export_model(spec: ExportSpec) -> dict[str, Any]:
     ckpt = torch.load(final, map_location="cpu", weights_only=True)
     run_spec = ckpt.get("spec", {})
     name = ckpt.get("arch") or run_spec.get("model", "resnet20a")
-    model = load_model(name, final).eval()
-    data = load_cifar10(spec.data_root or run_spec.get("data_root") or None)
-    n_test = run_spec.get("test_size") or len(data.test_x)
+    args = ckpt.get("model_args", run_spec.get("model_args", ""))
+    data = load_data(run_spec.get("data", "cifar10"), spec.data_root or run_spec.get("data_root") or None,
+                     image_size=int(run_spec.get("image_size") or 0), mean=tuple(run_spec.get("data_mean") or ()),
+                     std=tuple(run_spec.get("data_std") or ()))
+    model = registry.load(name, args, final, data.mean, data.std).eval()
+    model.input_shape = data.image_shape
+    n_test = run_spec.get("test_size") or len(data.test)
     device = pick_device(spec.device)
     cpu = torch.device("cpu")
     batch = int(run_spec.get("eval_batch_size") or 500)
-    test = BatchLoader(data.test_x[:n_test], data.test_y[:n_test], batch, cpu)
+    test = make_loader(data.test.subset(torch.arange(n_test)), batch, cpu)
     ev = evaluate(model, test, cpu, amp=False, keep_predictions=True, desc="float eval")
     summary_path = final.parent / "summary.json"
     recorded = json.loads(summary_path.read_text()).get("top1") if summary_path.is_file() else None
     source = {"run_id": spec.run, "checkpoint": str(final), "recorded_top1": recorded, "device": str(device)}
-    blob = pack_float(model, name)
+    blob = pack_float(model, name, model_args=args)
     manifest = _manifest("float-packed", run_spec, source, ev.top1, ev.images, ev.predictions, LOAD_PACKED, batch,
-                         checkpoint_bytes=final.stat().st_size)
+                         model, checkpoint_bytes=final.stat().st_size)
     return _write_and_check([(final.parent / "export" / "model.float.packed", blob, manifest)], test, ev.predictions)
 
 
-def _write_and_check(files: list[tuple[Path, bytes, dict[str, Any]]], test: BatchLoader,
+def _write_and_check(files: list[tuple[Path, bytes, dict[str, Any]]], test: Any,
                      preds: torch.Tensor) -> dict[str, Any]:
     """Write each file with its manifest, load it back from disk, and compare its predictions image by image."""
     out = []
@@ -254,12 +279,14 @@ def verify_artifact(path: str, data_root: str = "") -> dict[str, Any]:
     manifest = read_manifest(path)
     model = load_artifact(path)  # the sha256 check comes first
     spec = manifest.get("spec") or {}
-    data = load_cifar10(data_root or spec.get("data_root") or None)
-    n = int(manifest.get("test_images") or len(data.test_x))
+    data = load_data(spec.get("data", "cifar10"), data_root or spec.get("data_root") or None,
+                     image_size=int(spec.get("image_size") or 0), mean=tuple(spec.get("data_mean") or ()),
+                     std=tuple(spec.get("data_std") or ()))
+    n = int(manifest.get("test_images") or len(data.test))
     batch_size = int(manifest.get("input", {}).get("batch_size") or 500)  # as the export measured it
     cpu = torch.device("cpu")
     with quiet():
-        ev = evaluate(model, BatchLoader(data.test_x[:n], data.test_y[:n], batch_size, cpu), cpu, amp=False,
+        ev = evaluate(model, make_loader(data.test.subset(torch.arange(n)), batch_size, cpu), cpu, amp=False,
                       keep_predictions=True, desc="verify")
     same = "predictions_sha256" not in manifest or _preds_sha(ev.predictions) == manifest["predictions_sha256"]
     ok = same and abs(ev.top1 - float(manifest["expected_top1"])) < 1e-9

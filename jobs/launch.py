@@ -62,29 +62,24 @@ def _build_spec(cls: type, options: dict[str, Any]):
         fail(str(e))
 
 
-def _preflight(spec: Any, download: bool = False) -> tuple[int, int]:
-    """Check what a user can get wrong before anything is written: data and weights must load.
+def _preflight(spec: Any, download: bool = False) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """Check what a user can get wrong before anything is written: data, model and weights must load and fit.
 
-    With ``download``, CIFAR-10 is fetched into the data root first (here, so a SLURM job finds it).
+    The model is built here (a user's factory imported, a timm name looked up), its output width
+    checked against the data's classes, and a prune spec's kept-dense names and budget against its
+    layers. With ``download``, CIFAR-10 is fetched into the data root first (here, so a SLURM job
+    finds it). Returns the (training, test) sizes and the image shape.
     """
-    from compress.data import load_cifar10
-    from compress.loops import pick_device
-    from compress.models import WeightsError, load_model
+    from jobs.inputs import check_job
 
     try:
-        pick_device(spec.device)
-        data = load_cifar10(spec.data_root or None, download=download)
-        if spec.needs_weights() and not spec.weights:
-            raise WeightsError(f"{spec.kind()} needs starting weights: pass --weights FILE or set COMPRESS_WEIGHTS")
-        model = load_model(spec.model, spec.weights or None)
-        if getattr(spec, "teacher", ""):
-            load_model(spec.model, spec.teacher)
+        data, model = check_job(spec, download)
         # while state.pt is replaced two copies exist (weights, optimizer moments, masks), then final.pt
         param_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         check_results_root(spec.results, 10 * param_bytes + 2**20)
     except USER_ERRORS as e:
         fail(str(e))
-    return len(data.train_x), len(data.test_x)
+    return (len(data.train), len(data.test)), data.image_shape
 
 
 def _seed_specs(cls: type, options: dict[str, Any], seeds: str) -> list[Any]:
@@ -117,8 +112,9 @@ def _closest(name: str, known: list[str]) -> list[str]:
 def _from_run(options: dict[str, Any], run: str) -> dict[str, Any]:
     """Options for a job that consumes a run's model: ``--run ID`` (its final.pt), or ``--weights`` of a run's file.
 
-    The model and the data root come from that run's spec.json unless given on the command line
-    (the data root only while that folder exists; else $COMPRESS_DATA as usual).
+    The model (string and arguments), the data (source, image size, normalisation) and the data root
+    come from that run's spec.json unless given on the command line (the data root only while that
+    folder exists; else $COMPRESS_DATA as usual).
     """
     from compress.results import default_root
 
@@ -140,8 +136,10 @@ def _from_run(options: dict[str, Any], run: str) -> dict[str, Any]:
     stored = json.loads(source.read_text())
     given = _given_on_command_line(options)
     out = dict(options)
-    if "model" not in given and stored.get("model"):
-        out["model"] = stored["model"]
+    for name in ("model", "model_args", "data", "image_size", "data_mean", "data_std"):  # what built the model
+        if name in options and name not in given and stored.get(name):
+            value = stored[name]
+            out[name] = ",".join(map(str, value)) if isinstance(value, list) else value
     if "data_root" not in given and stored.get("data_root") and Path(stored["data_root"]).exists():
         out["data_root"] = stored["data_root"]
     return out
@@ -205,11 +203,11 @@ def _duration(seconds: float) -> str:
         f"{seconds:.0f} s"
 
 
-def _plan_line(spec: Any, data_sizes: tuple[int, int]) -> str:
+def _plan_line(spec: Any, data: tuple[tuple[int, int], tuple[int, int, int]]) -> str:
     """What a new local run is about to do and roughly how long it takes on this machine."""
     from jobs.training import estimate_seconds
 
-    seconds, how = estimate_seconds(spec, data_sizes)
+    seconds, how = estimate_seconds(spec, *data)
     line = f"plan: about {_duration(seconds)} here ({how})"
     if seconds > 3600:
         line += "; Ctrl-C stops it at the last finished epoch, --resume continues; --partition runs it on SLURM"
@@ -370,15 +368,19 @@ def status(targets: tuple[str, ...], results: str, folder: str, last: int, as_js
 @click.option("--out", default="", help="report folder (report.md + PNGs) [default: RESULTS/report]")
 @click.option("--run", "runs", multiple=True, help="run id or shell pattern, e.g. 'prune-2025*' (repeatable)")
 @click.option("--search", "searches", multiple=True, help="search id or shell pattern (repeatable)")
-@click.option("--model", "models", multiple=True, help="model name, e.g. resnet20a (repeatable)")
+@click.option("--model", "models", multiple=True, help="model string, e.g. resnet20a or timm:resnet18 (repeatable)")
 @click.option("--kind", "kinds", multiple=True, help="row kind: prune, train, ptq (repeatable)")
 @click.option("--max-drop", default=1.5, show_default=True,
               help="the prune searches' --max-drop, to rank their trials by the same objective")
 @click.option("--data-root", default="",
               help="CIFAR-10 root, for the test labels of the intervals and p-values [default: $COMPRESS_DATA; "
                    "neither: no intervals]")
+@click.option("--data", "data", default="cifar10", show_default=True,
+              help="the rows' data, for the test labels: cifar10, imagefolder:ROOT or package.module:function "
+                   "(rows of other data get no intervals)")
+@click.option("--image-size", default=0, show_default=True, help="an image folder's --image-size")
 def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, ...], models: tuple[str, ...],
-           kinds: tuple[str, ...], max_drop: float, data_root: str) -> None:
+           kinds: tuple[str, ...], max_drop: float, data_root: str, data: str, image_size: int) -> None:
     """Markdown report with PNG plots from the Parquet results under RESULTS (default $COMPRESS_RESULTS or results).
 
     Reads only the tables, so a results folder copied off the cluster is enough; with the test labels
@@ -393,12 +395,12 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
     if max_drop < 0:
         fail(f"max_drop={max_drop!r} is invalid: must be >= 0")
     labels = None
-    if data_root or os.environ.get("COMPRESS_DATA"):
-        from compress.data import DataError, load_test_labels
+    if data != "cifar10" or data_root or os.environ.get("COMPRESS_DATA"):
+        from compress.datasets import load_test_labels_for
 
         try:
-            labels = load_test_labels(data_root or None)
-        except DataError as e:
+            labels = load_test_labels_for(data, data_root or None, image_size)
+        except ValueError as e:
             fail(str(e))
     try:
         written = build_report(results, out or str(Path(results) / "report"),
@@ -500,9 +502,8 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
     statistics; on SLURM the tasks go out as one job array. Rows: <results>/ptq/<run_id>-<task>.parquet.
     """
     # the job modules (and torch) load when a command runs, not for --help or a bad option
-    from compress.data import load_cifar10
-    from compress.models import WeightsError, load_model
-    from jobs.ptq import format_rows, plan_tasks, preflight, run_ptq, run_ptq_tasks
+    from jobs.inputs import check_job
+    from jobs.ptq import format_rows, plan_tasks, run_ptq, run_ptq_tasks
 
     specs = _seed_specs(PTQSpec, _from_run(options, run), seeds)
     spec = specs[0]
@@ -526,10 +527,7 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
             click.echo(render_sbatch(executor))
         return
     try:
-        if not spec.weights:
-            raise WeightsError("ptq needs weights to quantize: pass --weights FILE or set COMPRESS_WEIGHTS")
-        preflight(spec, len(load_cifar10(spec.data_root or None, download=download).train_x))
-        load_model(spec.model, spec.weights or None)
+        check_job(spec, download)
         check_results_root(spec.results, 2**20)
     except USER_ERRORS as e:
         fail(str(e))

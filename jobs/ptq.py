@@ -41,16 +41,18 @@ from typing import Any
 
 import torch
 
-from compress.data import BatchLoader, load_cifar10, subset_indices
+from compress import registry
+from compress.data import subset_indices
+from compress.datasets import make_loader
 from compress.loops import evaluate, pick_device
-from compress.models import load_model
 from compress.prune import global_sparsity
 from compress.quant import quiet
 from compress.quant.backends import BACKENDS
 from compress.results import read_unit, write_rows
 from jobs import tables
+from jobs.inputs import load_run_data, load_run_model, preflight
 from jobs.runs import SpecMismatch, require_run_id, row_base, same_spec_row
-from jobs.specs import METHODS, PTQSpec, check
+from jobs.specs import METHODS, PTQSpec
 from jobs.text import table
 
 log = logging.getLogger(__name__)
@@ -59,16 +61,6 @@ def plan_tasks(spec: PTQSpec) -> list[PTQSpec]:
     """One spec per (observer, calibration size), all other lists kept: the units of a job array."""
     return [dataclasses.replace(spec, observers=(obs,), calib_sizes=(n,))
             for obs in spec.observers for n in spec.calib_sizes]
-
-
-def preflight(spec: PTQSpec, train_images: int) -> None:
-    """What the spec alone cannot check: the dataset's size, this machine's quantized engines and device."""
-    pick_device(spec.device)
-    for n in spec.calib_sizes:
-        check(n <= train_images, "calib_sizes", n, f"larger than the training set ({train_images} images)")
-    available = torch.backends.quantized.supported_engines
-    check(spec.engine in available, "engine", spec.engine,
-          f"not available on this machine; available: {', '.join(e for e in available if e != 'none')}")
 
 
 def _done_rows(path: Path, spec: PTQSpec) -> list[dict[str, Any]] | None:
@@ -126,19 +118,20 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
     reduce = effective_reduce_range(spec.engine, spec.reduce_range)
 
     torch.manual_seed(spec.seed)
-    data = load_cifar10(spec.data_root or None)
-    preflight(spec, len(data.train_x))
-    model = load_model(spec.model, spec.weights or None).eval()
-    idx = subset_indices(len(data.train_x), n_calib, spec.seed, spec.calib_selection)
-    calib = BatchLoader(data.train_x[idx], data.train_y[idx], spec.calib_batch_size, device)
-    n_test = spec.test_size or len(data.test_x)
-    test_x, test_y = data.test_x[:n_test], data.test_y[:n_test]
+    data = load_run_data(spec)
+    model = load_run_model(spec, data).eval()
+    preflight(spec, data, model)
+    idx = subset_indices(len(data.train), n_calib, spec.seed, spec.calib_selection)
+    calib = make_loader(data.train.subset(idx), spec.calib_batch_size, device)
+    n_test = spec.test_size or len(data.test)
+    test = data.test.subset(torch.arange(n_test)) if n_test < len(data.test) else data.test
     with full_float32():
-        float_ev = evaluate(model.to(device), BatchLoader(test_x, test_y, spec.eval_batch_size, device), device,
+        float_ev = evaluate(model.to(device), make_loader(test, spec.eval_batch_size, device), device,
                             amp=False, desc="float eval", keep_predictions=True)
     model.cpu()
-    test_cpu = BatchLoader(test_x, test_y, spec.eval_batch_size, cpu)
+    test_cpu = make_loader(test, spec.eval_batch_size, cpu)
     base = {**row_base(spec, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+            **registry.describe(model, spec.model, spec.model_args), **data.describe(),
             "task": spec.task_name(), "observer": observer, "engine": spec.engine,
             "activation_bits": 7 if reduce else 8, "calib_size": n_calib, "float_top1": float_ev.top1,
             "test_images": float_ev.images, "float_bytes": float_bytes(model), "sparsity": global_sparsity(model),

@@ -31,15 +31,15 @@ from typing import Any
 
 import torch
 
-from compress import loops, models
+from compress import loops, registry
 from compress.artifacts import LOAD_PACKED, write_artifact
-from compress.catalog import TEST_IMAGES, TRAIN_IMAGES
-from compress.data import BatchLoader, Cifar10, load_cifar10, subset_indices
+from compress.data import BatchLoader, subset_indices
+from compress.datasets import ImageData, make_loader
 from compress.loops import build_optimizer, cosine_lr, evaluate, pick_device, reestimate_bn, train_one_epoch
-from compress.models import load_model
 from compress.prune import (
     MaskSet,
     bn_gamma_filter_masks,
+    check_budget,
     global_magnitude_masks,
     make_permanent,
     module_table,
@@ -55,6 +55,7 @@ from compress.results import (
     write_rows,
 )
 from jobs import lease, tables
+from jobs.inputs import load_run_data, load_run_model
 from jobs.runs import PROGRESS, SpecMismatch, check_run, require_run_id, row_base, run_dir, same_spec
 from jobs.specs import Phase, PruneSpec, TrainFields, TrainSpec
 from jobs.text import format_modules
@@ -64,17 +65,14 @@ log = logging.getLogger(__name__)
 ReportFn = Callable[[dict[str, Any]], None]
 
 
-def _loaders(spec: TrainFields, data: Cifar10, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
-    tx, ty = data.train_x, data.train_y
+def _loaders(spec: TrainFields, data: ImageData, device: torch.device):
+    train, test = data.train, data.test
     if spec.train_size:
-        idx = subset_indices(len(tx), spec.train_size, spec.seed)
-        tx, ty = tx[idx], ty[idx]
-    vx, vy = data.test_x, data.test_y
+        train = train.subset(subset_indices(len(train), spec.train_size, spec.seed))
     if spec.test_size:
-        vx, vy = vx[:spec.test_size], vy[:spec.test_size]
-    train = BatchLoader(tx, ty, spec.batch_size, device, train=True, randaugment=spec.randaugment, seed=spec.seed)
-    test = BatchLoader(vx, vy, spec.eval_batch_size, device)
-    return train, test
+        test = test.subset(torch.arange(spec.test_size))
+    return (make_loader(train, spec.batch_size, device, train=True, randaugment=spec.randaugment, seed=spec.seed),
+            make_loader(test, spec.eval_batch_size, device))
 
 
 def _scheduler(spec: TrainFields, opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
@@ -117,22 +115,24 @@ class _Run:
                    [{**self.base, "written_at": prov["written_at"], **r} for r in rows], schema)
 
 
-def estimate_seconds(spec: TrainFields, data_sizes: tuple[int, int] = (TRAIN_IMAGES, TEST_IMAGES),
+def estimate_seconds(spec: TrainFields, data_sizes: tuple[int, int], image_shape: tuple[int, int, int] = (3, 32, 32),
                      batches: int = 3) -> tuple[float, str]:
     """How long ``spec`` would take here, from a few timed batches of the real loops; (seconds, how).
 
     Times ``batches`` training batches (augmentation, forward, backward, step; the first one is a
     warm-up and not counted) and as many evaluation batches, on random images of the run's sizes,
     then scales to the plan's epochs and evaluations over ``data_sizes`` (training, test images of
-    the data set). Loading the data and the model is not counted.
+    the data set, whose images are ``image_shape``). Loading the data and the model is not counted.
     """
     # through the library modules themselves: an estimate is not part of the run (and a test that
     # watches this module's loops or loaders sees only the run's own calls)
     device = pick_device(spec.device)
-    model = models.build_model(spec.model).to(device, memory_format=torch.channels_last)
+    channels = image_shape[0]
+    model = registry.build(spec.model, spec.model_args, (0.5,) * channels, (0.25,) * channels)
+    model = model.to(device, memory_format=torch.channels_last)
     n = spec.batch_size * batches
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    y = torch.randint(0, 10, (n,))
+    x = torch.randint(0, 256, (n, *image_shape), dtype=torch.uint8)
+    y = torch.randint(0, registry.output_width(model, image_shape), (n,))
     train = BatchLoader(x, y, spec.batch_size, device, train=True, randaugment=spec.randaugment, seed=0)
     opt = build_optimizer(spec.optimizer, model.parameters(), spec.lr, spec.weight_decay)
     warm = BatchLoader(x[:spec.batch_size], y[:spec.batch_size], spec.batch_size, device, train=True,
@@ -189,10 +189,11 @@ class Distill:
     temperature: float = 4.0
 
     @classmethod
-    def of(cls, spec: TrainFields, device: torch.device) -> Distill:
+    def of(cls, spec: TrainFields, device: torch.device, data: ImageData) -> Distill:
         if not isinstance(spec, PruneSpec) or spec.kd_weight <= 0:
             return cls()
-        teacher = load_model(spec.model, spec.teacher or spec.weights or None)
+        teacher = registry.load(spec.model, spec.model_args, spec.teacher or spec.weights or None, data.mean,
+                                data.std)
         teacher = teacher.to(device, memory_format=torch.channels_last)
         teacher.eval().requires_grad_(False)
         return cls(teacher, spec.kd_weight, spec.kd_temperature)
@@ -212,11 +213,15 @@ class _Schedule:
     def __init__(self, spec: TrainFields, run: _Run) -> None:
         self.spec, self.run, self.device = spec, run, run.device
         torch.manual_seed(spec.seed)
-        data = load_cifar10(spec.data_root or None)
-        self.model = load_model(spec.model, spec.weights or None).to(self.device, memory_format=torch.channels_last)
+        data = load_run_data(spec)
+        model = load_run_model(spec, data)
+        if isinstance(spec, PruneSpec):
+            check_budget(model, spec.final_sparsity, spec.keep_dense, spec.max_layer_sparsity)
+        run.base.update(**registry.describe(model, spec.model, spec.model_args), **data.describe())
+        self.model = model.to(self.device, memory_format=torch.channels_last)
         self.train_loader, self.test_loader = _loaders(spec, data, self.device)
         self.plan = spec.plan()
-        self.distill = Distill.of(spec, self.device)
+        self.distill = Distill.of(spec, self.device, data)
         self.masks = MaskSet()
         self.n_prunable = 0
         self.state: dict[str, Any] = {}
@@ -260,7 +265,11 @@ class _Schedule:
         """The phase's pruning (BN-gamma filters in phase 1, then magnitude to its target), saved before training."""
         spec, masks = self.spec, self.masks
         if ph.filter_fraction > 0:
-            masks = masks.merge(bn_gamma_filter_masks(self.model, ph.filter_fraction))
+            filters = bn_gamma_filter_masks(self.model, ph.filter_fraction)
+            if not len(filters):
+                log.info("phase %d: BN-gamma filter pruning skipped: no conv of this model feeds a BatchNorm",
+                         ph.index)
+            masks = masks.merge(filters)
             masks.apply(self.model)
         if ph.target is not None:
             masks = masks.merge(global_magnitude_masks(self.model, ph.target, spec.keep_dense,
@@ -354,9 +363,9 @@ class _Schedule:
              "nonzero_after": r.nonzero_after, "removed": r.removed, "sparsity": r.sparsity} for r in table],
             tables.MODULES)
         torch_save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": spec.model,
-                           "spec": dataclasses.asdict(spec)}, run.dir / "final.pt")
+                           "model_args": spec.model_args, "spec": dataclasses.asdict(spec)}, run.dir / "final.pt")
         packed = run.dir / "export" / "model.float.packed"  # what to ship: the sparse weights only, no optimizer
-        write_artifact(packed, pack_float(model.cpu(), spec.model), {
+        write_artifact(packed, pack_float(model.cpu(), spec.model, model_args=spec.model_args), {
             "kind": "float-packed", "expected_top1": summary["top1"], "load": LOAD_PACKED,
             "source": {"run_id": spec.run_id, "phase": summary["phase"]}, "spec": dataclasses.asdict(spec),
             "git_commit": provenance()["git_commit"]})

@@ -37,6 +37,9 @@ def _absolute(spec: Any) -> Any:
         value = getattr(spec, name, "")
         if value and value != "pretrained":
             changes[name] = str(Path(value).expanduser().resolve())
+    kind, _, root = getattr(spec, "data", "").partition(":")
+    if kind == "imagefolder":
+        changes["data"] = f"imagefolder:{Path(root).expanduser().resolve()}"
     return dataclasses.replace(spec, **changes)
 
 
@@ -100,6 +103,12 @@ def _command(kind: str) -> click.Command:
             if not executor.local:
                 click.echo(render_sbatch(executor))
             return
+        from jobs.inputs import check_job  # torch: when the command runs, not for --help
+
+        try:  # the model, data and weights of the base spec, before Ray starts or anything is submitted
+            check_job(base)
+        except (ValueError, FileNotFoundError, PermissionError) as e:
+            fail(str(e))
         ex = open_executor(executor, spans_nodes=True, shared=[base.results], inputs=job_inputs([base]))
         if ex.local:
             warn_slow_cpu_bf16(base)

@@ -6,13 +6,15 @@
         built = backend.build(cal, variant)          # Built: the CPU int8 model, and how to ship it
 
 - ``manual``: the hand-written path (own statistics, pure qparams with the alpha shrink, an
-  ``Int8ResNet`` of ``torch.ao.nn.quantized`` modules); ships as the packed file.
+  ``Int8ResNet`` of ``torch.ao.nn.quantized`` modules); the built-in ResNets only (``refuses``
+  says so for any other model); ships as the packed file.
 - ``fx``: FX graph mode (``torch.ao.quantization``, deprecated upstream, kept while torch ships
-  it); ships as the packed file of the ``Int8ResNet`` with FX's qparams, which computes exactly
-  FX's outputs (``tests/test_int8.py``). An FX ``GraphModule`` of quantized modules does not
-  ``torch.export``.
-- ``pt2e``: torchao's PT2E flow with the x86 inductor quantizer; ships as a ``torch.export``
-  program (``.pt2``), which loads with torch and torchao alone and compiles with inductor.
+  it) for any model FX traces; a built-in ResNet ships as the packed file of the ``Int8ResNet`` with
+  FX's qparams, which computes exactly FX's outputs (``tests/test_int8.py``); other models have no
+  FX artifact (an FX ``GraphModule`` of quantized modules does not ``torch.export``).
+- ``pt2e``: torchao's PT2E flow with the x86 inductor quantizer, for any model ``torch.export``
+  traces; ships as a ``torch.export`` program (``.pt2``), which loads with torch and torchao alone
+  and compiles with inductor.
 
 What a backend cannot express is listed in ``compress/catalog.py`` (torch-free, so the PTQ spec
 refuses those combinations before anything is imported or runs). Calibration runs on the job's
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from compress import catalog
+from compress.models import CifarResNet
 from compress.quant import fx, observe, pt2e
 from compress.quant.fold import fold_model
 from compress.quant.int8 import build_int8, derive_qparams
@@ -98,6 +101,10 @@ class Backend:
             else:
                 yield Variant(w)
 
+    def refuses(self, model: nn.Module) -> str:
+        """Why this backend cannot quantize ``model`` ("" when it can), checked before a sweep runs."""
+        return ""
+
     def calibrate(self, model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
                   device: torch.device, observer: str, reduce_range: bool, engine: str,
                   weight_observers: tuple[str, ...] = ("per_channel",)) -> Calibrated:
@@ -107,9 +114,20 @@ class Backend:
         raise NotImplementedError
 
 
+def resnet_family(model: nn.Module) -> bool:
+    """Whether ``model`` is one of the built-in CIFAR ResNets, the one family the hand-written int8 model builds."""
+    return isinstance(model, CifarResNet)
+
+
 class Manual(Backend):
     name = "manual"
     artifact = "packed"
+
+    def refuses(self, model: nn.Module) -> str:
+        if resnet_family(model):
+            return ""
+        return (f"manual (the hand-written int8 model) builds the built-in ResNets only, not "
+                f"{getattr(model, 'model_ref', type(model).__name__)}: use --methods pt2e (or fx)")
 
     def calibrate(self, model, loader, device, observer, reduce_range, engine, weight_observers=("per_channel",)):
         folded = fold_model(model)
@@ -149,7 +167,8 @@ class FX(Backend):
             # the Int8ResNet with FX's qparams computes exactly FX's outputs, so it is what ships
             return pack_int8(build_int8(model, qparams, variant.weight_observer), model.model_name, cal.engine)
 
-        return Built(q, packed, None, time.perf_counter() - t0)
+        # other models have no packed form: their FX int8 model is measured, and pt2e is what ships them
+        return Built(q, packed if resnet_family(model) else None, None, time.perf_counter() - t0)
 
 
 class PT2E(Backend):

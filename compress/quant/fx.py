@@ -69,11 +69,20 @@ def qconfig_mapping(observer: str, weights: str, reduce_range: bool, engine: str
 
 def prepare(model: nn.Module, observer: str, weights: str = "per_channel", reduce_range: bool = True,
             engine: str = "x86") -> fx.GraphModule:
-    """A traced copy of the float ``model`` (eval mode, CPU) with observers inserted; conv+BN(+ReLU) fused."""
+    """A traced copy of the float ``model`` (eval mode, CPU) with observers inserted; conv+BN(+ReLU) fused.
+
+    The example input has the model's ``input_shape`` (what its data delivers, set when it was loaded).
+    A model FX cannot trace is one ``ValueError`` line with the first line of the tracer's error.
+    """
     mapping = qconfig_mapping(observer, weights, reduce_range, engine)
-    example = (torch.rand(1, 3, 32, 32),)
+    example = (torch.rand(1, *model.input_shape),)
     with quiet():
-        return prepare_fx(copy.deepcopy(model).cpu().eval(), mapping, example)
+        try:
+            return prepare_fx(copy.deepcopy(model).cpu().eval(), mapping, example)
+        except Exception as e:  # torch.fx raises TraceError, TypeError, NotImplementedError... on untraceable code
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"fx cannot trace {getattr(model, 'model_ref', type(model).__name__)}: "
+                             f"{type(e).__name__}: {first}; use --methods pt2e") from None
 
 
 def calibrate(prepared: fx.GraphModule, loader: Iterable[tuple[torch.Tensor, torch.Tensor]],

@@ -43,6 +43,7 @@ import torch
 import torch.ao.nn.quantized as nnq
 from torch import nn
 
+from compress import registry
 from compress.models import build_model, prunable
 from compress.quant import quiet
 from compress.quant.fold import fold_model
@@ -185,14 +186,18 @@ def pack_int8(model: Int8ResNet, model_name: str, engine: str, meta: dict[str, A
                      "weights": schemes.pop(), "qparams": int8_qparams(model), "meta": meta or {}})
 
 
-def pack_float(model: nn.Module, model_name: str, meta: dict[str, Any] | None = None) -> bytes:
-    """The packed file of a float model: conv/linear weights sparse, every other float tensor dense."""
+def pack_float(model: nn.Module, model_name: str, meta: dict[str, Any] | None = None, model_args: str = "") -> bytes:
+    """The packed file of a float model: conv/linear weights sparse, every other float tensor dense.
+
+    Any model of the registry (``compress.registry``): the header names its model string and
+    arguments, and loading builds that architecture again (a user's factory must be importable there).
+    """
     w = _Writer()
     sparse = {f"{n}.weight" for n, _ in prunable(model)}
     for key, t in model.state_dict().items():
         if t.is_floating_point():
             w.add(key, t, "float32", sparse=key in sparse)
-    return w.finish({"format": 1, "kind": "float", "model": model_name, "meta": meta or {}})
+    return w.finish({"format": 1, "kind": "float", "model": model_name, "model_args": model_args, "meta": meta or {}})
 
 
 def read_header(blob: bytes) -> tuple[dict[str, Any], int]:
@@ -238,7 +243,11 @@ def load_packed(blob: bytes) -> nn.Module:
     header, tensors = read_tensors(blob)
     name = header.get("model", "")
     try:
-        skeleton = build_model(name)
+        if header.get("kind") == "float":
+            mean, std = (tensors.get(f"normalize.{k}", torch.zeros(0)).flatten().tolist() for k in ("mean", "std"))
+            skeleton = registry.build(name, header.get("model_args", ""), mean, std)
+        else:
+            skeleton = build_model(name)
     except ValueError as e:
         raise PackedError(f"packed file names a model this project does not build: {e}") from None
     if header.get("kind") == "float":

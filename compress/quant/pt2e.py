@@ -23,7 +23,10 @@ converted model runs its q/dq reference ops anywhere, its compiled form on the C
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import time
 from collections.abc import Iterable
 
@@ -48,8 +51,8 @@ PT2E_OBSERVERS = {
 MAX_BATCH = 65_536
 
 
-def _example() -> tuple[torch.Tensor]:
-    return (torch.rand(2, 3, 32, 32),)
+def _example(shape: tuple[int, ...]) -> tuple[torch.Tensor]:
+    return (torch.rand(2, *shape),)
 
 
 def _dynamic_batch() -> tuple[dict[int, torch.export.Dim]]:
@@ -69,13 +72,38 @@ def quantizer(observer: str, reduce_range: bool) -> xiq.X86InductorQuantizer:
     return xiq.X86InductorQuantizer().set_global(config)
 
 
+class ExportError(ValueError):
+    """A model ``torch.export`` cannot trace: one line with the first line of its error."""
+
+
+def export_float(model: nn.Module) -> torch.export.ExportedProgram:
+    """``torch.export`` of the float ``model`` (eval, CPU) on inputs of its ``input_shape``, with a dynamic batch."""
+    # a failing trace logs, and prints on stderr, the partial graph before it raises: the line below says it instead
+    loggers = [logging.getLogger(n) for n in ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return torch.export.export(copy.deepcopy(model).cpu().eval(), _example(tuple(model.input_shape)),
+                                       dynamic_shapes=_dynamic_batch())
+    except Exception as e:  # torch.export raises many types (UserError, Unsupported, TypeError...)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ExportError(f"pt2e needs a model torch.export can trace, and "
+                          f"{getattr(model, 'model_ref', type(model).__name__)} fails: {type(e).__name__}: "
+                          f"{first[:300]}") from None
+    finally:
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
+
+
 def prepare(model: nn.Module, observer: str, reduce_range: bool = True) -> torch.fx.GraphModule:
     """An exported copy of the float ``model`` (eval, CPU, dynamic batch) with observers inserted."""
     with quiet():
-        graph = torch.export.export(copy.deepcopy(model).cpu().eval(), _example(),
-                                    dynamic_shapes=_dynamic_batch()).module()
+        graph = export_float(model).module()
         prepared = prepare_pt2e(graph, quantizer(observer, reduce_range))
         ao_pt2e.allow_exported_model_train_eval(prepared)  # so the shared evaluate() can call .eval()
+    prepared.input_shape = tuple(model.input_shape)
     return prepared
 
 
@@ -94,6 +122,7 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     with quiet():
         int8 = convert_pt2e(copy.deepcopy(prepared).cpu())
         ao_pt2e.allow_exported_model_train_eval(int8)
+    int8.input_shape = prepared.input_shape
     _drop_unused_tensors(int8)
     return int8
 
@@ -116,4 +145,4 @@ def _drop_unused_tensors(gm: torch.fx.GraphModule) -> None:
 def export_program(int8: torch.fx.GraphModule) -> torch.export.ExportedProgram:
     """The converted model as a ``torch.export`` program with a dynamic batch (save with ``torch.export.save``)."""
     with quiet():
-        return torch.export.export(int8, _example(), dynamic_shapes=_dynamic_batch())
+        return torch.export.export(int8, _example(tuple(int8.input_shape)), dynamic_shapes=_dynamic_batch())

@@ -1,0 +1,92 @@
+"""What a job reads before it runs: the spec's data and model, checked against each other.
+
+The launcher calls these before it submits anything (a bad model string, a factory that raises,
+weights that do not fit, a class count the model does not output: one line, exit 2); the job calls
+them again where it runs (a SLURM node imports a user's model module there).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from compress import registry
+from compress.datasets import ImageData, load_data
+from compress.loops import pick_device
+from compress.models import WeightsError
+from compress.prune import check_budget
+from jobs.specs import PruneSpec, PTQSpec, check
+
+
+def load_run_data(spec: Any, download: bool = False) -> ImageData:
+    """The data of a spec (``--data``, ``--data-root``, ``--image-size``, ``--data-mean/std``), its sizes checked."""
+    data = load_data(spec.data, spec.data_root or None, image_size=spec.image_size, mean=spec.data_mean,
+                     std=spec.data_std, download=download)
+    for name, size, split in (("train_size", getattr(spec, "train_size", 0), data.train),
+                              ("test_size", getattr(spec, "test_size", 0), data.test)):
+        if size > len(split):
+            raise ValueError(f"{name}={size} is invalid: the data has {len(split):,} images in that split")
+    return data
+
+
+def load_run_model(spec: Any, data: ImageData, weights: str | None = None) -> torch.nn.Module:
+    """The spec's model with ``weights`` (default: the spec's), its output width checked against the data's classes."""
+    model = registry.load(spec.model, spec.model_args, spec.weights if weights is None else weights, data.mean,
+                          data.std)
+    registry.check_classes(model, data.image_shape, data.num_classes, spec.model)
+    model.input_shape = data.image_shape  # the example input of tracing and export (PTQ, artifacts)
+    return model
+
+
+def check_job(spec: Any, download: bool = False) -> tuple[ImageData, torch.nn.Module]:
+    """Everything a job will load, loaded and checked here first: (data, model).
+
+    The data and the model (output width against the classes), the starting weights a kind needs,
+    a teacher, a prune spec's kept-dense names and sparsity budget against the model's layers, and a
+    PTQ spec's methods against the model (``jobs.ptq.preflight``). Any problem is a ``ValueError``
+    line; the launcher and the searches call it before anything is submitted or written.
+    """
+    pick_device(spec.device)
+    data = load_run_data(spec, download=download)
+    if spec.needs_weights() and not spec.weights:
+        what = "weights to quantize" if isinstance(spec, PTQSpec) else "starting weights"
+        raise WeightsError(f"{spec.kind()} needs {what}: pass --weights FILE or set COMPRESS_WEIGHTS")
+    model = load_run_model(spec, data)
+    if getattr(spec, "teacher", ""):
+        load_run_model(spec, data, spec.teacher)
+    if isinstance(spec, PruneSpec):
+        check_budget(model, spec.final_sparsity, spec.keep_dense, spec.max_layer_sparsity)
+    if isinstance(spec, PTQSpec):
+        preflight(spec, data, model.eval())
+    return data, model
+
+
+def preflight(spec: Any, data: ImageData, model: torch.nn.Module) -> None:
+    """What the spec alone cannot check: the data's size, whether each method takes this model, this
+    machine's quantized engines and device. ``pt2e`` exports and ``fx`` traces the model here once
+    (seconds), so one they cannot trace is one line before anything is submitted."""
+    from compress.quant import quiet  # torchao: loaded by PTQ specs only
+    from compress.quant.backends import BACKENDS
+
+    pick_device(spec.device)
+    train_images = len(data.train)
+    for n in spec.calib_sizes:
+        check(n <= train_images, "calib_sizes", n, f"larger than the training set ({train_images} images)")
+    check(spec.test_size <= len(data.test), "test_size", spec.test_size,
+          f"larger than the test set ({len(data.test)} images)")
+    available = torch.backends.quantized.supported_engines
+    check(spec.engine in available, "engine", spec.engine,
+          f"not available on this machine; available: {', '.join(e for e in available if e != 'none')}")
+    for method in spec.methods:
+        why = BACKENDS[method].refuses(model)
+        check(not why, "methods", ",".join(spec.methods), why)
+    with quiet():  # trace once here: a model a method cannot trace is one line before anything is submitted
+        if "pt2e" in spec.methods:
+            from compress.quant.pt2e import export_float
+
+            export_float(model)
+        if "fx" in spec.methods:
+            from compress.quant import fx
+
+            fx.prepare(model, spec.observers[0], spec.weight_observers[0], spec.reduce_range, spec.engine)
