@@ -10,43 +10,35 @@ from tests.conftest import REPO
 
 
 def test_every_registry_holds_the_catalog_names() -> None:
-    from compress.models import MODELS
     from compress.quant.backends import BACKENDS
     from compress.quant.observe import OBSERVERS
 
-    assert tuple(MODELS) == catalog.MODELS
     assert set(OBSERVERS) == set(catalog.OBSERVERS)
     assert tuple(BACKENDS) == tuple(catalog.BACKENDS)
     assert BACKENDS["pt2e"].weight_schemes == ("per_channel",) and "qnnpack" not in BACKENDS["pt2e"].engines
 
 
-def test_the_catalog_layer_sizes_are_the_built_models() -> None:
-    from compress.models import build_model, prunable
-
-    for name in catalog.MODELS:
-        model = build_model(name)
-        assert catalog.prunable_layers(name) == {n: m.weight.numel() for n, m in prunable(model)}
-        assert catalog.CLASSIFIERS[name] == model.classifier_name
-
-
-def test_the_budget_rule_of_the_spec_is_the_rule_of_the_masks() -> None:
-    """The same targets pass or fail in the torch-free check and in ``global_magnitude_masks``."""
+def test_the_budget_check_of_a_run_is_the_rule_of_the_masks() -> None:
+    """The same targets pass or fail in ``check_budget`` (before a run) and in ``global_magnitude_masks``."""
     from compress.models import build_model
-    from compress.prune import global_magnitude_masks
+    from compress.prune import check_budget, global_magnitude_masks
 
-    layers = catalog.prunable_layers("resnet20a")
     cases = [(0.5, ("layer3.0.conv2", "layer3.1.conv1", "layer3.1.conv2", "layer3.2.conv1", "layer3.2.conv2"), 1.0),
              (0.3, ("layer3.0.conv2", "layer3.1.conv1", "layer3.1.conv2", "layer3.2.conv1", "layer3.2.conv2"), 1.0),
              (0.9, (), 0.9), (0.9, (), 0.91), (0.93, ("conv1", "linear"), 0.95)]
     outcomes = []
     for sparsity, exclude, cap in cases:
-        error = catalog.sparsity_budget_error(layers, sparsity, exclude, cap)
+        try:
+            check_budget(build_model("resnet20a"), sparsity, exclude, cap)
+            error = ""
+        except ValueError as e:
+            error = str(e)
         try:
             global_magnitude_masks(build_model("resnet20a"), sparsity, exclude, cap)
             built = ""
         except ValueError as e:
             built = str(e)
-        assert error == built
+        assert error.removeprefix(f"final_sparsity={sparsity!r} is invalid: ") == built
         outcomes.append(bool(error))
     assert outcomes == [True, False, True, False, False]
 
@@ -56,6 +48,7 @@ def test_the_cli_and_the_specs_load_without_torch() -> None:
     code = ("import sys, jobs.launch, jobs.specs, sweeps.search; "
             "jobs.specs.PTQSpec(methods=('pt2e',)); jobs.specs.PruneSpec(final_sparsity=0.9); "
             "jobs.specs.PruneSpec(final_sparsity=0.9, keep_dense=('conv1', 'linear'), max_layer_sparsity=0.95); "
+            "jobs.specs.TrainSpec(model='timm:resnet18', model_args='num_classes=10', data='mynets:data'); "
             "print(sorted(m for m in ('torch', 'torchao', 'torchvision', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -134,3 +134,22 @@ def test_ptq_rows_keep_int8_and_float_predictions(synthetic_cifar: Path, synthet
     assert len({r["float_predictions"] for r in rows}) == 1  # one float model per task
     summary = run_ptq(dataclasses.replace(spec))  # already written: read back, bytes left out of the summary
     assert all("predictions" not in r and "float_predictions" not in r for r in summary["rows"])
+
+
+def test_more_than_256_classes_keep_two_bytes_a_prediction_and_the_report_reads_them() -> None:
+    """A uint8 would wrap class 300 to 44; int16 keeps it, and the report scores it against the labels."""
+    from analysis.report import Significance
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 300))
+    x = torch.rand(40, 3, 2, 2)
+    labels = model(x).argmax(1)
+    labels[:10] = (labels[:10] + 1) % 300  # 10 of 40 wrong: top-1 75%
+    ev = evaluate(model, [(x, labels)], torch.device("cpu"), keep_predictions=True)
+    assert ev.predictions.dtype == torch.int16 and ev.top1 == 75.0
+    assert int(ev.predictions.max()) > 255
+    row = {"predictions": ev.predictions.numpy().tobytes(), "top1": ev.top1, "data_classes": 300, "run_id": "r"}
+    right = Significance(labels.numpy()).correct(row)
+    assert right is not None and int(right.sum()) == 30
+    narrow = Significance(labels.numpy())
+    assert narrow.correct({**row, "data_classes": 10}) is None and narrow.mismatched  # read as bytes: no match

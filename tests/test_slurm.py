@@ -210,6 +210,51 @@ def test_ptq_sweep_goes_out_as_one_array(cluster, synthetic_cifar, synthetic_wei
     assert set(table["job_id"]) == {r.job_id for r in reports}  # each task wrote its own rows
 
 
+USER_MODEL = """
+from torch import nn
+
+
+def small_cnn(num_classes=10, width=8):
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+"""
+
+
+def test_a_users_model_on_an_image_folder_goes_out_as_arrays(cluster, synthetic_cifar, work, monkeypatch):
+    """``--model mynets:small_cnn`` (a module outside the repository, on PYTHONPATH) on an ``imagefolder:``:
+    a 2-seed train array and a 2-task pt2e PTQ array; the nodes import the module (the node check looks
+    for its source file first), and every row names the file's sha256."""
+    import hashlib
+
+    from compress.datasets import write_imagefolder
+
+    code = work / "usercode"
+    code.mkdir()
+    (code / "mynets.py").write_text(USER_MODEL)
+    monkeypatch.syspath_prepend(str(code))
+    monkeypatch.setenv("PYTHONPATH", str(code))  # what the jobs inherit (sbatch --export=ALL)
+    images = work / "images"
+    write_imagefolder(images, synthetic_cifar, 200, 50)
+    results, folder = work / "user-results", work / "user-jobs"
+    common = ["--model", "mynets:small_cnn", "--data", f"imagefolder:{images}", "--partition", "debug",
+              "--array-parallelism", "2", "--wait", "--folder", str(folder), "--results", str(results)]
+    res = launch("train", *common, "--seeds", "0,1", "--run-id", "mine", "--epochs", "1", "--batch-size", "50",
+                 "--no-randaugment")
+    assert res.exit_code == 0, res.output + res.stderr
+    phases = read_table(results, "phases").to_pandas()
+    assert sorted(phases["run_id"].unique()) == ["mine-s0", "mine-s1"] and len(phases) == 4
+    sha = hashlib.sha256((code / "mynets.py").read_bytes()).hexdigest()
+    assert set(phases["model_source_sha256"]) == {sha} and set(phases["data_kind"]) == {"imagefolder"}
+    assert set(phases["job_id"].str.split("_").str[0]) == {phases["job_id"].iloc[0].split("_")[0]}  # one array
+    res = launch("ptq", *common, "--run", "mine-s0", "--run-id", "mine-q", "--methods", "pt2e",
+                 "--observers", "minmax,histogram", "--calib-sizes", "100", "--eval-batch-size", "50")
+    assert res.exit_code == 0, res.output + res.stderr
+    ptq = read_table(results, "ptq").to_pandas()
+    assert sorted(ptq["observer"]) == ["histogram", "minmax"] and (ptq["program_bytes"] > 0).all()
+    assert set(ptq["spec_model"]) == {"mynets:small_cnn"} and set(ptq["model_source_sha256"]) == {sha}
+    assert len(set(ptq["job_id"])) == 2 and ptq["test_images"].iloc[0] == 50
+
+
 def test_large_ptq_sweep_splits_into_arrays_of_chunked_tasks(cluster, synthetic_cifar, synthetic_weights, work,
                                                              monkeypatch):
     """More tasks than MaxArraySize: several arrays, each job runs a chunk of tasks; every row once."""

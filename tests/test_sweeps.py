@@ -191,3 +191,38 @@ def test_tune_ptq_reads_an_alpha_range_as_ptq_does(tmp_path: Path) -> None:
     bad = CliRunner().invoke(cli, ["tune", "ptq", "--weights", str(weights), "--alphas", "0.99:0.97:0.01",
                                    "--space", "centers=choice:min,zero", "--dry-run"])
     assert bad.exit_code == 2 and "range '0.99:0.97:0.01' is invalid" in bad.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_search_takes_a_users_model_and_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tune prune --model mynets:tiny --data digits:load``: the trials (Ray workers) import the user's module
+    and the data factory from PYTHONPATH, and their rows name both."""
+    import torch
+
+    from compress import registry
+    from tests.conftest import REPO
+
+    code = tmp_path / "usercode"
+    code.mkdir()
+    (code / "mynets.py").write_text(
+        "from torch import nn\n\n\ndef tiny(num_classes=10):\n"
+        "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))\n")
+    path = f"{code}:{REPO / 'examples'}"
+    monkeypatch.setenv("PYTHONPATH", path)
+    for p in path.split(":"):
+        monkeypatch.syspath_prepend(p)
+    weights = tmp_path / "w.pt"
+    torch.save(registry.build("mynets:tiny", "", (0.3,), (0.4,)).net.state_dict(), weights)
+    results = tmp_path / "r"
+    res = CliRunner().invoke(cli, ["tune", "prune", "--model", "mynets:tiny", "--data", "digits:load", "--weights",
+                                   str(weights), "--results", str(results), "--space", "lr=grid:0.01,0.03",
+                                   "--searcher", "grid", "--scheduler", "fifo", "--num-samples", "1",
+                                   "--phases", "1", "--epochs", "1", "--final-sparsity", "0.5", "--no-randaugment",
+                                   "--search-id", "mine"])
+    assert res.exit_code == 0, res.output
+    rows = ds.dataset(results / "phases").to_table().to_pandas()
+    assert set(rows["search_id"]) == {"mine"} and rows["trial_id"].nunique() == 2
+    assert set(rows["spec_model"]) == {"mynets:tiny"} and set(rows["data_shape"]) == {"1x8x8"}
+    assert sorted(rows["spec_lr"].unique()) == [0.01, 0.03]
