@@ -184,8 +184,9 @@ def evaluate(
     """Top-1 and mean cross-entropy over ``loader``, in eval mode.
 
     Also the calibration pass of PTQ: run it over a training subset with observers attached.
-    ``keep_predictions`` returns the predicted class of every image too (10,000 bytes for the test
-    set), so two models, or a model and its exported file, can be compared image by image.
+    ``keep_predictions`` returns the predicted class of every image too (uint8: 10,000 bytes for the
+    CIFAR-10 test set; int16 for a model of more than 256 classes), so two models, or a model and its
+    exported file, can be compared image by image.
     """
     model.eval()
     t0 = time.perf_counter()
@@ -202,8 +203,8 @@ def evaluate(
         pred = logits.argmax(1)
         correct += (pred == y).sum()
         n += len(y)
-        if keep_predictions:
-            kept.append(pred.to(torch.uint8))
+        if keep_predictions:  # one byte a class index up to 256 classes, else two (int16, little-endian)
+            kept.append(pred.to(torch.uint8 if logits.shape[1] <= 256 else torch.int16))
     n = max(n, 1)
     preds = torch.cat(kept).cpu() if kept else None
     return EvalStats(100.0 * correct.item() / n, total_loss.item() / n, n, time.perf_counter() - t0, preds)
