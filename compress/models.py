@@ -325,9 +325,10 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], key_prefix: str
     if missing or unexpected or shape:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
+            parts.append(f"missing keys {missing[:3]}{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+            parts.append(f"unexpected keys {unexpected[:3]}"
+                         f"{f' and {len(unexpected) - 3} more' if len(unexpected) > 3 else ''}")
         if shape:
             parts.append(f"shape mismatch {shape[:3]}")
         what = getattr(model, "model_ref", "") or type(model).__name__

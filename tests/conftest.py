@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +108,20 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Clear the project's environment variables: defaults must come from the test, not the shell."""
     for name in PROJECT_ENV:
         monkeypatch.delenv(name, raising=False)
+
+
+# modules the tests write as a user would (a model module outside the repository) or take from examples/:
+# each test imports its own version, never one another test left in sys.modules
+USER_MODULES = ("mynets", "digits")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_user_modules() -> Iterator[None]:
+    for name in USER_MODULES:
+        sys.modules.pop(name, None)
+    yield
+    for name in USER_MODULES:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture

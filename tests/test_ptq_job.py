@@ -50,7 +50,6 @@ BAD_SPEC = {
     "alpha zero": ({"alphas": (0.0,)}, "alphas=0.0 is invalid: each alpha must be in (0, 1.5]"),
     "alpha too big": ({"alphas": (1.0, 1.6)}, "alphas=1.6 is invalid"),
     "calib size 0": ({"calib_sizes": (0,)}, "calib_sizes=0 is invalid"),
-    "calib size > train set": ({"calib_sizes": (50_001,)}, "calib_sizes=50001 is invalid"),
     "unknown observer": ({"observers": ("percentile",)}, "observers='percentile' is unknown; known:"),
     "unknown engine": ({"engine": "onednn"}, "engine='onednn' is unknown; known: fbgemm, qnnpack, x86"),
     "unknown center": ({"centers": ("max",)}, "centers='max' is unknown; known: min, zero"),
