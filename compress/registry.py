@@ -202,7 +202,7 @@ def load(text: str, args: str = "", weights: str | Path | None = None, mean: Seq
 
     ref = parse_model(text)
     if ref.builtin:
-        model = models.load_model(ref.name, weights, **parse_args(args))
+        model = models.load_model(ref.name, weights or None, **parse_args(args))
         model.model_ref, model.model_args = text, args
         return model
     model = build(text, args, mean, std)

@@ -402,14 +402,14 @@ def test_teacher_is_loaded_from_its_own_file(synthetic_cifar: Path, synthetic_we
     teacher = tmp_path / "teacher.th"
     teacher.write_bytes(synthetic_weights.read_bytes())
     loaded: list[str] = []
-    real = jobs.training.load_model
-    monkeypatch.setattr(jobs.training, "load_model",
-                        lambda name, path=None: loaded.append(str(path)) or real(name, path))
+    real = jobs.training.registry.load
+    monkeypatch.setattr(jobs.training.registry, "load", lambda text, args="", path=None, *stats:
+                        loaded.append(str(path)) or real(text, args, path, *stats))
     results = tmp_path / "results"
     out = _invoke([*_prune_args(synthetic_cifar, synthetic_weights, results, "kd"), "--phases", "1",
                    "--kd-weight", "0.5", "--teacher", str(teacher)])
     assert out.exit_code == 0, out.output
-    assert loaded == [str(synthetic_weights), str(teacher)]
+    assert loaded[-2:] == [str(synthetic_weights), str(teacher)]  # the job: its model, then the teacher
     assert _table(results, "phases")["spec_teacher"].eq(str(teacher)).all()
 
 
@@ -427,7 +427,9 @@ BAD_INPUT = {
     "sparsity -0.1": (["--final-sparsity", "-0.1"], "final_sparsity=-0.1 is invalid"),
     "zero phases": (["--phases", "0"], "phases=0 is invalid"),
     "final epochs -2": (["--final-epochs", "-2"], "final_epochs=-2 is invalid"),
-    "unknown model": (["--model", "resnet18"], "model='resnet18' is unknown; known: resnet20a, resnet20b"),
+    "unknown model": (["--model", "resnet18"], "model='resnet18' is unknown; use a built-in (resnet20a, resnet20b), "
+                                               "timm:NAME"),
+    "unknown timm model": (["--model", "timm:resnet81"], "timm has no architecture 'resnet81'; closest: resnet18"),
     "unknown optimizer": (["--optimizer", "lamb"], "optimizer='lamb' is unknown; known: adamw, sgd"),
     "missing data root": (["--data-root", "/nonexistent/cifar"], "CIFAR-10 not found under /nonexistent/cifar"),
     "corrupt weights": (["--weights", "CORRUPT"], "cannot read weights file"),
@@ -452,7 +454,7 @@ BAD_INPUT = {
     "results root is a file": (["--results", "FILE"], "is a file, not a folder"),
     "resume with --run-id": (["--resume", "old"], "--seeds, --run-id and --run do not go with it"),
     "CUDA device that is not there": (["--device", "cuda:99"], "device 'cuda:99' asked for but torch sees"),
-    "train size past the set": (["--train-size", "60000"], "train_size=60000 is invalid: must be in [0, 50000]"),
+    "train size past the set": (["--train-size", "60000"], "train_size=60000 is invalid: the data has 250 images"),
 }
 
 
