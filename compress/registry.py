@@ -220,9 +220,18 @@ def load(text: str, args: str = "", weights: str | Path | None = None, mean: Seq
 
 
 def describe(model, text: str, args: str = "") -> dict[str, Any]:
-    """What a row records of its model: the string, its arguments, the parameter count, the factory's sha256."""
-    return {"model_params": sum(p.numel() for p in model.parameters()),
-            "model_source_sha256": source_sha256(parse_model(text))}
+    """What a row records of its model: the parameter count, the factory's sha256, and the input normalisation
+    it applies (``data_mean``/``data_std``: the data's for a wrapped model, a built-in's own for a built-in).
+
+    The model string and its arguments are the row's ``spec_model`` and ``spec_model_args``.
+    """
+    out: dict[str, Any] = {"model_params": sum(p.numel() for p in model.parameters()),
+                           "model_source_sha256": source_sha256(parse_model(text))}
+    norm = getattr(model, "normalize", None)
+    if norm is not None:
+        for key in ("mean", "std"):
+            out[f"data_{key}"] = ",".join(f"{float(v):.6g}" for v in getattr(norm, key).flatten())
+    return out
 
 
 def output_width(model, image_shape: Sequence[int]) -> int:

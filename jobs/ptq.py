@@ -131,7 +131,7 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
     model.cpu()
     test_cpu = make_loader(test, spec.eval_batch_size, cpu)
     base = {**row_base(spec, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-            **registry.describe(model, spec.model, spec.model_args), **data.describe(),
+            **data.describe(), **registry.describe(model, spec.model, spec.model_args),
             "task": spec.task_name(), "observer": observer, "engine": spec.engine,
             "activation_bits": 7 if reduce else 8, "calib_size": n_calib, "float_top1": float_ev.top1,
             "test_images": float_ev.images, "float_bytes": float_bytes(model), "sparsity": global_sparsity(model),

@@ -8,8 +8,9 @@ from compress.results import make_schema
 from jobs.specs import PruneSpec, PTQSpec, TrainSpec
 
 SEARCH_COLUMNS = {"search_id": pa.string(), "trial_id": pa.string()}
-# what built the row's model and what data it saw (``compress.registry.describe``, ``ImageData.describe``):
-# the spec names them, these are what they turned out to be (null in files written before they existed)
+# what built the row's model and what data it saw (``ImageData.describe``, ``compress.registry.describe``):
+# the spec names them, these are what they turned out to be (null in files written before they existed);
+# data_mean and data_std are the normalisation inside the model (a built-in's own, else the data's)
 MODEL_COLUMNS = {"model_params": pa.int64(), "model_source_sha256": pa.string(), "data_kind": pa.string(),
                  "data_source": pa.string(), "data_classes": pa.int64(), "data_shape": pa.string(),
                  "data_mean": pa.string(), "data_std": pa.string(), "data_streamed": pa.bool_()}

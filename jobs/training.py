@@ -217,7 +217,7 @@ class _Schedule:
         model = load_run_model(spec, data)
         if isinstance(spec, PruneSpec):
             check_budget(model, spec.final_sparsity, spec.keep_dense, spec.max_layer_sparsity)
-        run.base.update(**registry.describe(model, spec.model, spec.model_args), **data.describe())
+        run.base.update({**data.describe(), **registry.describe(model, spec.model, spec.model_args)})
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.train_loader, self.test_loader = _loaders(spec, data, self.device)
         self.plan = spec.plan()

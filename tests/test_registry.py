@@ -102,7 +102,9 @@ def test_a_users_factory_builds_and_its_source_is_recorded(mynets: Path) -> None
     info = registry.describe(m, "mynets:small_cnn")
     assert info["model_source_sha256"] == hashlib.sha256(mynets.read_bytes()).hexdigest()
     assert info["model_params"] == sum(p.numel() for p in m.parameters())
-    assert registry.describe(build_model("resnet20a"), "resnet20a")["model_source_sha256"] == ""
+    assert info["data_mean"] == "0.5,0.5,0.5" and info["data_std"] == "0.25,0.25,0.25"
+    builtin = registry.describe(build_model("resnet20a"), "resnet20a")
+    assert builtin["model_source_sha256"] == "" and builtin["data_mean"] == "0.485,0.456,0.406"  # its own
 
 
 @pytest.mark.parametrize(("text", "message"), [
