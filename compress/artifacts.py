@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.quant import quiet
 from compress.quant.packed import PackedError, load_packed
 from compress.results import atomic_write_bytes
 
@@ -55,7 +56,8 @@ def versions() -> dict[str, str]:
     """The versions a file was made with (a ``.pt2`` needs the same torch/torchao to load)."""
     out = {"python": platform.python_version(), "torch": torch.__version__}
     try:
-        import torchao
+        with quiet():  # torchao's import logs a notice meant for its developers
+            import torchao
 
         out["torchao"] = torchao.__version__
     except ImportError:  # a float packed file needs no torchao
