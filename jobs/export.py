@@ -192,9 +192,6 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
         if row.get("int8_packed_bytes") is not None and len(blob) != row["int8_packed_bytes"] and not drift:
             raise ExportError(f"packed file of {len(blob):,} bytes, the row says {row['int8_packed_bytes']:,}")
         written.append((path, blob, _manifest("int8-packed", load=LOAD_PACKED, **common)))
-    if b.packed is None and b.program is None:
-        raise ExportError(f"{describe(row)} has no file to export: the {row['method']} int8 model of "
-                          f"{task.model} has no packed form; export a pt2e row (--select method=pt2e)")
     if b.program is not None:
         path = folder / f"{slug}.int8.pt2"
         written.append((path, program_bytes(b.program()),
@@ -260,7 +257,13 @@ def plan_export(spec: ExportSpec) -> tuple[str, list[dict[str, Any]], Choice | N
         check(selector.text.strip() == "best", "select", spec.select,
               "a prune or train run has one model (its final one): omit --select")
         return kind, rows, None
-    return kind, rows, select_row(rows, selector, spec.run)
+    # a row has a file to ship when it measured one: a packed file (built-in ResNets) or a .pt2 program
+    shippable = [r for r in rows if r.get("int8_packed_bytes") is not None or r.get("program_bytes") is not None]
+    if not shippable:
+        methods = ",".join(sorted({str(r.get("method")) for r in rows}))
+        raise ValueError(f"run {spec.run} has no row with a file to export: its {methods} int8 models of "
+                         f"{rows[0].get('spec_model')} have no packed form; quantize with --methods pt2e")
+    return kind, rows, select_row(shippable, selector, spec.run)
 
 
 def run_export(spec: ExportSpec) -> dict[str, Any]:

@@ -116,15 +116,18 @@ def test_a_users_model_on_grayscale_digits_trains_prunes_quantizes_and_ships(tmp
     base_top1 = phases[(phases.run_id == "base") & (phases.phase == 1)].top1.iloc[0]
     assert base_top1 > 50  # 10 epochs on 1,437 digits: far above chance (10%)
 
-    out = launch(user_code, "ptq", "--run", "pruned", "--methods", "pt2e", "--observers", "minmax,histogram",
+    out = launch(user_code, "ptq", "--run", "pruned", "--methods", "pt2e,fx", "--observers", "minmax,histogram",
                  "--calib-sizes", "256", "--results", results, "--run-id", "q")
     assert out.returncode == 0, out.stderr[-3000:]
     ptq = pq.read_table(Path(results) / "ptq").to_pandas()
-    assert len(ptq) == 2 and set(ptq.data_shape) == {"1x8x8"} and (ptq.program_bytes > 0).all()
+    assert len(ptq) == 4 and set(ptq.data_shape) == {"1x8x8"}
+    pt2e, fx = ptq[ptq.method == "pt2e"], ptq[ptq.method == "fx"]
+    assert (pt2e.program_bytes > 0).all() and fx.program_bytes.isna().all() and fx.int8_packed_bytes.isna().all()
     assert (ptq.int8_top1 > ptq.float_top1 - 10).all()
 
-    out = launch(user_code, "export", "q", "--results", results)
+    out = launch(user_code, "export", "q", "--results", results)  # the best row with a file: a pt2e one
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "[pt2e " in out.stdout
     (program,) = (Path(results) / "runs" / "q" / "export").glob("*.int8.pt2")
     manifest = json.loads(Path(f"{program}.json").read_text())
     assert manifest["input"]["shape"] == [1, 8, 8] and len(manifest["input"]["normalisation"]["mean"]) == 1
