@@ -65,6 +65,16 @@ def parse_data(text: str) -> tuple[str, str]:
     raise ValueError(f"data {text!r} is not a data spec: use {FORMS}")
 
 
+def _parse(text: str) -> tuple[str, str]:
+    """``parse_data`` for the loaders: a bad spec is a ``DataError`` (the data's one-line error type)."""
+    from compress.data import DataError
+
+    try:
+        return parse_data(text)
+    except ValueError as e:
+        raise DataError(str(e)) from e
+
+
 def _default_workers(workers: int | None) -> int:
     return min(4, os.cpu_count() or 1) if workers is None else max(0, workers)
 
@@ -495,10 +505,7 @@ def load_data(text: str = "cifar10", root: str | os.PathLike | None = None, *, i
     """
     from compress.data import DataError, load_cifar10, subset_indices
 
-    try:
-        kind, arg = parse_data(text)
-    except ValueError as e:
-        raise DataError(str(e)) from e
+    kind, arg = _parse(text)
     if image_size < 0:
         raise DataError(f"image_size {image_size} must be >= 0 (0: {DEFAULT_IMAGE_SIZE})")
     if len(mean) != len(std) or any(s <= 0 for s in std):
@@ -667,10 +674,7 @@ def data_probe_for(text: str, root: str | os.PathLike | None) -> Path:
     """
     from compress.data import DataError, data_probe
 
-    try:
-        kind, arg = parse_data(text)
-    except ValueError as e:
-        raise DataError(str(e)) from e
+    kind, arg = _parse(text)
     if kind == "cifar10":
         return data_probe(root)
     if kind == "imagefolder":
@@ -695,12 +699,9 @@ def load_test_labels_for(text: str, root: str | os.PathLike | None, image_size: 
     cifar10 reads only the labels (``compress.data.load_test_labels``); an image folder reads only its
     file list; a factory is called and its test split's labels read.
     """
-    from compress.data import DataError, load_test_labels
+    from compress.data import load_test_labels
 
-    try:
-        kind, arg = parse_data(text)
-    except ValueError as e:
-        raise DataError(str(e)) from e
+    kind, arg = _parse(text)
     if kind == "cifar10":
         return load_test_labels(root)
     if kind == "imagefolder":
