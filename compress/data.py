@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compress.epochs import EpochLoader
+
 log = logging.getLogger(__name__)
 
 ENV_DATA = "COMPRESS_DATA"
@@ -230,23 +232,7 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def epoch_key(key: tuple[int, ...]) -> tuple[int, ...]:
-    """An epoch key checked: one or more non-negative integers, e.g. (phase, epoch)."""
-    if not key or any(int(k) < 0 for k in key):
-        raise ValueError(f"epoch key {key!r} must be one or more non-negative integers")
-    return tuple(int(k) for k in key)
-
-
-def epoch_seed(seed: int, key: tuple[int, ...]) -> int:
-    """The generator seed of one epoch: numpy's SeedSequence hash of (seed, *key), 63 bits.
-
-    Shared by ``BatchLoader`` and ``compress.datasets.StreamLoader``, so one (seed, key) means one order.
-    """
-    entropy = [seed + 2**31 if seed < 0 else seed, *key]  # SeedSequence takes >= 0
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
-
-
-class BatchLoader:
+class BatchLoader(EpochLoader):
     """Batches of (float images in [0, 1], labels) on ``device`` from in-memory (N, C, H, W) images.
 
     Images are uint8 (0..255, divided by 255 per batch) or float already in [0, 1] (used as they are).
@@ -283,23 +269,14 @@ class BatchLoader:
         self.randaugment = randaugment
         self.seed = seed
         self.channels_last = channels_last
-        self.epoch: tuple[int, ...] = (0,)
         self._ra = None
         if randaugment:
             from torchvision.transforms import v2
 
             self._ra = v2.RandAugment()
 
-    def __len__(self) -> int:
-        return (len(self.x) + self.batch_size - 1) // self.batch_size
-
-    def set_epoch(self, *key: int) -> None:
-        """Which epoch comes next: one or more non-negative integers, e.g. ``set_epoch(phase, epoch)``."""
-        self.epoch = epoch_key(key)
-
-    def epoch_seed(self) -> int:
-        """The generator seed of the current epoch: a hash of (seed, *key), 63 bits."""
-        return epoch_seed(self.seed, self.epoch)
+    def num_images(self) -> int:
+        return len(self.x)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         g = torch.Generator().manual_seed(self.epoch_seed())

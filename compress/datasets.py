@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compress.epochs import EpochLoader
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -584,7 +586,7 @@ def load_data(text: str = "cifar10", root: str | os.PathLike | None = None, *, i
 
 # --- loaders ----------------------------------------------------------------------------------
 
-class StreamLoader:
+class StreamLoader(EpochLoader):
     """``BatchLoader``'s interface over a dataset decoded each epoch in worker processes.
 
     Order and augmentation are a pure function of (seed, epoch key): the order is a permutation
@@ -611,22 +613,9 @@ class StreamLoader:
         self.workers = _default_workers(workers)
         self.channels_last = channels_last
         self.name = name
-        self.epoch: tuple[int, ...] = (0,)
 
-    def __len__(self) -> int:
-        return (len(self.dataset) + self.batch_size - 1) // self.batch_size
-
-    def set_epoch(self, *key: int) -> None:
-        """Which epoch comes next: one or more non-negative integers, e.g. ``set_epoch(phase, epoch)``."""
-        from compress.data import epoch_key
-
-        self.epoch = epoch_key(key)
-
-    def epoch_seed(self) -> int:
-        """The seed of the current epoch: the hash of (seed, *key) ``BatchLoader`` uses."""
-        from compress.data import epoch_seed
-
-        return epoch_seed(self.seed, self.epoch)
+    def num_images(self) -> int:
+        return len(self.dataset)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import torch

@@ -227,11 +227,17 @@ def describe(model, text: str, args: str = "") -> dict[str, Any]:
     """
     out: dict[str, Any] = {"model_params": sum(p.numel() for p in model.parameters()),
                            "model_source_sha256": source_sha256(parse_model(text))}
-    norm = getattr(model, "normalize", None)
-    if norm is not None:
-        for key in ("mean", "std"):
-            out[f"data_{key}"] = ",".join(f"{float(v):.6g}" for v in getattr(norm, key).flatten())
+    for key, values in normalisation(model).items():
+        out[f"data_{key}"] = ",".join(f"{v:.6g}" for v in values)
     return out
+
+
+def normalisation(model) -> dict[str, list[float]]:
+    """The per-channel ``mean`` and ``std`` of the normalisation inside ``model`` ({} when it has none)."""
+    norm = getattr(model, "normalize", None)
+    if norm is None:
+        return {}
+    return {key: [float(v) for v in getattr(norm, key).flatten()] for key in ("mean", "std")}
 
 
 def output_width(model, image_shape: Sequence[int]) -> int:

@@ -37,12 +37,12 @@ import torch
 
 from compress import registry
 from compress.artifacts import COMPILE_PT2, LOAD_PACKED, LOAD_PT2, load_artifact, manifest_path, write_artifact
-from compress.datasets import load_data, make_loader
+from compress.datasets import make_loader
 from compress.loops import evaluate, pick_device
 from compress.quant import quiet
 from compress.quant.packed import pack_float
 from compress.results import provenance, read_table
-from jobs.inputs import load_run_data, load_run_model
+from jobs.inputs import load_run_data, load_stored_data
 from jobs.ptq import _quantize_all, program_bytes
 from jobs.selection import Choice, describe, parse_selector, select_row
 from jobs.specs import ExportSpec, PTQSpec, check
@@ -114,10 +114,10 @@ def _check_same(name: str, want: torch.Tensor, got: torch.Tensor) -> None:
 
 
 def _manifest(kind: str, spec: dict[str, Any], source: dict[str, Any], top1: float, images: int,
-              preds: torch.Tensor, load: str, batch_size: int, model: torch.nn.Module, **extra: Any) -> dict[str, Any]:
+              preds: torch.Tensor, load: str, input_: dict[str, Any], **extra: Any) -> dict[str, Any]:
     prov = provenance()
     return {"kind": kind, "expected_top1": top1, "test_images": images, "predictions_sha256": _preds_sha(preds),
-            "load": load, "input": _input(model, batch_size), "model": _model_entry(spec), "source": source,
+            "load": load, "input": input_, "model": _model_entry(spec), "source": source,
             "spec": spec, **extra, "git_commit": prov["git_commit"],
             "written_at": _dt.datetime.now(_dt.UTC).isoformat()}
 
@@ -126,22 +126,18 @@ def _model_entry(spec: dict[str, Any]) -> dict[str, Any]:
     return {"model": spec.get("model", ""), "model_args": spec.get("model_args", ""), "data": spec.get("data", "")}
 
 
-def _input(model: torch.nn.Module, batch_size: int) -> dict[str, Any]:
+def _input(shape: tuple[int, ...], described: dict[str, Any], batch_size: int) -> dict[str, Any]:
     """How the expected top-1 was measured: the first N test images of the run's data, in this layout and these
     batches. A .pt2 computes its convolutions in float on dequantized values, so another layout or batch size can
-    round a few activations the other way and change a handful of predictions."""
-    shape = list(getattr(model, "input_shape", ()))
-    norm = _normalisation(model)
+    round a few activations the other way and change a handful of predictions.
+
+    ``described``: a row, or ``registry.describe`` of the model: its ``data_mean``/``data_std`` are the
+    normalisation inside the model (absent in rows written before they were recorded).
+    """
+    norm = {key: [float(v) for v in str(described[f"data_{key}"]).split(",")] for key in ("mean", "std")
+            if described.get(f"data_{key}")}
     return {"images": f"float32 in [0, 1], (N, {', '.join(map(str, shape))}), normalisation inside the model",
-            "shape": shape, "normalisation": norm, "memory_format": "channels_last", "batch_size": batch_size}
-
-
-def _normalisation(model: torch.nn.Module) -> dict[str, list[float]]:
-    state = model.state_dict()
-    mean, std = state.get("normalize.mean"), state.get("normalize.std")
-    if mean is None or std is None:
-        return {}
-    return {"mean": [round(float(v), 6) for v in mean.flatten()], "std": [round(float(v), 6) for v in std.flatten()]}
+            "shape": list(shape), "normalisation": norm, "memory_format": "channels_last", "batch_size": batch_size}
 
 
 def _preds_sha(preds: torch.Tensor) -> str:
@@ -164,7 +160,6 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
         _quantize_all(task, keep=lambda r, b: built.append((r, b)))
     (_, b), = built
     data = load_run_data(task)
-    float_model = load_run_model(task, data)
     n_test = task.test_size or len(data.test)
     cpu = torch.device("cpu")
     test = make_loader(data.test.subset(torch.arange(n_test)), task.eval_batch_size, cpu)
@@ -184,7 +179,7 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
     source = {"run_id": spec.run, "row": {k: row.get(k) for k in keep}, "selector": spec.select,
               "reason": choice.reason, "rows_considered": len(rows), "reproduced": not drift, "drift": drift}
     common = dict(spec=dataclasses.asdict(task), source=source, top1=ev.top1, images=ev.images, preds=ev.predictions,
-                  batch_size=task.eval_batch_size, model=float_model)
+                  input_=_input(data.image_shape, row, task.eval_batch_size))
     written = []
     if b.packed is not None:
         path = folder / f"{slug}.int8.packed"
@@ -205,11 +200,8 @@ def _export_model(spec: ExportSpec) -> dict[str, Any]:
     run_spec = ckpt.get("spec", {})
     name = ckpt.get("arch") or run_spec.get("model", "resnet20a")
     args = ckpt.get("model_args", run_spec.get("model_args", ""))
-    data = load_data(run_spec.get("data", "cifar10"), spec.data_root or run_spec.get("data_root") or None,
-                     image_size=int(run_spec.get("image_size") or 0), mean=tuple(run_spec.get("data_mean") or ()),
-                     std=tuple(run_spec.get("data_std") or ()))
+    data = load_stored_data(run_spec, spec.data_root)
     model = registry.load(name, args, final, data.mean, data.std).eval()
-    model.input_shape = data.image_shape
     n_test = run_spec.get("test_size") or len(data.test)
     device = pick_device(spec.device)
     cpu = torch.device("cpu")
@@ -220,8 +212,9 @@ def _export_model(spec: ExportSpec) -> dict[str, Any]:
     recorded = json.loads(summary_path.read_text()).get("top1") if summary_path.is_file() else None
     source = {"run_id": spec.run, "checkpoint": str(final), "recorded_top1": recorded, "device": str(device)}
     blob = pack_float(model, name, model_args=args)
-    manifest = _manifest("float-packed", run_spec, source, ev.top1, ev.images, ev.predictions, LOAD_PACKED, batch,
-                         model, checkpoint_bytes=final.stat().st_size)
+    manifest = _manifest("float-packed", run_spec, source, ev.top1, ev.images, ev.predictions, LOAD_PACKED,
+                         _input(data.image_shape, registry.describe(model, name), batch),
+                         checkpoint_bytes=final.stat().st_size)
     return _write_and_check([(final.parent / "export" / "model.float.packed", blob, manifest)], test, ev.predictions)
 
 
@@ -282,9 +275,7 @@ def verify_artifact(path: str, data_root: str = "") -> dict[str, Any]:
     manifest = read_manifest(path)
     model = load_artifact(path)  # the sha256 check comes first
     spec = manifest.get("spec") or {}
-    data = load_data(spec.get("data", "cifar10"), data_root or spec.get("data_root") or None,
-                     image_size=int(spec.get("image_size") or 0), mean=tuple(spec.get("data_mean") or ()),
-                     std=tuple(spec.get("data_std") or ()))
+    data = load_stored_data(spec, data_root)
     n = int(manifest.get("test_images") or len(data.test))
     batch_size = int(manifest.get("input", {}).get("batch_size") or 500)  # as the export measured it
     cpu = torch.device("cpu")

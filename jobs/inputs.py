@@ -7,6 +7,8 @@ them again where it runs (a SLURM node imports a user's model module there).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,10 +21,17 @@ from compress.prune import check_budget
 from jobs.specs import PruneSpec, PTQSpec, check
 
 
+def load_stored_data(fields: Mapping[str, Any], data_root: str = "", download: bool = False) -> ImageData:
+    """The data named by a spec's fields as stored (``spec.json``, a manifest's spec, ``dataclasses.asdict``):
+    ``data``, ``data_root`` (unless ``data_root`` is given), ``image_size``, ``data_mean``, ``data_std``."""
+    return load_data(fields.get("data") or "cifar10", data_root or fields.get("data_root") or None,
+                     image_size=int(fields.get("image_size") or 0), mean=tuple(fields.get("data_mean") or ()),
+                     std=tuple(fields.get("data_std") or ()), download=download)
+
+
 def load_run_data(spec: Any, download: bool = False) -> ImageData:
     """The data of a spec (``--data``, ``--data-root``, ``--image-size``, ``--data-mean/std``), its sizes checked."""
-    data = load_data(spec.data, spec.data_root or None, image_size=spec.image_size, mean=spec.data_mean,
-                     std=spec.data_std, download=download)
+    data = load_stored_data(dataclasses.asdict(spec), download=download)
     for name, size, split in (("train_size", getattr(spec, "train_size", 0), data.train),
                               ("test_size", getattr(spec, "test_size", 0), data.test)):
         if size > len(split):
@@ -62,10 +71,11 @@ def check_job(spec: Any, download: bool = False) -> tuple[ImageData, torch.nn.Mo
     return data, model
 
 
-def preflight(spec: Any, data: ImageData, model: torch.nn.Module) -> None:
+def preflight(spec: Any, data: ImageData, model: torch.nn.Module, trace: bool = True) -> None:
     """What the spec alone cannot check: the data's size, whether each method takes this model, this
-    machine's quantized engines and device. ``pt2e`` exports and ``fx`` traces the model here once
-    (seconds), so one they cannot trace is one line before anything is submitted."""
+    machine's quantized engines and device. With ``trace`` (before submitting), ``pt2e`` exports and
+    ``fx`` traces the model once (seconds), so one they cannot trace is one line before anything is
+    submitted; the job itself leaves that to its backends, which raise the same line."""
     from compress.quant import quiet  # torchao: loaded by PTQ specs only
     from compress.quant.backends import BACKENDS
 
@@ -81,7 +91,9 @@ def preflight(spec: Any, data: ImageData, model: torch.nn.Module) -> None:
     for method in spec.methods:
         why = BACKENDS[method].refuses(model)
         check(not why, "methods", ",".join(spec.methods), why)
-    with quiet():  # trace once here: a model a method cannot trace is one line before anything is submitted
+    if not trace:
+        return
+    with quiet():
         if "pt2e" in spec.methods:
             from compress.quant.pt2e import export_float
 

@@ -120,7 +120,7 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
     torch.manual_seed(spec.seed)
     data = load_run_data(spec)
     model = load_run_model(spec, data).eval()
-    preflight(spec, data, model)
+    preflight(spec, data, model, trace=False)
     idx = subset_indices(len(data.train), n_calib, spec.seed, spec.calib_selection)
     calib = make_loader(data.train.subset(idx), spec.calib_batch_size, device)
     n_test = spec.test_size or len(data.test)
