@@ -26,12 +26,22 @@ import importlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compress.epochs import EpochLoader
+from compress.stream import (
+    READ_BATCH,
+    Batches,
+    Failure,
+    StreamLoader,
+    default_workers,
+    first_line,
+    labels_of,
+    raw_batches,
+    read_all,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,7 +57,6 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)  # of the 50,000 training images in [0, 1]
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_IMAGE_SIZE = 32
 STATS_SAMPLE = 10_000   # streamed data: training images the mean and std are computed over
-READ_BATCH = 256        # images a worker decodes per task when data is read or sampled
 
 
 def parse_data(text: str) -> tuple[str, str]:
@@ -75,25 +84,6 @@ def _parse(text: str) -> tuple[str, str]:
         return parse_data(text)
     except ValueError as e:
         raise DataError(str(e)) from e
-
-
-def _default_workers(workers: int | None) -> int:
-    return min(4, os.cpu_count() or 1) if workers is None else max(0, workers)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0]
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """What a worker returns instead of raising: the one-line message survives the process boundary.
-
-    An exception raised in a DataLoader worker reaches the main process with the worker's traceback
-    folded into its message; this carries the message alone.
-    """
-
-    message: str
 
 
 class DecodedImages:
@@ -127,7 +117,7 @@ class DecodedImages:
                     img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.uint8)
         except Exception as e:  # PIL raises OSError, UnidentifiedImageError, ValueError, SyntaxError...
-            raise DataError(f"cannot read image {path}: {_first_line(e)}") from e
+            raise DataError(f"cannot read image {path}: {first_line(e)}") from e
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), label
 
 
@@ -162,7 +152,7 @@ class Split:
         if not self.streamed:
             return self.y
         if "labels" not in self._cache:
-            self._cache["labels"] = _labels_of(self.dataset)
+            self._cache["labels"] = labels_of(self.dataset)
         return self._cache["labels"]
 
     def subset(self, idx: torch.Tensor) -> Split:
@@ -194,168 +184,6 @@ class ImageData:
                 "data_mean": ",".join(f"{v:.6g}" for v in self.mean),
                 "data_std": ",".join(f"{v:.6g}" for v in self.std),
                 "data_streamed": self.train.streamed or self.test.streamed}
-
-
-# --- reading items in workers ----------------------------------------------------------------------
-
-def _check_item(item: Any, i: int, name: str) -> tuple[torch.Tensor, int] | _Failure:
-    """An item as (uint8 or float32 CxHxW tensor, int label), or why it is not one."""
-    import torch
-
-    want = "(image tensor CxHxW, int label)"
-    if not isinstance(item, (tuple, list)) or len(item) != 2:
-        return _Failure(f"{name}: item {i} is a {type(item).__name__}, not a pair {want}")
-    img, label = item
-    if not isinstance(img, torch.Tensor) or img.dim() != 3:
-        got = f"a tensor of shape {tuple(img.shape)}" if isinstance(img, torch.Tensor) else f"a {type(img).__name__}"
-        return _Failure(f"{name}: item {i} has {got} as its image; items must be {want}")
-    if img.dtype != torch.uint8 and not img.is_floating_point():
-        return _Failure(f"{name}: item {i} has a {img.dtype} image; use uint8 (0..255) or float in [0, 1]")
-    try:
-        label = int(label)
-    except (TypeError, ValueError):
-        return _Failure(f"{name}: item {i} has label {label!r}; items must be {want}")
-    return (img if img.dtype == torch.uint8 else img.to(torch.float32)), label
-
-
-def _stack(images: list[torch.Tensor], first: int, name: str) -> torch.Tensor | _Failure:
-    """One (N, C, H, W) batch: uint8 when every image is, else float32 in [0, 1]."""
-    import torch
-
-    shapes = {tuple(x.shape) for x in images}
-    if len(shapes) > 1:
-        a, b = sorted(shapes)[:2]
-        return _Failure(f"{name}: images of different shapes {a} and {b} near item {first}; "
-                        f"a batch needs one shape (resize them in the dataset)")
-    if any(x.dtype != torch.uint8 for x in images):
-        images = [x.float() / 255 if x.dtype == torch.uint8 else x for x in images]
-    return torch.stack(images)
-
-
-def _batch_seed(epoch_seed: int, batch: int) -> int:
-    """The generator seed of one batch: a hash of (epoch seed, batch number), so no worker count changes it."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([epoch_seed, batch]).generate_state(1, np.uint64)[0] >> 1)
-
-
-class _Batches:
-    """A dataset of whole batches: key (batch number, indices) -> (images, labels) or a ``_Failure``.
-
-    A worker decodes a batch, checks its items and, for training, augments it with a generator
-    seeded from (epoch seed, batch number): batches are the same whatever the number of workers.
-    """
-
-    def __init__(self, dataset: Any, name: str, augment: bool = False, crop_pad: int | None = None,
-                 randaugment: bool = False, epoch_seed: int = 0) -> None:
-        self.dataset = dataset
-        self.name = name
-        self.augment = augment
-        self.crop_pad = crop_pad
-        self.randaugment = randaugment
-        self.epoch_seed = epoch_seed
-        self._ra: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor] | _Failure:
-        import torch
-
-        from compress.data import DataError, augment, default_crop_pad, one_cpu_thread
-
-        batch, indices = key
-        images, labels = [], []
-        for i in indices:
-            try:
-                got = _check_item(self.dataset[i], i, self.name)
-            except DataError as e:  # DecodedImages: "cannot read image PATH: ..."
-                return _Failure(str(e))
-            except Exception as e:  # a user's dataset may raise anything
-                return _Failure(f"{self.name}: reading item {i} raised {type(e).__name__}: {_first_line(e)}")
-            if isinstance(got, _Failure):
-                return got
-            images.append(got[0])
-            labels.append(got[1])
-        x = _stack(images, indices[0], self.name)
-        if isinstance(x, _Failure):
-            return x
-        y = torch.tensor(labels, dtype=torch.int64)
-        if self.augment:
-            if self._ra is None and self.randaugment:
-                from torchvision.transforms import v2
-
-                self._ra = v2.RandAugment()
-            pad = default_crop_pad(x.shape[2]) if self.crop_pad is None else self.crop_pad
-            with one_cpu_thread(torch.device("cpu")):
-                x = augment(x, pad, self._ra, torch.Generator().manual_seed(_batch_seed(self.epoch_seed, batch)))
-        return x, y
-
-
-def _identity(batch: Any) -> Any:
-    return batch
-
-
-def _raw_batches(batches: _Batches, order: list[int], batch_size: int, workers: int, epoch_seed: int = 0,
-                 pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """CPU batches of ``order`` decoded by ``workers`` processes (0: here); a worker's failure is one DataError."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from compress.data import DataError
-
-    keys = [(b, order[s:s + batch_size]) for b, s in enumerate(range(0, len(order), batch_size))]
-    loader = DataLoader(batches, batch_size=None, sampler=keys, collate_fn=_identity, num_workers=workers,
-                        pin_memory=pin_memory, prefetch_factor=2 if workers else None, persistent_workers=False,
-                        generator=torch.Generator().manual_seed(epoch_seed))
-    for got in loader:
-        if isinstance(got, _Failure):
-            raise DataError(got.message)
-        yield got
-
-
-def _read_all(dataset: Any, name: str, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every item of ``dataset`` in order, as one (N, C, H, W) tensor (uint8 if all are) and int64 labels."""
-    import torch
-
-    n = len(dataset)
-    x = y = None
-    start = 0
-    for xb, yb in _raw_batches(_Batches(dataset, name), list(range(n)), READ_BATCH, workers):
-        if x is None:
-            x = torch.empty((n, *xb.shape[1:]), dtype=xb.dtype)
-            y = torch.empty(n, dtype=torch.int64)
-        elif xb.shape[1:] != x.shape[1:]:
-            from compress.data import DataError
-
-            raise DataError(f"{name}: images of different shapes {tuple(x.shape[1:])} and {tuple(xb.shape[1:])} "
-                            f"near item {start}; a batch needs one shape (resize them in the dataset)")
-        if xb.dtype != x.dtype:  # uint8 so far, float from here: the whole store becomes float in [0, 1]
-            if x.dtype == torch.uint8:
-                x = x.float().div_(255)
-            else:
-                xb = xb.float().div_(255)
-        x[start:start + len(xb)] = xb
-        y[start:start + len(yb)] = yb
-        start += len(xb)
-    return x, y
-
-
-def _labels_of(dataset: Any, workers: int | None = None) -> torch.Tensor:
-    """Labels of a dataset in order: from ``targets`` or a TensorDataset's last tensor when it has them, else read."""
-    import torch
-    from torch.utils.data import Subset, TensorDataset
-
-    if isinstance(dataset, Subset):
-        return _labels_of(dataset.dataset, workers)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
-    if isinstance(dataset, TensorDataset):
-        return dataset.tensors[-1].to(torch.int64).reshape(-1)
-    targets = getattr(dataset, "targets", None)
-    if targets is not None and len(targets) == len(dataset):
-        return torch.as_tensor(targets, dtype=torch.int64)
-    ys = [yb for _, yb in _raw_batches(_Batches(dataset, "dataset"), list(range(len(dataset))), READ_BATCH,
-                                       _default_workers(workers))]
-    return torch.cat(ys) if ys else torch.empty(0, dtype=torch.int64)
 
 
 # --- statistics ----------------------------------------------------------------------------------
@@ -451,11 +279,11 @@ def _factory(spec: str) -> tuple[Any, Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise DataError(f"cannot import data factory module {module_name} ({_first_line(e)}): it must be "
+        raise DataError(f"cannot import data factory module {module_name} ({first_line(e)}): it must be "
                         f"importable where the job runs, e.g. on PYTHONPATH") from e
     except Exception as e:
         raise DataError(f"importing data factory module {module_name} raised {type(e).__name__}: "
-                        f"{_first_line(e)}") from e
+                        f"{first_line(e)}") from e
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise DataError(f"data factory module {module_name} has no function {fn_name}: it must be importable "
@@ -463,7 +291,7 @@ def _factory(spec: str) -> tuple[Any, Any]:
     try:
         got = fn()
     except Exception as e:
-        raise DataError(f"data factory {spec} raised {type(e).__name__}: {_first_line(e)}") from e
+        raise DataError(f"data factory {spec} raised {type(e).__name__}: {first_line(e)}") from e
     want = "a pair (train, test) of datasets whose items are (image tensor CxHxW, int label)"
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         what = f"a {type(got).__name__}" + (f" of {len(got)}" if isinstance(got, (tuple, list)) else "")
@@ -481,8 +309,8 @@ def _first_image(dataset: Any, name: str) -> torch.Tensor:
     """Item 0's image, checked: its shape and dtype size the whole split."""
     from compress.data import DataError
 
-    got = _Batches(dataset, name)[(0, [0])]
-    if isinstance(got, _Failure):
+    got = Batches(dataset, name)[(0, [0])]
+    if isinstance(got, Failure):
         raise DataError(got.message)
     return got[0][0]
 
@@ -513,7 +341,7 @@ def load_data(text: str = "cifar10", root: str | os.PathLike | None = None, *, i
     if len(mean) != len(std) or any(s <= 0 for s in std):
         raise DataError(f"data mean ({','.join(map(str, mean))}) and std ({','.join(map(str, std))}) must be "
                         f"given together, one value per channel, std > 0")
-    workers = _default_workers(workers)
+    workers = default_workers(workers)
 
     if kind == "cifar10":
         if image_size not in (0, 32):
@@ -549,8 +377,8 @@ def load_data(text: str = "cifar10", root: str | os.PathLike | None = None, *, i
 
     in_memory = per_image * (len(train_ds) + len(test_ds)) <= max_memory_bytes
     if in_memory:
-        train = Split(*_read_all(train_ds, names[0], workers))
-        test = Split(*_read_all(test_ds, names[1], workers))
+        train = Split(*read_all(train_ds, names[0], workers))
+        test = Split(*read_all(test_ds, names[1], workers))
         for split, name in ((train, names[0]), (test, names[1])):
             if tuple(split.x.shape[1:]) != shape:
                 raise DataError(f"{name}: images are {'x'.join(map(str, split.x.shape[1:]))}, item 0 of the "
@@ -576,7 +404,7 @@ def load_data(text: str = "cifar10", root: str | os.PathLike | None = None, *, i
         mean, std = channel_stats(_chunks(train.x), names[0])
     else:
         idx = subset_indices(len(train_ds), min(len(train_ds), STATS_SAMPLE), seed=0)
-        sample = _raw_batches(_Batches(train_ds, names[0]), idx.tolist(), READ_BATCH, workers)
+        sample = raw_batches(Batches(train_ds, names[0]), idx.tolist(), READ_BATCH, workers)
         mean, std = channel_stats((xb for xb, _ in sample), names[0])
     data = ImageData(train, test, num_classes, shape, mean, std, kind, source)
     log.debug("data %s: %s training and %s test images, %s", text, f"{len(train):,}", f"{len(test):,}",
@@ -585,56 +413,6 @@ def load_data(text: str = "cifar10", root: str | os.PathLike | None = None, *, i
 
 
 # --- loaders ----------------------------------------------------------------------------------
-
-class StreamLoader(EpochLoader):
-    """``BatchLoader``'s interface over a dataset decoded each epoch in worker processes.
-
-    Order and augmentation are a pure function of (seed, epoch key): the order is a permutation
-    drawn from the epoch seed, and each batch is augmented (crop + flip, optional RandAugment, the
-    ``compress.data.augment`` recipe) in its worker with a generator seeded from (epoch seed, batch
-    number), so neither the number of workers nor which worker takes a batch changes it. Batches
-    leave as float32 in [0, 1], channels_last, on ``device`` (pinned, non-blocking copies on CUDA).
-    """
-
-    def __init__(self, dataset: Any, batch_size: int, device: torch.device | str = "cpu", *, train: bool = False,
-                 crop_pad: int | None = None, randaugment: bool = False, seed: int = 0,
-                 workers: int | None = None, channels_last: bool = True, name: str = "dataset") -> None:
-        import torch
-
-        if batch_size < 1:
-            raise ValueError(f"batch_size {batch_size} must be >= 1")
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.device = torch.device(device)
-        self.train = train
-        self.crop_pad = crop_pad  # None: an eighth of the image height (compress.data.default_crop_pad)
-        self.randaugment = randaugment
-        self.seed = seed
-        self.workers = _default_workers(workers)
-        self.channels_last = channels_last
-        self.name = name
-
-    def num_images(self) -> int:
-        return len(self.dataset)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        import torch
-
-        from compress.data import to_unit_float
-
-        seed = self.epoch_seed()
-        n = len(self.dataset)
-        if self.train:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        else:
-            order = list(range(n))
-        batches = _Batches(self.dataset, self.name, augment=self.train, crop_pad=self.crop_pad,
-                           randaugment=self.randaugment, epoch_seed=seed)
-        cuda = self.device.type == "cuda"
-        for xb, yb in _raw_batches(batches, order, self.batch_size, self.workers, seed, pin_memory=cuda):
-            x = to_unit_float(xb.to(self.device, non_blocking=cuda), self.channels_last)
-            yield x, yb.to(self.device, non_blocking=cuda)
-
 
 def make_loader(split: Split, batch_size: int, device: torch.device | str = "cpu", *, train: bool = False,
                 randaugment: bool = False, seed: int = 0, crop_pad: int | None = None,
@@ -673,7 +451,7 @@ def data_probe_for(text: str, root: str | os.PathLike | None) -> Path:
         found = importlib.util.find_spec(module_name)
     except (ImportError, ValueError) as e:
         found = None
-        why = _first_line(e)
+        why = first_line(e)
     else:
         why = "not found"
     if found is None or not found.origin or found.origin in ("built-in", "frozen"):
@@ -694,8 +472,8 @@ def load_test_labels_for(text: str, root: str | os.PathLike | None, image_size: 
     if kind == "cifar10":
         return load_test_labels(root)
     if kind == "imagefolder":
-        return _labels_of(_image_folder(arg, image_size or DEFAULT_IMAGE_SIZE)[1]).numpy()
-    return _labels_of(_factory(arg)[1]).numpy()
+        return labels_of(_image_folder(arg, image_size or DEFAULT_IMAGE_SIZE)[1]).numpy()
+    return labels_of(_factory(arg)[1]).numpy()
 
 
 def write_imagefolder(out: Path, data_root: str | os.PathLike | None, n_train: int, n_val: int) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from compress.datasets import (
     CIFAR_CLASSES,
     ImageData,
     Split,
-    StreamLoader,
     channel_stats,
     data_probe_for,
     load_data,
@@ -30,6 +29,7 @@ from compress.datasets import (
     parse_data,
     write_imagefolder,
 )
+from compress.stream import StreamLoader
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
