@@ -400,7 +400,7 @@ start_slurmdbd() {
     log "starting slurmdbd"; /usr/sbin/slurmdbd
   fi
   wait_for 60 slurmdbd sacctmgr -n list cluster
-  sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  grep -qw "$CLUSTER" <<<"$(sacctmgr -n list cluster format=cluster)" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
 }
 stop_slurmds() {  # every slurmd this script started: the host's and the namespaced nodes'
   local f n
@@ -444,7 +444,7 @@ start_slurmd() {  # start_slurmd <node>: on this host, or (multi-node) in the no
     log "starting slurmd"; /usr/sbin/slurmd
   fi
 }
-node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -1; }
+node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | sed -n 1p; }   # sed reads it all: no SIGPIPE under pipefail
 slurmd_registered() {  # slurmd_registered <node>: after a (re)start slurmctld may report the node idle
   local t0=${SLURMD_T0[$1]:-}   # from saved state before the new slurmd registered: compare SlurmdStartTime
   [ -z "$t0" ] && return 0
@@ -554,7 +554,8 @@ node_cmd_check() {  # node_cmd_check <node>: a node of the running multi-node cl
   NNODES=$(started_nodes)
   multi || die "node-down/node-up need a multi-node cluster (SLURM_DEV_NODES=3 bash $0 start); this one has 1 node"
   [ -n "${1:-}" ] || die "which node? one of: $(node_list | tr '\n' ' ')"
-  node_list | grep -qx -- "$1" || die "unknown node '$1': one of $(node_list | tr '\n' ' ')"
+  # a here-string, not a pipe: under pipefail `grep -q` closing the pipe early fails the writer (SIGPIPE)
+  grep -qx -- "$1" <<<"$(node_list)" || die "unknown node '$1': one of $(node_list | tr '\n' ' ')"
   [ -e "/run/netns/$NS_PREFIX$1" ] || die "namespace $NS_PREFIX$1 is missing: start the cluster first"
 }
 do_node_down() {  # a crash: SIGKILL to the node's slurmd, slurmstepd and job processes
