@@ -20,6 +20,7 @@ WEIGHT_SCHEMES = ("per_channel", "per_tensor")
 CENTERS = ("min", "zero")
 # how magnitude pruning ranks weights across layers (compress/prune.py)
 SCORINGS = ("magnitude", "lamp")
+COMPILE_CHOICES = ("auto", "on", "off")  # torch.compile of a training run (compress.loops.compile_decision)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ masks.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -21,39 +22,66 @@ from compress.models import conv_bn_pairs, prunable
 
 
 class MaskSet:
-    """Named boolean masks (True = kept) over a model's parameters."""
+    """Named boolean masks (True = kept) over a model's parameters, each on its parameter's device.
+
+    ``apply`` multiplies the parameters by the masks after every optimizer step. The masks are bound
+    once per model: the multipliers (the masks in each parameter's dtype, on its device) are built on
+    the first call and reused, and one fused ``torch._foreach_mul_`` zeroes every masked weight; a
+    parameter moved to another device or dtype since is bound again.
+    """
 
     def __init__(self, masks: dict[str, torch.Tensor] | None = None) -> None:
         self.masks: dict[str, torch.Tensor] = dict(masks or {})
+        self._bound: tuple[weakref.ref, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.masks)
 
+    def to(self, device: torch.device | str) -> MaskSet:
+        """The same masks on ``device`` (a resumed run's masks go where its weights are)."""
+        return MaskSet({k: v.to(device) for k, v in self.masks.items()})
+
+    def multipliers(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(parameters, masks in their dtype on their device), built once per model and reused."""
+        bound = self._bound
+        if bound is not None and bound[0]() is model and all(
+                p.device == m.device and p.dtype == m.dtype for p, m in zip(bound[1], bound[2], strict=True)):
+            return bound[1], bound[2]
+        named = dict(model.named_parameters())
+        params = [named[name] for name in self.masks]
+        mults = [m.to(device=p.device, dtype=p.dtype) for p, m in zip(params, self.masks.values(), strict=True)]
+        self._bound = (weakref.ref(model), params, mults)
+        return params, mults
+
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name, mask in self.masks.items():
-            p = params[name]
-            p.mul_(mask.to(device=p.device, dtype=p.dtype))
+        if self.masks:
+            torch._foreach_mul_(*self.multipliers(model))
 
     def merge(self, other: MaskSet) -> MaskSet:
+        """Both sets' masks, ANDed where both have one, each on the device of this set's mask (or the other's)."""
         out = dict(self.masks)
         for k, v in other.masks.items():
-            out[k] = out[k] & v if k in out else v
+            out[k] = out[k] & v.to(out[k].device) if k in out else v
         return MaskSet(out)
+
+    def clear(self) -> None:
+        self.masks.clear()
+        self._bound = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.masks.items()}
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> MaskSet:
-        return cls({k: v.bool() for k, v in state.items()})
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> MaskSet:
+        """Masks read back from a checkpoint, on ``device`` (the run's: a checkpoint is read to the CPU)."""
+        return cls({k: v.to(device=device, dtype=torch.bool) for k, v in state.items()})
 
 
 def make_permanent(model: nn.Module, masks: MaskSet) -> None:
     """Zero every masked weight for good; the model needs no masks afterwards."""
     masks.apply(model)
-    masks.masks.clear()
+    masks.clear()
 
 
 def check_budget(model: nn.Module, sparsity: float, keep_dense: Iterable[str] = (),

@@ -207,7 +207,7 @@ def _export_model(spec: ExportSpec) -> dict[str, Any]:
     cpu = torch.device("cpu")
     batch = int(run_spec.get("eval_batch_size") or 500)
     test = make_loader(data.test.subset(torch.arange(n_test)), batch, cpu)
-    ev = evaluate(model, test, cpu, amp=False, keep_predictions=True, desc="float eval")
+    ev = evaluate(model, test, cpu, keep_predictions=True, desc="float eval")
     summary_path = final.parent / "summary.json"
     recorded = json.loads(summary_path.read_text()).get("top1") if summary_path.is_file() else None
     source = {"run_id": spec.run, "checkpoint": str(final), "recorded_top1": recorded, "device": str(device)}
@@ -229,7 +229,7 @@ def _write_and_check(files: list[tuple[Path, bytes, dict[str, Any]]], test: Any,
         try:
             write_artifact(trial, blob, manifest)
             with quiet():
-                ev = evaluate(load_artifact(trial), test, cpu, amp=False, keep_predictions=True, desc="reload")
+                ev = evaluate(load_artifact(trial), test, cpu, keep_predictions=True, desc="reload")
             _check_same(str(path), preds, ev.predictions)
         finally:
             trial.unlink(missing_ok=True)
@@ -280,7 +280,7 @@ def verify_artifact(path: str, data_root: str = "") -> dict[str, Any]:
     batch_size = int(manifest.get("input", {}).get("batch_size") or 500)  # as the export measured it
     cpu = torch.device("cpu")
     with quiet():
-        ev = evaluate(model, make_loader(data.test.subset(torch.arange(n)), batch_size, cpu), cpu, amp=False,
+        ev = evaluate(model, make_loader(data.test.subset(torch.arange(n)), batch_size, cpu), cpu,
                       keep_predictions=True, desc="verify")
     same = "predictions_sha256" not in manifest or _preds_sha(ev.predictions) == manifest["predictions_sha256"]
     ok = same and abs(ev.top1 - float(manifest["expected_top1"])) < 1e-9

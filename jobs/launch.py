@@ -74,7 +74,7 @@ def _preflight(spec: Any, download: bool = False) -> tuple[tuple[int, int], tupl
 
     try:
         data, model = check_job(spec, download)
-        # while state.pt is replaced two copies exist (weights, optimizer moments, masks), then final.pt
+        # state.prev.pt and state.pt (weights, optimizer moments, masks) while a new one is written, then final.pt
         param_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         check_results_root(spec.results, 10 * param_bytes + 2**20)
     except USER_ERRORS as e:

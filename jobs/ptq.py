@@ -108,7 +108,6 @@ def run_ptq(spec: PTQSpec, tags: dict[str, str] | None = None) -> dict[str, Any]
 def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | None = None) -> list[dict[str, Any]]:
     """Every row of one task; ``keep(row, built)`` sees each built model (the export job writes its files)."""
     from compress.quant.int8 import effective_reduce_range, set_engine
-    from compress.quant.observe import full_float32
     from compress.quant.size import float_bytes, int8_size
 
     set_engine(spec.engine)
@@ -125,9 +124,8 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
     calib = make_loader(data.train.subset(idx), spec.calib_batch_size, device)
     n_test = spec.test_size or len(data.test)
     test = data.test.subset(torch.arange(n_test)) if n_test < len(data.test) else data.test
-    with full_float32():
-        float_ev = evaluate(model.to(device), make_loader(test, spec.eval_batch_size, device), device,
-                            amp=False, desc="float eval", keep_predictions=True)
+    float_ev = evaluate(model.to(device), make_loader(test, spec.eval_batch_size, device), device,
+                        desc="float eval", keep_predictions=True)
     model.cpu()
     test_cpu = make_loader(test, spec.eval_batch_size, cpu)
     base = {**row_base(spec, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),

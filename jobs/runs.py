@@ -50,11 +50,16 @@ def row_base(spec: Any, device_name: str, tags: dict[str, str] | None = None) ->
             "search_id": "", "trial_id": "", **(tags or {})}
 
 
+# fields that say where or how a run goes, not what it computes: a run resumed with another of these
+# is the same run (its folder is under ``results``; ``compile`` changes speed, not the rows' meaning)
+NOT_IDENTITY = ("results", "compile")
+
+
 def same_spec_row(row: dict[str, Any], spec: Any) -> str:
     """``same_spec`` for a result row: its ``spec_<field>`` columns against ``spec`` ("" when the same)."""
     want = spec_row(spec)
     diff = [f"{k[5:]} {row.get(k)!r} there, {v!r} here" for k, v in want.items()
-            if row.get(k) != v and k != "spec_results"]
+            if row.get(k) != v and k[5:] not in NOT_IDENTITY]
     return ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
 
 
@@ -62,12 +67,12 @@ def same_spec(stored: dict[str, Any], spec: TrainFields) -> str:
     """"" when ``stored`` (a spec as saved) is ``spec``, else the fields that differ, for the error line.
 
     The one spec-identity rule (``same_spec_row`` applies it to a row's spec columns): every field but
-    ``results``, which is left out because the run folder is under it (a moved or differently spelled
-    root is the same run).
+    ``NOT_IDENTITY``: ``results``, because the run folder is under it (a moved or differently spelled
+    root is the same run), and ``compile``.
     """
     there, here = json.loads(json.dumps(stored)), json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples: lists
     diff = [f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(there) | set(here))
-            if there.get(k) != here.get(k) and k != "results"]
+            if there.get(k) != here.get(k) and k not in NOT_IDENTITY]
     return ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
 
 

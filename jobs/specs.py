@@ -126,9 +126,12 @@ class TrainFields(RunFields):
     test_size: int = opt(0, "evaluate on the first N test images (0: all)")
     eval_batch_size: int = opt(500, "evaluation batch size")
     eval_every_epoch: bool = opt(True, "evaluate the test set after every epoch (else once per phase)")
-    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    amp: bool = opt(True, "bf16 autocast for training on CUDA (evaluation is float32; ignored on CPU)")
     cpu_bf16: bool = opt(False, "bf16 autocast for training on the CPU too (~1.6x faster where the CPU has "
                                 "AVX512-BF16/AMX); evaluation stays float32")
+    compile: str = opt("auto", "torch.compile the model for training and evaluation: auto (on CUDA; on a CPU when "
+                               "the run trains 250,000 images or more, where the ~3 min of compiling pays), on, off",
+                       choices=catalog.COMPILE_CHOICES)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -142,6 +145,7 @@ class TrainFields(RunFields):
         # the upper bounds are the data's sizes, checked when the data is loaded (``check_sizes``)
         check(self.train_size >= 0, "train_size", self.train_size, "must be >= 0")
         check(self.test_size >= 0, "test_size", self.test_size, "must be >= 0")
+        check_choice("compile", self.compile, catalog.COMPILE_CHOICES)
 
 
 @dataclass(frozen=True)

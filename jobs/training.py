@@ -8,13 +8,17 @@ pickles for SLURM and what a Ray trial calls. Both run the same engine:
                     phase target -> retrain ``epochs`` with the masks held -> one phase row
 
 State (model, masks, optimizer, LR schedule, position, the phase's epoch rows) is saved atomically
-after every epoch to ``<results>/runs/<run_id>/state.pt``; a job started again with the same spec
-resumes there. Data order and augmentation depend only on (seed, phase, epoch), so a resumed run
-ends with the same metrics as an uninterrupted one. Rows go out once per phase under a fixed file
+after every epoch to ``<results>/runs/<run_id>/state.pt``, the one before it kept as
+``state.prev.pt``; a job started again with the same spec resumes from the newest that reads (a
+damaged ``state.pt`` costs one epoch, with one warning line naming it). Data order and
+augmentation depend only on (seed, phase, epoch), so a resumed run ends with the same metrics as
+an uninterrupted one. Rows go out once per phase under a fixed file
 name, so a requeued job can neither lose nor duplicate them. A phase row keeps the predicted class
 of every test image of its evaluation (``predictions``, uint8 bytes in test-set order).
 
-Where it runs: everything here on ``spec.device`` (CUDA if the job has one, else CPU).
+Where it runs: everything here on ``spec.device`` (CUDA if the job has one, else CPU); whatever is
+read back from a checkpoint moves there. On CUDA the job runs with deterministic cuDNN/cuBLAS
+kernels (``loops.deterministic``), so a resumed run reproduces an uninterrupted one there too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +69,51 @@ log = logging.getLogger(__name__)
 
 ReportFn = Callable[[dict[str, Any]], None]
 
+PREVIOUS = "state.prev.pt"  # the checkpoint before state.pt, kept until the next one is written
+STATE_KEYS = ("spec", "phase", "epoch", "pruned", "model", "masks")  # what every saved state holds
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a run reads: one line naming the files and what to do."""
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def read_state(run_dir: Path, run_id: str) -> dict[str, Any] | None:
+    """The newest checkpoint of a run that reads (to the CPU): ``state.pt``, else ``state.prev.pt``.
+
+    None when the run has neither. A damaged ``state.pt`` (truncated on disk, half-copied, not a
+    checkpoint) is renamed ``state.pt.damaged`` with one warning line, so the next save cannot make
+    it the previous one; the run goes on from the epoch before. ``CheckpointError`` (one line) when
+    no file reads.
+    """
+    damaged: list[str] = []
+    for path in (run_dir / "state.pt", run_dir / PREVIOUS):
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            missing = [k for k in STATE_KEYS if k not in state]
+            if missing:
+                raise KeyError(f"not a checkpoint of a run: no {', '.join(missing)}")
+        except Exception as e:  # torch's zip reader, unpickling and our own check raise many kinds
+            damaged.append(f"{path} ({_reason(e)})")
+            continue
+        if damaged:
+            bad = run_dir / "state.pt"
+            bad.replace(bad.with_name("state.pt.damaged"))
+            log.warning("run %s: checkpoint %s cannot be read, kept as state.pt.damaged; resuming from %s "
+                        "(phase %d epoch %d)", run_id, damaged[0], path.name, state["phase"], state["epoch"])
+        return state
+    if damaged:
+        raise CheckpointError(
+            f"run {run_id}: no checkpoint reads: {'; '.join(damaged)}. Its rows of finished epochs and phases are "
+            f"kept: start it again under another --run-id, or delete {run_dir} to run this one from the start")
+    return None
+
 
 def _loaders(spec: TrainFields, data: ImageData, device: torch.device):
     train, test = data.train, data.test
@@ -89,12 +139,16 @@ class _Run:
         self.report = report
         self.dir = run_dir(spec)
         self.state_path = self.dir / "state.pt"
+        self.prev_path = self.dir / PREVIOUS
         self.device = pick_device(spec.device)
         self.base = row_base(spec, torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                              tags)
         self.prov = {k: self.base[k] for k in PROVENANCE_FIELDS}
 
     def save(self, state: dict[str, Any]) -> None:
+        """The state as ``state.pt``, the last one kept as ``state.prev.pt`` until this one is whole."""
+        if self.state_path.exists():
+            os.replace(self.state_path, self.prev_path)
         torch_save_atomic(state, self.state_path)
         plan = {ph.index: ph.epochs for ph in self.spec.plan()}
         rows = [r for r in state.get("epoch_rows") or [] if r["top1"] == r["top1"]]  # evaluated epochs
@@ -141,8 +195,7 @@ def estimate_seconds(spec: TrainFields, data_sizes: tuple[int, int], image_shape
                           desc="estimate")
     st = loops.train_one_epoch(model, train, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16,
                                progress=False, desc="estimate")
-    ev = loops.evaluate(model, BatchLoader(x, y, min(spec.eval_batch_size, n), device), device, amp=spec.amp,
-                        progress=False)
+    ev = loops.evaluate(model, BatchLoader(x, y, min(spec.eval_batch_size, n), device), device, progress=False)
     plan = spec.plan()
     epochs = sum(ph.epochs for ph in plan)
     train_images = min(spec.train_size or data_sizes[0], data_sizes[0])
@@ -151,6 +204,10 @@ def estimate_seconds(spec: TrainFields, data_sizes: tuple[int, int], image_shape
     seconds = epochs * train_images * st.seconds / st.images + evals * test_images * ev.seconds / ev.images
     how = (f"{len(plan)} phase(s), {epochs} epoch(s) over {train_images:,} images, {evals} evaluation(s) of "
            f"{test_images:,}; from {batches} timed batches on {device.type}")
+    compiles, why = loops.compile_decision(spec.compile, device, epochs * train_images)
+    if compiles:  # the batches were timed eager: compiled steps are faster, so this is an upper bound
+        seconds += loops.COMPILE_SECONDS[device.type]
+        how += f"; with ~{loops.COMPILE_SECONDS[device.type]:.0f} s of torch.compile first ({why})"
     return seconds, how
 
 
@@ -167,12 +224,15 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
     run = _Run(spec, report, tags)
     if spec.cpu_bf16 and (warning := loops.cpu_bf16_warning(run.device)):
         log.warning(warning)
+    if warning := loops.gpu_bf16_warning(run.device, spec.amp):
+        log.warning(warning)
     if check_run(spec) == "finished":
         log.info("run %s already finished", spec.run_id)
         return json.loads((run.dir / "summary.json").read_text())
     lease.acquire(run.dir, claim)
     try:
-        summary = _schedule(spec, run)
+        with loops.deterministic(run.device):
+            summary = _schedule(spec, run)
     except Exception:
         lease.release(run.dir, claim)  # a failed run can be started again at once; a signal keeps it
         raise
@@ -222,6 +282,14 @@ class _Schedule:
         self.train_loader, self.test_loader = _loaders(spec, data, self.device)
         self.plan = spec.plan()
         self.distill = Distill.of(spec, self.device, data)
+        # ``net`` runs the batches: the model itself, or compiled around it (same parameters, so masks,
+        # optimizer and checkpoints keep using ``model``)
+        on, why = loops.compile_decision(spec.compile, self.device,
+                                         sum(ph.epochs for ph in self.plan) * len(self.train_loader) * spec.batch_size)
+        log.info("%s: %s", "compiling the model" if on else "not compiling the model", why)
+        self.net = loops.compiled(self.model, on)
+        if on and self.distill.teacher is not None:
+            self.distill = dataclasses.replace(self.distill, teacher=loops.compiled(self.distill.teacher, True))
         self.masks = MaskSet()
         self.n_prunable = 0
         self.state: dict[str, Any] = {}
@@ -233,22 +301,21 @@ class _Schedule:
     def start_or_resume(self) -> None:
         """Resume from ``state.pt`` (same spec only), else evaluate the starting model and write phase 0."""
         spec, run = self.spec, self.run
-        state = None
-        if run.state_path.exists():
-            state = torch.load(run.state_path, map_location="cpu", weights_only=False)
+        state = read_state(run.dir, spec.run_id)
+        if state is not None:
             diff = same_spec(state["spec"], spec)
             if diff:
                 raise SpecMismatch(f"run {spec.run_id} under {spec.results} holds another spec ({diff}); "
                                    f"choose another --run-id")
             log.info("resuming %s at phase %d epoch %d", spec.run_id, state["phase"], state["epoch"])
             self.model.load_state_dict(state["model"])
-        self.masks = MaskSet.from_state_dict(state["masks"]) if state else MaskSet()
+        self.masks = MaskSet.from_state_dict(state["masks"], self.device) if state else MaskSet()
         self.n_prunable = sum(c[1] for c in nonzero_counts(self.model).values())
         if state is None:
             run.dir.mkdir(parents=True, exist_ok=True)
             (run.dir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
             t0 = time.perf_counter()
-            ev = evaluate(self.model, self.test_loader, self.device, amp=spec.amp, desc="phase 0 eval",
+            ev = evaluate(self.net, self.test_loader, self.device, desc="phase 0 eval",
                           keep_predictions=True)
             s, nz = self.sparsity_now()
             row0 = {"phase": 0, "target_sparsity": 0.0, "sparsity": s, "nonzero": nz, "prunable": self.n_prunable,
@@ -288,13 +355,13 @@ class _Schedule:
         for epoch in range(state["epoch"], ph.epochs):
             self.train_loader.set_epoch(ph.index, epoch)
             lr = opt.param_groups[0]["lr"]
-            st = train_one_epoch(self.model, self.train_loader, opt, sched, self.device,
+            st = train_one_epoch(self.net, self.train_loader, opt, sched, self.device,
                                  after_step=functools.partial(self.masks.apply, self.model) if len(self.masks)
                                  else None, teacher=self.distill.teacher, kd_weight=self.distill.weight,
                                  kd_temperature=self.distill.temperature, amp=spec.amp, cpu_amp=spec.cpu_bf16,
                                  desc=f"phase {ph.index} epoch {epoch + 1}/{ph.epochs}")
             last = epoch == ph.epochs - 1
-            ev = (evaluate(self.model, self.test_loader, self.device, amp=spec.amp, keep_predictions=last)
+            ev = (evaluate(self.net, self.test_loader, self.device, keep_predictions=last)
                   if spec.eval_every_epoch or last else None)
             if last and ev is not None:  # the phase row's predictions, kept in the state until it is written
                 state["predictions"] = ev.predictions
@@ -320,7 +387,7 @@ class _Schedule:
         if rows and rows[-1]["top1"] == rows[-1]["top1"] and preds is not None:  # evaluated after the last epoch
             top1, test_loss = rows[-1]["top1"], rows[-1]["test_loss"]
         else:
-            ev = evaluate(self.model, self.test_loader, self.device, amp=spec.amp, keep_predictions=True)
+            ev = evaluate(self.net, self.test_loader, self.device, keep_predictions=True)
             top1, test_loss, preds = ev.top1, ev.loss, ev.predictions
         s, nz = self.sparsity_now()
         state["wall"] += time.perf_counter() - t_phase
@@ -380,6 +447,7 @@ class _Schedule:
                      epochs=summary["last_phase_epochs"], top1=summary["top1"], dense_top1=summary["dense_top1"],
                      finished=True, sparsity=summary["sparsity"])
         run.state_path.unlink(missing_ok=True)
+        run.prev_path.unlink(missing_ok=True)
         return summary
 
 

@@ -15,6 +15,7 @@ from compress.loops import (
     cosine_lr,
     distillation_loss,
     evaluate,
+    full_float32,
     pick_device,
     reestimate_bn,
     train_one_epoch,
@@ -67,12 +68,12 @@ def test_evaluate_top1_equals_a_hand_count(synthetic_cifar: Path, device: torch.
     data = load_cifar10(synthetic_cifar)
     torch.manual_seed(1)
     model = build_model("resnet20a").to(device).eval()
-    with torch.no_grad():
+    with torch.no_grad(), full_float32():  # on CUDA too: evaluate() runs without TF32
         model.linear.bias.copy_(torch.linspace(-0.5, 0.5, 10))  # not one class for every image
         logits = torch.cat([model(x.float().div(255).to(device)) for x in data.test_x.split(30)]).cpu()
     hand = int((logits.argmax(1) == data.test_y).sum())
     assert 0 < hand < 100
-    st = evaluate(model, BatchLoader(data.test_x, data.test_y, 30, device), device, amp=False, progress=False)
+    st = evaluate(model, BatchLoader(data.test_x, data.test_y, 30, device), device, progress=False)
     assert st.images == 100
     assert st.top1 == 100.0 * hand / 100
     assert st.loss == pytest.approx(float(F.cross_entropy(logits, data.test_y)), rel=1e-5)
@@ -121,8 +122,11 @@ def test_train_one_epoch_with_a_teacher_runs_the_distillation_loss(device: torch
     model, teacher = build_model("resnet20a").to(device), build_model("resnet20a").to(device).eval()
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     opt = build_optimizer("sgd", model.parameters(), lr=0.0, weight_decay=0.0)
-    with_kd = train_one_epoch(model, [(x, y)], opt, None, device, teacher=teacher, kd_weight=1.0, progress=False)
-    with torch.no_grad():  # lr 0: the step left the weights as they were
+    # the formula is checked in float32 on every device (on CUDA, bf16 autocast or TF32 would round the loss)
+    with full_float32():
+        with_kd = train_one_epoch(model, [(x, y)], opt, None, device, teacher=teacher, kd_weight=1.0, amp=False,
+                                  progress=False)
+    with torch.no_grad(), full_float32():  # lr 0: the step left the weights as they were
         expected = distillation_loss(model(x.to(device)), y.to(device), teacher(x.to(device)), 1.0, 4.0)
     assert with_kd.loss == pytest.approx(float(expected), rel=1e-4)
 
@@ -150,6 +154,6 @@ def test_real_option_a_weights_score_91_73_on_the_real_test_set(real_data_root: 
                                                                 device: torch.device, torch_threads: int) -> None:
     data = load_cifar10(real_data_root)
     model = load_model("resnet20a", real_weights).to(device, memory_format=torch.channels_last)
-    st = evaluate(model, BatchLoader(data.test_x, data.test_y, 1000, device), device, amp=False, progress=False)
+    st = evaluate(model, BatchLoader(data.test_x, data.test_y, 1000, device), device, progress=False)
     assert st.images == 10_000
     assert round(st.top1 * st.images / 100) == 9_173  # 91.73%, float32

@@ -342,6 +342,102 @@ def test_run_stopped_after_its_last_phase_row_finishes_on_resume(synthetic_cifar
     assert resumed["last_phase_epochs"] == straight["last_phase_epochs"] == 1
 
 
+def _truncate(path: Path) -> None:
+    """Damage a checkpoint as a full disk or a killed copy does: keep its first half."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.slow  # one run killed in phase 2 and its resume, and the shared reference (~10 s)
+def test_a_damaged_checkpoint_resumes_from_the_one_before_with_a_warning_naming_it(
+        synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path, trained: list[str],
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, straight_run) -> None:
+    counting = jobs.training.train_one_epoch
+
+    def killed_in_phase_2(*args, **kwargs):
+        if kwargs["desc"].startswith("phase 2"):
+            raise Interrupted
+        return counting(*args, **kwargs)
+
+    spec = _spec(tmp_path, synthetic_cifar, synthetic_weights)
+    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    with pytest.raises(Interrupted):
+        run_prune(spec)
+    run = tmp_path / "runs" / "r"
+    previous = torch.load(run / "state.prev.pt", weights_only=False)
+    assert (previous["phase"], previous["pruned"]) == (2, False), "the state before phase 2's pruning step"
+    _truncate(run / "state.pt")
+
+    monkeypatch.setattr(jobs.training, "train_one_epoch", counting)
+    with caplog.at_level("WARNING", logger="jobs.training"):
+        run_prune(spec)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and str(run / "state.pt") in warnings[0] and "state.prev.pt" in warnings[0]
+    assert trained == ["phase 1 epoch 1/1", "phase 2 epoch 1/1"]
+    _same_as_straight(tmp_path, straight_run[1])
+    assert (run / "state.pt.damaged").is_file() and not (run / "state.pt").exists()
+    assert not (run / "state.prev.pt").exists()
+
+
+@pytest.mark.slow  # one run killed in phase 2 (~6 s)
+def test_no_checkpoint_that_reads_is_one_line_naming_the_files(synthetic_cifar: Path, synthetic_weights: Path,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counting = jobs.training.train_one_epoch
+
+    def killed_in_phase_2(*args, **kwargs):
+        if kwargs["desc"].startswith("phase 2"):
+            raise Interrupted
+        return counting(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    with pytest.raises(Interrupted):
+        _invoke(_prune_args(synthetic_cifar, synthetic_weights, tmp_path, "r"))
+    run = tmp_path / "runs" / "r"
+    _truncate(run / "state.pt")
+    (run / "state.prev.pt").write_bytes(b"")
+    rows = sorted(p.name for p in tmp_path.rglob("*.parquet"))
+    out = _invoke(["prune", "--resume", "r", "--results", str(tmp_path)])
+    assert out.exit_code == 2, out.output
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: run r: no checkpoint reads") and "Traceback" not in out.output
+    assert str(run / "state.pt") in line and str(run / "state.prev.pt") in line and "--run-id" in line
+    assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == rows, "rows were lost"
+
+
+@pytest.mark.slow  # compiles resnet20a for training and evaluation on the CPU (~2-3 min)
+def test_a_compiled_run_resumes_and_writes_rows_that_mean_what_an_eager_run_s_do(
+        synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, straight_run) -> None:
+    if not jobs.training.loops.cxx_compiler():
+        pytest.skip("torch.compile on the CPU needs a C++ compiler (g++ or clang++); none is installed")
+    counting = jobs.training.train_one_epoch
+
+    def killed_in_phase_2(*args, **kwargs):
+        if kwargs["desc"].startswith("phase 2"):
+            raise Interrupted
+        return counting(*args, **kwargs)
+
+    spec = dataclasses.replace(_spec(tmp_path, synthetic_cifar, synthetic_weights), compile="on")
+    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    with caplog.at_level("INFO", logger="jobs.training"), pytest.raises(Interrupted):
+        run_prune(spec)
+    assert any(r.getMessage().startswith("compiling the model") for r in caplog.records)
+    state = torch.load(tmp_path / "runs" / "r" / "state.pt", weights_only=False)
+    assert not [k for k in state["model"] if "_orig_mod" in k], "the checkpoint holds the compiled wrapper's names"
+    monkeypatch.setattr(jobs.training, "train_one_epoch", counting)
+    # resumed eager: how it runs is not what it computes, so the spec is the same run's
+    resumed = run_prune(dataclasses.replace(spec, compile="off"))
+    straight, straight_results = straight_run
+    ours = _table(tmp_path, "phases").sort_values("phase")
+    theirs = _table(straight_results, "phases").sort_values("phase")
+    assert ours["phase"].tolist() == theirs["phase"].tolist() == [0, 1, 2]
+    assert ours["nonzero"].tolist() == theirs["nonzero"].tolist()
+    assert (ours["top1"] - theirs["top1"]).abs().max() <= 5.0  # compiled kernels sum in another order
+    assert set(ours.columns) == set(theirs.columns)
+    assert ours["spec_compile"].tolist() == ["on", "on", "off"]  # each row says how it ran
+    assert resumed["sparsity"] == straight["sparsity"]
+
+
 def _json_like(obj):
     """What a value looks like after a JSON round trip (tuples become lists)."""
     if isinstance(obj, dict):

