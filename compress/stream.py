@@ -11,7 +11,7 @@ torch is imported inside the functions that use it, as in ``compress.datasets``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,8 @@ from compress.epochs import EpochLoader
 
 if TYPE_CHECKING:
     import torch
+
+    from compress.data import BatchRandAugment
 
 READ_BATCH = 256        # images a worker decodes per task when data is read or sampled
 
@@ -100,7 +102,7 @@ class Batches:
         self.crop_pad = crop_pad
         self.randaugment = randaugment
         self.epoch_seed = epoch_seed
-        self._ra: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._ra: BatchRandAugment | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -108,7 +110,7 @@ class Batches:
     def __getitem__(self, key: tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor] | Failure:
         import torch
 
-        from compress.data import DataError, augment, default_crop_pad, one_cpu_thread
+        from compress.data import BatchRandAugment, DataError, augment, default_crop_pad, one_cpu_thread
 
         batch, indices = key
         images, labels = [], []
@@ -129,9 +131,7 @@ class Batches:
         y = torch.tensor(labels, dtype=torch.int64)
         if self.augment:
             if self._ra is None and self.randaugment:
-                from torchvision.transforms import v2
-
-                self._ra = v2.RandAugment()
+                self._ra = BatchRandAugment()
             pad = default_crop_pad(x.shape[2]) if self.crop_pad is None else self.crop_pad
             with one_cpu_thread(torch.device("cpu")):
                 x = augment(x, pad, self._ra, torch.Generator().manual_seed(_batch_seed(self.epoch_seed, batch)))

@@ -13,12 +13,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
+from torchvision.transforms import v2
 
 from compress.data import (
     BIN_DIR,
     PY_DIR,
     BatchLoader,
+    BatchRandAugment,
     DataError,
+    Draws,
+    augment,
+    draw_epoch,
     load_cifar10,
     one_cpu_thread,
     random_crop_flip,
@@ -216,17 +222,20 @@ def test_subset_unknown_selection() -> None:
 
 # --- augmentation ----------------------------------------------------------------------------------
 
+def _crop_flip_one(img: torch.Tensor, dy: int, dx: int, flip: bool, pad: int) -> torch.Tensor:
+    """One image: zero-pad, cut the H x W window at offset (dy, dx), mirror when ``flip``."""
+    h, w = img.shape[-2:]
+    img = F.pad(img, (pad, pad, pad, pad))[:, dy:dy + h, dx:dx + w]
+    return img.flip(-1) if flip else img
+
+
 def _crop_flip_reference(x: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
-    """Per image: zero-pad, cut the 32x32 window at the drawn offset, mirror when drawn."""
-    n, _, h, w = x.shape
+    """Per image, offsets and flips drawn in that order (dy for all, dx for all, flip for all)."""
+    n = len(x)
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
-    out = []
-    for i in range(n):
-        img = F.pad(x[i], (pad, pad, pad, pad))[:, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-        out.append(img.flip(-1) if flip[i] else img)
-    return torch.stack(out)
+    return torch.stack([_crop_flip_one(x[i], int(dy[i]), int(dx[i]), bool(flip[i]), pad) for i in range(n)])
 
 
 @pytest.mark.parametrize("pad", [1, 4])
@@ -343,3 +352,178 @@ def test_batch_preparation_runs_on_one_thread_and_restores_the_count(synthetic_c
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(saved)
+
+
+# --- batched RandAugment -------------------------------------------------------------------------
+
+# every (op, negated) torchvision's RandAugment can draw: 14 ops, 9 of them signed
+TV_SPACE = v2.RandAugment._AUGMENTATION_SPACE
+VARIANTS = [(name, neg) for name, (_, signed) in TV_SPACE.items() for neg in ((False, True) if signed else (False,))]
+
+
+def _torchvision_op(name: str, negative: bool) -> v2.RandAugment:
+    """torchvision's own RandAugment with its draw forced: one op, ``name``, at its magnitude, negated when asked."""
+    magnitudes, _ = TV_SPACE[name]
+    ra = v2.RandAugment(num_ops=1)
+    ra._AUGMENTATION_SPACE = {name: ((lambda *a: -magnitudes(*a)) if negative else magnitudes, False)}
+    return ra
+
+
+def _op_batches() -> list[torch.Tensor]:
+    """uint8 CIFAR-sized noise with a constant and an all-zero image, a non-square uint8 batch, float greyscale."""
+    g = torch.Generator().manual_seed(0)
+    cifar = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
+    cifar[0] = 77
+    cifar[1] = 0
+    cifar[2] = (torch.arange(32 * 32).view(1, 32, 32) // 5).to(torch.uint8)  # a gradient
+    wide = torch.randint(0, 256, (5, 3, 20, 28), dtype=torch.uint8, generator=g)
+    grey = torch.rand(6, 1, 8, 8, generator=g)
+    return [cifar, wide, grey]
+
+
+@pytest.mark.parametrize(("name", "negative"), VARIANTS, ids=[f"{n}{'-' if s else '+'}" for n, s in VARIANTS])
+def test_each_randaugment_op_on_a_batch_equals_torchvision_image_by_image(name: str, negative: bool) -> None:
+    """One call on the whole batch, against torchvision's RandAugment forced to that op, one image at a time."""
+    ra = BatchRandAugment()
+    variant = 2 * ra.ops.index(name) + negative
+    ref_op = _torchvision_op(name, negative)
+    for x in _op_batches():
+        got = ra.apply(x, variant)
+        ref = torch.stack([ref_op(img) for img in x])
+        assert got.dtype == x.dtype and got.shape == x.shape
+        if x.dtype == torch.uint8:
+            assert torch.equal(got, ref), f"{name} {x.shape}: {int((got != ref).sum())} pixels differ"
+        else:  # float: batched and single-image convolutions may round the last bit differently
+            assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+    assert name == "Identity" or not torch.equal(ra.apply(_op_batches()[0], variant), _op_batches()[0])
+
+
+def _reference_batch(x: torch.Tensor, y: torch.Tensor, draws: Draws, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch ``batch`` of ``draws`` made image by image: crop and flip, then each round's op through torchvision."""
+    slots = range(batch * draws.batch_size, min((batch + 1) * draws.batch_size, len(draws.order)))
+    images = [x[int(draws.order[j])] for j in slots]
+    labels = [y[int(draws.order[j])] for j in slots]
+    if draws.crop is not None:
+        images = [_crop_flip_one(img, *draws.crop[:, j].tolist(), draws.crop_pad)
+                  for img, j in zip(images, slots, strict=True)]
+    ops = draws.randaugment.ops
+    for r in range(draws.randaugment.num_ops):
+        if r:
+            gather = draws.regroup[r - 1, slots.start:slots.stop].tolist()
+            images, labels = [images[k] for k in gather], [labels[k] for k in gather]
+        variants = draws.variants[r, slots.start:slots.stop].tolist()
+        images = [_torchvision_op(ops[v // 2], bool(v % 2))(img) for img, v in zip(images, variants, strict=True)]
+    return torch.stack(images), torch.stack(labels)
+
+
+def test_loader_batches_are_torchvision_randaugment_image_by_image_under_their_draws(synthetic_cifar: Path) -> None:
+    """Every training batch equals crop + flip + two torchvision ops per image, as the epoch's draws say."""
+    data = load_cifar10(synthetic_cifar)
+    x, y = data.train_x[:70], data.train_y[:70]
+    ld = BatchLoader(x, y, 32, train=True, randaugment=True, seed=5)
+    ld.set_epoch(1, 2)
+    draws = ld.epoch_draws()
+    batches = _batches(ld)
+    assert len(batches) == 3
+    for b, (xb, yb) in enumerate(batches):
+        ref_x, ref_y = _reference_batch(x, y, draws, b)
+        assert torch.equal(yb, ref_y)
+        assert torch.equal(xb, ref_x.float() / 255)
+
+
+def test_augment_returns_the_images_in_their_input_order() -> None:
+    """``augment`` (the streamed loader's per-batch recipe) regroups internally but hands back input order."""
+    ra = BatchRandAugment()
+    x = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    got = augment(x, 2, ra, torch.Generator().manual_seed(9))
+    draws = draw_epoch(40, 40, torch.Generator().manual_seed(9), shuffle=False, crop_pad=2, randaugment=ra)
+    ref, position = _reference_batch(x, torch.arange(40), draws, 0)
+    assert torch.equal(got, ref[torch.argsort(position)])
+    assert torch.equal(got, augment(x, 2, ra, torch.Generator().manual_seed(9)))
+    assert not torch.equal(got, augment(x, 2, ra, torch.Generator().manual_seed(10)))
+    floats = augment(x.float() / 255, 2, ra, torch.Generator().manual_seed(9))  # float in [0, 1] stays so
+    assert floats.dtype == torch.float32 and floats.shape == x.shape
+    assert 0 <= float(floats.min()) <= float(floats.max()) <= 1
+
+
+def test_randaugment_draws_have_torchvisions_distribution() -> None:
+    """Ops uniform over torchvision's 14 and independent across the two rounds; signed ops negated half the time."""
+    tv = v2.RandAugment()
+    ra = BatchRandAugment()
+    assert (ra.num_ops, ra.ops) == (tv.num_ops, tuple(TV_SPACE)) and len(ra.ops) == 14
+    assert [ra.magnitude(2 * ra.ops.index("Rotate") + s, 32, 32) for s in (0, 1)] == [9.0, -9.0]  # bin 9 of 0..30
+    n = 30_000
+    variants = ra.draw(n, torch.Generator().manual_seed(0))
+    op, negative = variants // 2, (variants % 2).bool()
+    assert stats.chisquare(torch.bincount(op.flatten(), minlength=14).numpy()).pvalue > 1e-3
+    pairs = torch.bincount(op[0] * 14 + op[1], minlength=14 * 14).numpy()  # 153 a cell on average
+    assert stats.chisquare(pairs).pvalue > 1e-3
+    signed = torch.tensor([s for _, s in TV_SPACE.values()])[op]
+    assert not negative[~signed].any()
+    for r in range(2):
+        k, m = int(negative[r][signed[r]].sum()), int(signed[r].sum())
+        assert stats.binomtest(k, m, 0.5).pvalue > 1e-3
+
+
+def test_images_of_one_batch_get_their_own_ops() -> None:
+    """One image 128 times, no crop: per-image ops give many different results; one op per batch would give one."""
+    img = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    ld = BatchLoader(img.expand(128, -1, -1, -1), torch.zeros(128, dtype=torch.int64), 128, train=True, crop_pad=0,
+                     randaugment=True)
+    xb, _ = next(iter(ld))
+    assert len(torch.unique(xb.flatten(1), dim=0)) >= 50
+    first_ops = {v // 2 for v, _, _ in ld.epoch_draws().groups[0][0]}
+    assert len(first_ops) >= 10  # of 14; each image drew its own
+
+
+@pytest.mark.parametrize("randaugment", [False, True])
+def test_training_epoch_copies_its_draws_to_the_device_once(monkeypatch: pytest.MonkeyPatch,
+                                                            randaugment: bool) -> None:
+    """Host-to-device transfers during an epoch: one, whatever the number of batches (was three a batch).
+
+    Counted as every ``Tensor.to`` given a device (or a tensor to follow) and every ``torch.tensor`` /
+    ``torch.as_tensor`` made on a device: on a CPU they copy nothing, but each is a blocking copy on CUDA.
+    """
+    x = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ld = BatchLoader(x, torch.arange(100), 16, train=True, randaugment=randaugment)  # its constants move here
+    transfers = []
+    to, tensor, as_tensor = torch.Tensor.to, torch.tensor, torch.as_tensor
+
+    def counting_to(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if kwargs.get("device") is not None or any(isinstance(a, torch.device | str | torch.Tensor) for a in args):
+            transfers.append("Tensor.to")
+        return to(self, *args, **kwargs)
+
+    def counting(make: object, label: str) -> object:
+        def made(*args: object, **kwargs: object) -> torch.Tensor:
+            if kwargs.get("device") is not None:
+                transfers.append(label)
+            return make(*args, **kwargs)
+        return made
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    monkeypatch.setattr(torch, "tensor", counting(tensor, "torch.tensor"))
+    monkeypatch.setattr(torch, "as_tensor", counting(as_tensor, "torch.as_tensor"))
+    for epoch in range(2):
+        ld.set_epoch(epoch)
+        transfers.clear()
+        assert sum(len(yb) for _, yb in ld) == 100
+        assert transfers == ["Tensor.to"], f"epoch {epoch}: {transfers}"
+
+
+@pytest.mark.gpu
+def test_cuda_epoch_never_waits_for_the_device_and_draws_as_the_cpu_does(cuda: torch.device) -> None:
+    """No synchronising call (blocking copy, .item(), .nonzero()) in a whole epoch; the order is the CPU's."""
+    x = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(300)
+    on_gpu = BatchLoader(x, y, 64, cuda, train=True, randaugment=True, seed=3)
+    on_cpu = BatchLoader(x, y, 64, "cpu", train=True, randaugment=True, seed=3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = [(xb, yb) for xb, yb in on_gpu]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = _batches(on_cpu)
+    assert all(torch.equal(g[1].cpu(), c[1]) for g, c in zip(gpu, cpu, strict=True))
+    assert all(g[0].shape == c[0].shape and g[0].dtype == torch.float32 for g, c in zip(gpu, cpu, strict=True))
