@@ -19,6 +19,12 @@ footer lists the files they replace (name, size, sha256) and the units of work t
 one reading rule, applied here by ``read_table`` and ``read_unit``: a file that a compact file of the
 same folder replaces, and that is still byte for byte that file (a leftover of a compaction stopped
 before it removed its inputs), is not read; the compact file holds its rows.
+
+A damaged file (empty, cut short, corrupt: written by something other than ``write_rows``, or hurt
+on disk) is left out of every read and left where it is, with one warning per file (``damaged``,
+once per process) that names it and says what to do; the rest of the table is read. One that is
+empty or cut short (``table_files``) is passed over by ``compress.compact`` too; one whose footer
+reads but whose pages do not is found only by reading it, and stops a compaction in one line.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -40,6 +47,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 ENV_RESULTS = "COMPRESS_RESULTS"
@@ -220,11 +229,94 @@ COMPACTED = b"compress.compacted"  # footer key of a compact file: {"version", "
 RETRIES = 5  # scans of a folder that a compaction changed under the reader (a file listed, then removed)
 
 
+MAGIC = b"PAR1"  # a Parquet file starts and ends with it (the footer follows the data)
+COMPACT_PREFIX = "compact-"  # the names of compress.compact's files
+_WARNED: set[tuple[str, int, int]] = set()  # (path, bytes, mtime_ns) of the damaged files warned about
+
+
+def _unreadable(e: BaseException) -> bool:
+    """Whether ``e`` says a file's bytes are not Parquet (a damaged file), rather than that it is gone
+    (``FileNotFoundError``: a compaction merged it, look again) or not ours to read (``PermissionError``)."""
+    return isinstance(e, OSError | pa.ArrowException) and not isinstance(e, FileNotFoundError | PermissionError)
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def damaged(path: str | os.PathLike, why: str | BaseException, left: str = "its rows are left out") -> None:
+    """Warn once (per process, per version of the file) that ``path`` cannot be read: ``left`` says what that does.
+
+    The line names the file, why, and what to do: a PTQ task writes its file anew when its command
+    runs again; a run writes a phase's rows once (again only for a phase it had not finished when
+    resumed), so those come back from a copy or not at all; a compact file holds the rows of many.
+    """
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError:
+        return  # gone meanwhile: nothing left to warn about
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    if path.name.startswith(COMPACT_PREFIX):
+        todo = ("it is a compact file: the rows of every file it merged are left out; put back a good copy if "
+                "there is one, else delete it and rerun what wrote them (a ptq command writes its task files anew)")
+    elif path.parent.name == "ptq":
+        todo = "delete it, or run its ptq command again (same --run-id): that task writes the file anew"
+    else:
+        todo = ("delete it, or put back a good copy: a run writes these rows once (again only for a phase it had "
+                "not finished, when resumed), so without a copy they are lost")
+    reason = why if isinstance(why, str) else _why(why)
+    log.warning("damaged result file %s (%s): %s, the file left in place; %s", path, reason, left, todo)
+
+
+def _damage(path: Path) -> str:
+    """Why ``path`` is not a whole Parquet file: '' when it starts and ends with ``MAGIC``.
+
+    One open and two 4-byte reads: an empty file, one cut short (a copy or write stopped midway: no
+    footer) or one zeroed by a crash is known before anything parses it.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return "an empty file, 0 bytes"
+        if size < 2 * len(MAGIC) + 4:
+            return f"{size} bytes, too short for Parquet"
+        head = f.read(len(MAGIC))
+        f.seek(-len(MAGIC), os.SEEK_END)
+        tail = f.read(len(MAGIC))
+    if head != MAGIC:
+        return f"{size:,} bytes that do not start as Parquet does"
+    if tail != MAGIC:
+        return f"{size:,} bytes without a Parquet footer: cut short"
+    return ""
+
+
 def table_files(folder: str | os.PathLike) -> list[Path]:
-    """The Parquet files of one table folder, sorted; hidden ones (``.``: a write in progress, ``_``) left out."""
+    """The Parquet files of one table folder, sorted; hidden ones (``.``: a write in progress, ``_``) left out.
+
+    So is a file that is not a whole Parquet file (empty, cut short: ``_damage``), with one warning
+    (``damaged``): readers and ``compress.compact`` alike pass it over and leave it where it is.
+    """
     folder = Path(folder)
-    found = folder.glob("*.parquet") if folder.is_dir() else []
-    return sorted(f for f in found if not f.name.startswith((".", "_")))
+    found = sorted(f for f in (folder.glob("*.parquet") if folder.is_dir() else [])
+                   if not f.name.startswith((".", "_")))
+    out = []
+    for f in found:
+        try:
+            why = _damage(f)
+        except FileNotFoundError:  # merged and removed by a compaction since the listing
+            continue
+        except OSError:  # not readable here (permissions): the reader says so
+            why = ""
+        if why:
+            damaged(f, why, "passed over by every read and compaction")
+        else:
+            out.append(f)
+    return out
 
 
 def compaction_manifest(schema: pa.Schema) -> dict[str, Any] | None:
@@ -260,44 +352,100 @@ def superseded(schemas: Mapping[Path, pa.Schema]) -> set[Path]:
     return out
 
 
+def _read_schemas(files: Iterable[Path]) -> dict[Path, pa.Schema]:
+    """Each file's schema; a file whose footer does not parse is warned about (``damaged``) and left out."""
+    out: dict[Path, pa.Schema] = {}
+    for f in files:
+        try:
+            out[f] = pq.read_schema(f)
+        except (OSError, pa.ArrowException) as e:
+            if not _unreadable(e):
+                raise
+            damaged(f, e)
+    return out
+
+
+def _read_files(files: list[Path], schema: pa.Schema) -> pa.Table | None:
+    """``files`` as one table with ``schema``; if one of them does not read, the others (it warned about);
+    None when none reads.
+
+    The whole set is read at once (fast); only when that fails is each file read on its own to find
+    the damaged ones (a page that does not decompress while the footer is whole).
+    """
+    import pyarrow.dataset as ds
+
+    try:
+        return ds.dataset([str(f) for f in files], format="parquet", schema=schema).to_table()
+    except (OSError, pa.ArrowException) as e:
+        if not _unreadable(e):
+            raise
+    parts = []
+    for f in files:
+        try:
+            parts.append(ds.dataset([str(f)], format="parquet", schema=schema).to_table())
+        except (OSError, pa.ArrowException) as e:
+            if not _unreadable(e):
+                raise
+            damaged(f, e)
+    return pa.concat_tables(parts) if parts else None
+
+
 def read_table(root: str | os.PathLike, table: str) -> pa.Table:
     """All rows of one table under a results root, each once.
 
     Files written before a spec field existed lack its column: the schema is the union of the files'
     schemas, and their rows read null there (not dropped, as a schema taken from one file would).
     Leftovers of an interrupted compaction are skipped (``superseded``); a folder that a compaction
-    changes while it is read is read again.
+    changes while it is read is read again. A damaged file is left out with one warning (``damaged``);
+    ``FileNotFoundError`` when the table has no file, or none that reads.
     """
-    import pyarrow.dataset as ds
-
+    folder = Path(root) / table
     for attempt in range(RETRIES):
-        files = table_files(Path(root) / table)
-        if not files:
-            raise FileNotFoundError(f"no {table} results under {Path(root)}")
+        files = table_files(folder)
         try:
-            schemas = {f: pq.read_schema(f) for f in files}
-            kept = [f for f in files if f not in superseded(schemas)]
+            schemas = _read_schemas(files)
+            kept = [f for f in files if f in schemas and f not in superseded(schemas)]
+            if not kept:
+                break
             schema = pa.unify_schemas([schemas[f].remove_metadata() for f in kept])
-            return ds.dataset([str(f) for f in kept], format="parquet", schema=schema).to_table()
+            rows = _read_files(kept, schema)
         except FileNotFoundError:  # a compaction removed a listed file: its rows are in a file listed now
             if attempt == RETRIES - 1:
                 raise
-    raise AssertionError("unreachable")
+            continue
+        if rows is not None:
+            return rows
+        break
+    if folder.is_dir() and any(not f.name.startswith((".", "_")) for f in folder.glob("*.parquet")):
+        raise FileNotFoundError(f"no readable {table} results under {Path(root)}: every file of {folder} is "
+                                f"damaged (see the warnings)")
+    raise FileNotFoundError(f"no {table} results under {Path(root)}")
 
 
 def find_unit(path: str | os.PathLike) -> tuple[Path, int, int] | None:
     """Where the rows a job wrote to ``path`` are: (file, first row, rows), or None when nowhere.
 
-    The file itself while it exists, else the compact file that merged it (see ``compress.compact``).
+    The file itself while it exists and reads, else the compact file that merged it (see
+    ``compress.compact``). A damaged file is warned about and passed over (``damaged``): a job that
+    asks before writing then writes its unit again, over it.
     """
     path = Path(path)
     for _ in range(RETRIES):
         try:
             if path.is_file():
-                return path, 0, pq.ParquetFile(path).metadata.num_rows
+                try:
+                    return path, 0, pq.ParquetFile(path).metadata.num_rows
+                except (OSError, pa.ArrowException) as e:
+                    if not _unreadable(e):
+                        raise
+                    damaged(path, e)
             for f in table_files(path.parent):
+                if f == path:
+                    continue
+                schema = _read_schemas([f]).get(f)  # None: damaged, warned about
+                manifest = compaction_manifest(schema) if schema is not None else None
                 offset = 0
-                for name, rows in (compaction_manifest(pq.read_schema(f)) or {}).get("units", []):
+                for name, rows in (manifest or {}).get("units", []):
                     if name == path.name:
                         return f, offset, rows
                     offset += rows
@@ -312,6 +460,7 @@ def read_unit(path: str | os.PathLike) -> pa.Table | None:
 
     What a job that writes once asks before writing ("is my unit of work already written?"): a
     requeued job finds its rows after a compaction merged its file away, and does not write them twice.
+    Rows in a damaged file count as not written (warned about once): the job writes them again.
     """
     for _ in range(RETRIES):
         where = find_unit(path)
@@ -322,6 +471,11 @@ def read_unit(path: str | os.PathLike) -> pa.Table | None:
             table = pq.read_table(file)
         except FileNotFoundError:
             continue
+        except (OSError, pa.ArrowException) as e:
+            if not _unreadable(e):
+                raise
+            damaged(file, e)
+            return None
         return (table if file == Path(path) else table.slice(first, rows)).replace_schema_metadata(None)
     raise FileNotFoundError(f"cannot read the rows of {path}: the files holding them keep changing")
 

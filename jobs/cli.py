@@ -200,16 +200,25 @@ def open_executor(options: ExecutorOptions, spans_nodes: bool = False, shared: S
                   inputs: Sequence[tuple[str, str]] = ()) -> LocalExecutor | SlurmExecutor:
     """``build_executor`` for the CLI: a cluster problem is one line and exit code 2.
 
-    Only a search (``spans_nodes``) uses more than one node; other jobs spread over nodes as arrays.
-    ``inputs`` (``job_inputs``): files the jobs read, checked from a node with the folders.
+    Only a search (``spans_nodes``) uses more than one node, or more than one GPU: its trials run
+    side by side. Other jobs spread over nodes and GPUs as arrays; one of them given several GPUs
+    runs on the first (one warning line once the executor is built: the job goes out as asked, since
+    a user's own model code may use the others). ``inputs`` (``job_inputs``): files the jobs read,
+    checked from a node with the folders.
     """
     if options.nodes > 1 and not spans_nodes:
         fail(f"nodes={options.nodes} is invalid: only a search (tune) spans nodes; this job runs on one node "
              f"(spread runs over nodes with --seeds, an array)")
     try:
-        return build_executor(options, shared=shared, inputs=inputs)
+        ex = build_executor(options, shared=shared, inputs=inputs)
     except ValueError as e:
         fail(str(e))
+    gpus = options.job_gpus
+    if gpus > 1 and not spans_nodes:
+        click.echo(f"warning: {gpus} GPUs per job: a prune, train or PTQ job runs on one of them (its --device; "
+                   f"cuda is cuda:0), the other {gpus - 1} sit idle unless your own model code uses them; for runs "
+                   f"side by side use --seeds (an array of one-GPU jobs) or a search (tune)", err=True)
+    return ex
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)  # what a user's input can cause: exit 2

@@ -2,7 +2,9 @@
 
 The launcher calls these before it submits anything (a bad model string, a factory that raises,
 weights that do not fit, a class count the model does not output: one line, exit 2); the job calls
-them again where it runs (a SLURM node imports a user's model module there).
+them again where it runs (a SLURM node imports a user's model module there). The device is the one
+thing checked where the job runs only: a login node without a GPU submits ``--device cuda`` jobs
+(``check_device``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from compress.datasets import ImageData, load_data
 from compress.loops import pick_device
 from compress.models import WeightsError
 from compress.prune import check_budget
+from jobs.executors import ExecutorOptions
 from jobs.specs import PruneSpec, PTQSpec, check
 
 
@@ -48,15 +51,40 @@ def load_run_model(spec: Any, data: ImageData, weights: str | None = None) -> to
     return model
 
 
-def check_job(spec: Any, download: bool = False) -> tuple[ImageData, torch.nn.Module]:
+def check_device(device: str, executor: ExecutorOptions | None = None) -> None:
+    """The spec's ``--device`` against where the job runs: ``ValueError`` with one line if it cannot be had.
+
+    Here (no ``executor``, or one without a partition): this process must see it (``pick_device``:
+    ``cuda`` on a machine without a GPU is refused). On SLURM the node checks it when the job starts
+    (the submitting machine, a login node, may have no GPU at all); here only that the job gets the
+    GPUs it names: ``cuda`` with ``--gpus 0`` would get none, ``cuda:1`` needs ``--gpus 2`` (SLURM
+    numbers a job's GPUs from 0).
+    """
+    if executor is None or executor.local:
+        pick_device(device)
+        return
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        return
+    check(index.isdigit() or not index, "device", device, "use auto, cpu, cuda or cuda:N")
+    need, have = int(index or 0) + 1, executor.job_gpus
+    check(have >= need, "device", device,
+          "the SLURM job gets no GPU (--gpus 0); ask for one with --gpus 1, or use --device auto or cpu" if not have
+          else f"the SLURM job gets {have} GPU(s), numbered from 0; ask for --gpus {need}, or use "
+          + ("cuda" if have == 1 else f"cuda:0 to cuda:{have - 1}"))
+
+
+def check_job(spec: Any, download: bool = False,
+              executor: ExecutorOptions | None = None) -> tuple[ImageData, torch.nn.Module]:
     """Everything a job will load, loaded and checked here first: (data, model).
 
     The data and the model (output width against the classes), the starting weights a kind needs,
     a teacher, a prune spec's kept-dense names and sparsity budget against the model's layers, and a
-    PTQ spec's methods against the model (``jobs.ptq.preflight``). Any problem is a ``ValueError``
-    line; the launcher and the searches call it before anything is submitted or written.
+    PTQ spec's methods against the model (``jobs.ptq.preflight``). The device against where the
+    job runs (``executor``: its options; None runs here; ``check_device``). Any problem is a
+    ``ValueError`` line; the launcher and the searches call it before anything is submitted or written.
     """
-    pick_device(spec.device)
+    check_device(spec.device, executor)
     data = load_run_data(spec, download=download)
     if spec.needs_weights() and not spec.weights:
         what = "weights to quantize" if isinstance(spec, PTQSpec) else "starting weights"
@@ -67,19 +95,21 @@ def check_job(spec: Any, download: bool = False) -> tuple[ImageData, torch.nn.Mo
     if isinstance(spec, PruneSpec):
         check_budget(model, spec.final_sparsity, spec.keep_dense, spec.max_layer_sparsity)
     if isinstance(spec, PTQSpec):
-        preflight(spec, data, model.eval())
+        preflight(spec, data, model.eval(), executor=executor)
     return data, model
 
 
-def preflight(spec: Any, data: ImageData, model: torch.nn.Module, trace: bool = True) -> None:
+def preflight(spec: Any, data: ImageData, model: torch.nn.Module, trace: bool = True,
+              executor: ExecutorOptions | None = None) -> None:
     """What the spec alone cannot check: the data's size, whether each method takes this model, this
-    machine's quantized engines and device. With ``trace`` (before submitting), ``pt2e`` exports and
-    ``fx`` traces the model once (seconds), so one they cannot trace is one line before anything is
-    submitted; the job itself leaves that to its backends, which raise the same line."""
+    machine's quantized engines and the device (``check_device``: where the job runs, ``executor``).
+    With ``trace`` (before submitting), ``pt2e`` exports and ``fx`` traces the model once (seconds),
+    so one they cannot trace is one line before anything is submitted; the job itself leaves that to
+    its backends, which raise the same line."""
     from compress.quant import quiet  # torchao: loaded by PTQ specs only
     from compress.quant.backends import BACKENDS
 
-    pick_device(spec.device)
+    check_device(spec.device, executor)
     train_images = len(data.train)
     for n in spec.calib_sizes:
         check(n <= train_images, "calib_sizes", n, f"larger than the training set ({train_images} images)")

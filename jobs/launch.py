@@ -62,18 +62,20 @@ def _build_spec(cls: type, options: dict[str, Any]):
         fail(str(e))
 
 
-def _preflight(spec: Any, download: bool = False) -> tuple[tuple[int, int], tuple[int, int, int]]:
+def _preflight(spec: Any, download: bool = False,
+               executor: ExecutorOptions | None = None) -> tuple[tuple[int, int], tuple[int, int, int]]:
     """Check what a user can get wrong before anything is written: data, model and weights must load and fit.
 
     The model is built here (a user's factory imported, a timm name looked up), its output width
     checked against the data's classes, and a prune spec's kept-dense names and budget against its
     layers. With ``download``, CIFAR-10 is fetched into the data root first (here, so a SLURM job
-    finds it). Returns the (training, test) sizes and the image shape.
+    finds it). The device is checked where the job runs (``executor``: on SLURM by the node, here by
+    this process). Returns the (training, test) sizes and the image shape.
     """
     from jobs.inputs import check_job
 
     try:
-        data, model = check_job(spec, download)
+        data, model = check_job(spec, download, executor)
         # state.prev.pt and state.pt (weights, optimizer moments, masks) while a new one is written, then final.pt
         param_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         check_results_root(spec.results, 10 * param_bytes + 2**20)
@@ -227,7 +229,7 @@ def _run(specs: list[Any], fn: Any, dry_run: bool, executor: ExecutorOptions, do
         if not executor.local:
             click.echo(render_sbatch(executor))
         return
-    sizes = _preflight(specs[0], download)
+    sizes = _preflight(specs[0], download, executor)
     try:
         states = [check_run(spec) for spec in specs]  # another spec's run under this id: refused before anything
     except USER_ERRORS as e:
@@ -527,7 +529,7 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
             click.echo(render_sbatch(executor))
         return
     try:
-        check_job(spec, download)
+        check_job(spec, download, executor)
         check_results_root(spec.results, 2**20)
     except USER_ERRORS as e:
         fail(str(e))

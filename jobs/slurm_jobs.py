@@ -163,9 +163,11 @@ def run_progress(spec: Any, workdir: Path | None = None, job_id: str = "") -> st
     if getattr(spec, "kind", None) and spec.kind() == "ptq":  # one task of a PTQ sweep: its own row file
         from compress.results import find_unit
 
-        where = find_unit(results / spec.task_file().relative_to(spec.results))  # its file, or merged by compact
+        path = results / spec.task_file().relative_to(spec.results)
+        where = find_unit(path)  # its file, or merged by compact; a damaged file is warned about and passed over
         if where is None:
-            return f"task {spec.task_name()}: no rows yet"
+            return f"task {spec.task_name()}: " + ("its file is damaged (see the warning)" if path.exists()
+                                                   else "no rows yet")
         return f"task {spec.task_name()}: {where[2]} rows written"
     files = sorted(results.glob(f"*/{spec.run_id}*.parquet"))
     return f"{len(files)} result file(s)" if files else "not started"

@@ -11,6 +11,7 @@ import pickle
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,12 @@ from jobs.executors import (
     build_executor,
     check_cluster,
     check_folder,
+    gpu_flag,
+    gres_gpus,
     parse_sinfo,
     parse_time,
     render_sbatch,
+    slurm_parameters,
 )
 from jobs.launch import cli
 from jobs.slurm_jobs import Requeueable, find_jobs, finished_runs, run_progress
@@ -57,6 +61,10 @@ def test_parse_time_rejects_other_forms(text):
     ({"sbatch": ("not a flag",)}, "use KEY=VALUE or KEY"),
     ({"folder": ""}, "folder='' is invalid"),
     ({"partition": "", "gpus": 1, "time": "5"}, "SLURM option(s) --gpus, --time given without --partition"),
+    ({"gpu_request": "gpus"}, "gpu_request='gpus' is invalid: use one of auto, gpus-per-node, gres"),
+    ({"partition": "", "gpu_request": "gres"}, "SLURM option(s) --gpu-request given without --partition"),
+    ({"gpus": 1, "sbatch": ("gres=gpu:a100:1",)},
+     "sbatch='gres=gpu:a100:1' is invalid: it asks for GPUs and so does --gpus 1: give them once"),
 ])
 def test_options_name_the_bad_field(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -71,7 +79,8 @@ def test_gres_is_not_a_managed_flag():
 
 def test_rendered_sbatch_script():
     """Golden: what submitit writes for a fully specified launch."""
-    opts = ExecutorOptions(partition="gpu", gpus=2, cpus=8, mem="16g", time="1-02:00:00", account="proj",
+    opts = ExecutorOptions(partition="gpu", gpus=2, gpu_request="gpus-per-node", cpus=8, mem="16g", time="1-02:00:00",
+                           account="proj",
                            qos="high", sbatch=("constraint=a100",), setup=("source /shared/venv/bin/activate",),
                            folder="/shared/jobs", signal_delay=120, array_parallelism=4)
     assert render_sbatch(opts, command="PY -u -m submitit.core._submit F") == """#!/bin/bash
@@ -147,6 +156,24 @@ def fake_sinfo(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
 
 
+@pytest.fixture
+def fake_slurm(fake_sinfo, tmp_path) -> Callable[[str], Path]:
+    """``fake_sinfo`` plus an ``scontrol show config`` naming the select plugin (the argument: ``select/...``)
+    and an ``sbatch`` that takes every script (job 4242) and leaves it to submitit to file in the job folder."""
+    bin_dir = tmp_path / "bin"
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "sbatch").chmod(0o755)
+
+    def cluster(select: str) -> Path:
+        (bin_dir / "scontrol").write_text(f"#!/bin/sh\nprintf 'MaxArraySize            = 1001\\n"
+                                          f"SelectType              = {select}\\n"
+                                          f"SelectTypeParameters    = CR_CPU_Memory\\n'\n")
+        (bin_dir / "scontrol").chmod(0o755)
+        return tmp_path / "jobs" / "4242" / "4242_submission.sh"
+
+    return cluster
+
+
 @pytest.mark.parametrize("bad, expected", [
     (["--partition", "nope"], "error: partition='nope' is unknown; known: debug, gpu"),
     (["--partition", "debug", "--gpus", "1"], "error: gpus=1 is more than a node of partition 'debug' has (0)"),
@@ -169,7 +196,8 @@ def test_bad_launch_is_one_line_exit_2_and_writes_nothing(fake_sinfo, synthetic_
     assert not (tmp_path / "jobs").exists() and not (tmp_path / "results").exists()
 
 
-def test_dry_run_shows_each_seed_and_the_sbatch_script(synthetic_cifar, tmp_path):
+def test_dry_run_shows_each_seed_and_the_sbatch_script(fake_slurm, synthetic_cifar, tmp_path):
+    fake_slurm("select/cons_tres")
     res = CliRunner().invoke(cli, ["prune", "--data-root", str(synthetic_cifar), "--run-id", "x", "--seeds", "3,4",
                                    "--partition", "gpu", "--gpus", "1", "--folder", str(tmp_path / "jobs"),
                                    "--dry-run"])
@@ -395,3 +423,130 @@ def test_check_nodes_is_an_option_of_every_slurm_command() -> None:
     for command in (["prune"], ["ptq"], ["tune", "prune"]):
         res = CliRunner().invoke(cli, [*command, "--help"], terminal_width=200)
         assert "--check-nodes" in res.output and "--no-check-nodes" in res.output, command
+
+
+# ---- GPUs: how they are asked for, and what a job does with them ---------------------------------------
+
+
+@pytest.mark.parametrize("request_, select, flag", [
+    ("auto", "select/cons_tres", "gpus-per-node"),
+    ("auto", "select/cons_res", "gres"),      # SLURM before cons_tres: --gpus-per-node is refused there
+    ("auto", "select/linear", "gres"),
+    ("auto", "", "gpus-per-node"),            # scontrol not readable: the long-standing default
+    ("gres", "select/cons_tres", "gres"),     # the option overrides what the cluster says
+    ("gpus-per-node", "select/cons_res", "gpus-per-node"),
+])
+def test_the_gpu_flag_follows_the_select_plugin_unless_given(request_, select, flag):
+    assert gpu_flag(ExecutorOptions(partition="gpu", gpus=2, gpu_request=request_), select) == flag
+
+
+def test_gpus_as_gres_join_the_users_other_gres():
+    opts = ExecutorOptions(partition="gpu", gpus=2, sbatch=("gres=nvme:1", "constraint=a100"))
+    params = slurm_parameters(opts, "gres")
+    assert params["gres"] == "gpu:2,nvme:1" and "gpus_per_node" not in params
+    assert params["additional_parameters"] == {"constraint": "a100"}  # no second --gres to override the first
+    script = render_sbatch(opts, gpus_as="gres")
+    assert "#SBATCH --gres=gpu:2,nvme:1" in script and "gpus-per-node" not in script
+    params = slurm_parameters(opts, "gpus-per-node")
+    assert params["gpus_per_node"] == 2 and params["additional_parameters"]["gres"] == "nvme:1"
+    assert "gres" not in slurm_parameters(ExecutorOptions(partition="gpu"), "gres")  # no GPUs: no flag
+
+
+def test_gres_gpus_counts_the_gpus_of_a_gres_value():
+    assert [gres_gpus(g) for g in ("gpu:2", "gpu:a100:1,nvme:1", "gpu", "gpu:a100", "nvme:1", None, True)] == [
+        2, 1, 1, 1, 0, 0, 0]
+    assert ExecutorOptions(partition="gpu", sbatch=("gres=gpu:a100:2",)).job_gpus == 2
+
+
+@pytest.mark.parametrize("select, flag", [("select/cons_res", "--gres=gpu:1"),
+                                          ("select/cons_tres", "--gpus-per-node=1")])
+def test_a_submission_asks_for_gpus_as_the_cluster_takes_them(fake_slurm, synthetic_cifar, synthetic_weights,
+                                                             tmp_path, select, flag):
+    """Through the CLI and submitit to an ``sbatch``: the script submitted names the GPUs in the cluster's form."""
+    script = fake_slurm(select)
+    res = CliRunner().invoke(cli, ["prune", "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights),
+                                   "--results", str(tmp_path / "results"), "--phases", "1", "--epochs", "1",
+                                   "--partition", "gpu", "--gpus", "1", "--no-check-nodes",
+                                   "--folder", str(tmp_path / "jobs")])
+    assert res.exit_code == 0, res.output
+    assert "submitted job 4242" in res.stdout and not [ln for ln in res.stderr.splitlines() if ln.startswith("warning")]
+    lines = script.read_text().splitlines()
+    assert [ln for ln in lines if ln.startswith(("#SBATCH --gres", "#SBATCH --gpus"))] == [f"#SBATCH {flag}"]
+    dry = CliRunner().invoke(cli, ["prune", "--partition", "gpu", "--gpus", "1", "--dry-run",
+                                   "--folder", str(tmp_path / "jobs")])
+    assert f"#SBATCH {flag}" in dry.stdout
+
+
+def test_several_gpus_for_a_one_gpu_job_are_one_warning_line(fake_slurm, synthetic_cifar, synthetic_weights,
+                                                             tmp_path):
+    """The job goes out as asked (a user's own model code may use the other GPUs), saying once that it uses one."""
+    script = fake_slurm("select/cons_tres")
+    res = CliRunner().invoke(cli, ["prune", "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights),
+                                   "--results", str(tmp_path / "results"), "--phases", "1", "--epochs", "1",
+                                   "--partition", "gpu", "--gpus", "2", "--no-check-nodes",
+                                   "--folder", str(tmp_path / "jobs")])
+    assert res.exit_code == 0, res.output
+    assert [ln for ln in res.stderr.splitlines() if ln.startswith("warning")] == [
+        "warning: 2 GPUs per job: a prune, train or PTQ job runs on one of them (its --device; cuda is cuda:0), the "
+        "other 1 sit idle unless your own model code uses them; for runs side by side use --seeds (an array of "
+        "one-GPU jobs) or a search (tune)"]
+    assert "#SBATCH --gpus-per-node=2" in script.read_text()
+
+
+@pytest.mark.parametrize("device, options, message", [
+    ("cuda", {}, "device='cuda' is invalid: the SLURM job gets no GPU (--gpus 0); ask for one with --gpus 1, or use "
+                 "--device auto or cpu"),
+    ("cuda:1", {"gpus": 1}, "device='cuda:1' is invalid: the SLURM job gets 1 GPU(s), numbered from 0; ask for "
+                            "--gpus 2, or use cuda"),
+    ("cuda:2", {"gpus": 2}, "numbered from 0; ask for --gpus 3, or use cuda:0 to cuda:1"),
+    ("cuda:x", {"gpus": 1}, "device='cuda:x' is invalid: use auto, cpu, cuda or cuda:N"),
+])
+def test_a_device_the_slurm_job_would_not_get_is_one_line(device, options, message):
+    from jobs.inputs import check_device
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_device(device, ExecutorOptions(partition="gpu", **options))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without a GPU, as a login node is")
+def test_cuda_is_checked_where_the_job_runs_not_on_a_login_node(synthetic_cifar, synthetic_weights, tmp_path):
+    """Here (no partition) this machine must have the device; for SLURM the node checks it when the job
+    starts, and here only that the job gets a GPU (by --gpus, or a typed --sbatch gres)."""
+    from jobs.inputs import check_device, check_job
+
+    common = {"data_root": str(synthetic_cifar), "weights": str(synthetic_weights), "results": str(tmp_path),
+              "device": "cuda", "test_size": 20}
+    prune = PruneSpec(**common, phases=1, epochs=1)
+    with pytest.raises(ValueError, match=r"device 'cuda' asked for but torch sees 0 CUDA device\(s\)"):
+        check_job(prune)
+    with pytest.raises(ValueError, match=r"torch sees 0 CUDA"):
+        check_job(prune, executor=ExecutorOptions())  # no partition: runs here
+    check_job(prune, executor=ExecutorOptions(partition="gpu", gpus=1))
+    ptq = PTQSpec(**common, methods=("manual",), calib_sizes=(50,))
+    check_job(ptq, executor=ExecutorOptions(partition="gpu", gpus=1))  # the PTQ preflight too
+    for device, options in (("cuda:1", {"gpus": 2}), ("cuda", {"sbatch": ("gres=gpu:a100:1",)}),
+                            ("auto", {}), ("cpu", {})):
+        check_device(device, ExecutorOptions(partition="gpu", **options))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a machine without a GPU, as a login node is")
+def test_cuda_jobs_go_to_slurm_from_a_machine_without_a_gpu(fake_slurm, synthetic_cifar, synthetic_weights,
+                                                            tmp_path) -> None:
+    """``--device cuda`` is checked where the job runs: refused here, and sent to SLURM with a GPU."""
+    script = fake_slurm("select/cons_tres")
+    inputs = ["--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights),
+              "--results", str(tmp_path / "results"), "--device", "cuda"]
+    prune = ["prune", *inputs, "--phases", "1", "--epochs", "1"]
+    slurm = ["--partition", "gpu", "--no-check-nodes", "--folder", str(tmp_path / "jobs")]
+    for args, message in (
+            (prune, "error: device 'cuda' asked for but torch sees 0 CUDA device(s)"),
+            ([*prune, *slurm], "error: device='cuda' is invalid: the SLURM job gets no GPU (--gpus 0); ask for one "
+                               "with --gpus 1, or use --device auto or cpu")):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code == 2 and res.stderr.splitlines() == [message], res.output
+        assert not (tmp_path / "jobs").exists() and not (tmp_path / "results").exists()
+    res = CliRunner().invoke(cli, [*prune, *slurm, "--gpus", "1"])
+    assert res.exit_code == 0 and "submitted job 4242" in res.stdout, res.output
+    assert "#SBATCH --gpus-per-node=1" in script.read_text()
+    res = CliRunner().invoke(cli, ["ptq", *inputs, "--methods", "manual", "--calib-sizes", "50", *slurm, "--gpus", "1"])
+    assert res.exit_code == 0 and "submitted job 4242" in res.stdout, res.output

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import shutil
 from pathlib import Path
 
@@ -257,13 +258,32 @@ def test_nothing_to_report_is_one_line_and_exit_2(ptq_only: Path, tmp_path: Path
     assert not out.exists()
 
 
-def test_a_damaged_file_is_one_line_and_exit_2(ptq_only: Path, tmp_path: Path) -> None:
+def test_a_damaged_file_is_left_out_with_one_warning_and_the_rest_reported(ptq_only: Path, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A half-copied file, an empty one and one whose pages do not read: each warned about once by name,
+    and the report is the report of the other files."""
     copy = tmp_path / "results"
     shutil.copytree(ptq_only, copy)
-    (copy / "ptq" / "half-copied.parquet").write_bytes(b"PAR1 not really")
-    res = CliRunner().invoke(cli, ["report", str(copy), "--out", str(tmp_path / "out")])
-    assert res.exit_code == 2
-    assert res.output.count("\n") == 1 and res.output.startswith("error: cannot read the ptq table under")
+    bad = {"half-copied.parquet": b"PAR1 not really", "empty.parquet": b""}
+    for name, data in bad.items():
+        (copy / "ptq" / name).write_bytes(data)
+    good = (copy / "ptq" / "alpha.parquet").read_bytes()
+    footer = len(good) - 8 - int.from_bytes(good[-8:-4], "little")  # the pages before it, overwritten
+    (copy / "ptq" / "zz-pages.parquet").write_bytes(good[:4] + b"\xff" * (footer - 4) + good[footer:])
+    with caplog.at_level(logging.WARNING, logger="compress"):
+        res = CliRunner().invoke(cli, ["report", str(copy), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 3, warned
+    for name in (*bad, "zz-pages.parquet"):
+        (line,) = [w for w in warned if str(copy / "ptq" / name) in w]
+        assert line.startswith("damaged result file") and "run its ptq command again" in line
+    assert (tmp_path / "out" / "report.md").is_file()
+    whole = build_report(ptq_only, tmp_path / "whole")
+    damaged = build_report(copy, tmp_path / "again")
+    assert whole.tables.keys() == damaged.tables.keys()
+    for name, table in whole.tables.items():
+        pd.testing.assert_frame_equal(table, damaged.tables[name], obj=name)
 
 
 def test_out_that_is_a_file_is_refused(ptq_only: Path, tmp_path: Path) -> None:

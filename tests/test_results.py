@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import os
 import re
 import subprocess
@@ -14,15 +15,19 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from compress.compact import CompactError, compact_results
 from compress.results import (
     PROJECT_DIR,
     PROVENANCE_FIELDS,
     atomic_write_bytes,
+    find_unit,
     job_id,
     make_schema,
     provenance,
     read_table,
+    read_unit,
     spec_row,
+    table_files,
     write_rows,
 )
 from jobs import tables
@@ -165,3 +170,104 @@ def test_result_files_get_the_mode_the_umask_gives(tmp_path: Path, umask: int) -
         os.umask(saved)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
     assert modes == dict.fromkeys(["summary.json", "state.pt", "r-p00.parquet", "plain"], 0o666 & ~umask)
+
+
+# ---- damaged files: one warning each, the rest of the table read ----------------------------------
+
+DAMAGE = ("empty", "cut short", "corrupt pages")
+
+
+def _damage(path: Path, how: str) -> None:
+    """Damage a real Parquet file in place: 0 bytes, its first half only (no footer), or its data pages
+    overwritten while its footer (its length in the 4 bytes before the closing ``PAR1``) stays whole."""
+    data = path.read_bytes()
+    if how == "empty":
+        path.write_bytes(b"")
+    elif how == "cut short":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        end = len(data) - 8 - int.from_bytes(data[-8:-4], "little")
+        path.write_bytes(data[:4] + b"\xff" * (end - 4) + data[end:])
+        assert pq.read_schema(path) == pq.read_schema(path)  # the footer still parses: only reading rows fails
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_file_is_left_out_of_read_table_with_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                   how: str) -> None:
+    for phase in (0, 1, 2):
+        write_rows(tmp_path / "phases" / f"r-p{phase:02d}.parquet", [_row(phase=phase, top1=10.0 * phase)], SCHEMA)
+    bad = tmp_path / "phases" / "r-p01.parquet"
+    _damage(bad, how)
+    damaged = bad.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="compress"):
+        for _ in range(3):  # every read leaves it out; the warning comes once
+            rows = read_table(tmp_path, "phases").to_pylist()
+            assert sorted((r["phase"], r["top1"]) for r in rows) == [(0, 0.0), (2, 20.0)]
+    (line,) = _warnings(caplog)
+    assert line.startswith(f"damaged result file {bad} (") and "delete it, or put back a good copy" in line
+    assert bad.read_bytes() == damaged  # left where it was, untouched
+
+
+def test_a_table_whose_every_file_is_damaged_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for i, how in enumerate(DAMAGE):
+        write_rows(tmp_path / "ptq" / f"r-minmax-{i}.parquet", [_row()], SCHEMA)
+        _damage(tmp_path / "ptq" / f"r-minmax-{i}.parquet", how)
+    with caplog.at_level(logging.WARNING, logger="compress"), \
+            pytest.raises(FileNotFoundError, match="no readable ptq results under .*: every file of .* is damaged"):
+        read_table(tmp_path, "ptq")
+    assert len(_warnings(caplog)) == 3
+    assert all("run its ptq command again (same --run-id)" in w for w in _warnings(caplog))
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_unit_reads_as_not_written_so_its_job_writes_it_again(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture,
+                                                                      how: str) -> None:
+    """``read_unit`` is what a PTQ task asks before writing: a damaged file is a unit to write again, over it."""
+    path = tmp_path / "ptq" / "r-minmax-100.parquet"
+    write_rows(path, [_row(top1=1.0)], SCHEMA)
+    _damage(path, how)
+    with caplog.at_level(logging.WARNING, logger="compress"):
+        assert read_unit(path) is None
+        assert read_unit(path) is None
+        # without a footer it is nowhere; with one (only the pages damaged) its footer still says where
+        assert find_unit(path) == (None if how != "corrupt pages" else (path, 0, 1))
+    assert len(_warnings(caplog)) == 1 and str(path) in _warnings(caplog)[0]
+    write_rows(path, [_row(top1=2.0)], SCHEMA)
+    assert read_unit(path).column("top1").to_pylist() == [2.0]
+    assert read_table(tmp_path, "ptq").column("top1").to_pylist() == [2.0]
+
+
+@pytest.mark.parametrize("how", ["empty", "cut short"])
+def test_compaction_leaves_a_damaged_file_in_place_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                               how: str) -> None:
+    for i in range(4):
+        write_rows(tmp_path / "ptq" / f"r-minmax-{i}.parquet", [_row(phase=i)], SCHEMA)
+    bad = tmp_path / "ptq" / "r-minmax-2.parquet"
+    _damage(bad, how)
+    damaged = bad.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="compress"):
+        (done,) = compact_results(tmp_path, ["ptq"])
+    assert (done.files_before, done.merged, done.written, done.rows) == (3, 3, 1, 3)
+    assert bad.read_bytes() == damaged  # neither merged nor removed
+    assert sorted(p.name for p in (tmp_path / "ptq").iterdir())[1:] == ["r-minmax-2.parquet"]
+    assert [p.name.startswith("compact-") for p in table_files(tmp_path / "ptq")] == [True]
+    (line,) = _warnings(caplog)
+    assert str(bad) in line and "passed over by every read and compaction, the file left in place" in line
+    assert sorted(read_table(tmp_path, "ptq").column("phase").to_pylist()) == [0, 1, 3]
+
+
+def test_compaction_refuses_a_file_whose_pages_do_not_read_naming_it(tmp_path: Path) -> None:
+    """A file whose footer is whole but whose rows do not read is found only by reading it: the compaction
+    stops at it in one line, naming it and what to do, before it writes or removes anything."""
+    for i in range(3):
+        write_rows(tmp_path / "ptq" / f"r-minmax-{i}.parquet", [_row(phase=i)], SCHEMA)
+    _damage(tmp_path / "ptq" / "r-minmax-1.parquet", "corrupt pages")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ptq").iterdir()}
+    with pytest.raises(CompactError, match=r"cannot read .*r-minmax-1\.parquet: .*move it out of the table folder"):
+        compact_results(tmp_path, ["ptq"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ptq").iterdir()} == before

@@ -7,6 +7,7 @@ whose lease a live process holds. The SLURM side is in tests/test_slurm.py.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobs import lease
+from compress.results import write_rows
+from jobs import lease, tables
 from jobs.launch import cli
-from jobs.specs import PruneSpec
+from jobs.ptq import plan_tasks, run_ptq
+from jobs.slurm_jobs import Requeueable
+from jobs.specs import PruneSpec, PTQSpec
 from jobs.training import run_prune
 
 
@@ -95,3 +99,29 @@ def test_status_of_one_run_and_of_nothing(results: Path, tmp_path: Path) -> None
                                         f"{tmp_path / 'no-jobs'}", err
     code, _, err = _status("nosuch", "--results", str(results), "--folder", str(tmp_path / "no-jobs"))
     assert code == 2 and len(err.splitlines()) == 1 and "and no run of that id under" in err
+
+
+def test_a_ptq_task_whose_file_is_damaged_is_shown_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The job folders of a two-task PTQ array (as submitit leaves them, no accounting here): one task's
+    rows are whole, the other's file was cut short; status shows both and warns once about that file."""
+    from submitit.core.utils import DelayedSubmission
+
+    results, jobs = tmp_path / "results", tmp_path / "jobs"
+    tasks = plan_tasks(PTQSpec(results=str(results), run_id="q", observers=("minmax",), calib_sizes=(100, 200)))
+    for i, task in enumerate(tasks):
+        folder = jobs / f"7000_{i}"
+        folder.mkdir(parents=True)
+        DelayedSubmission(Requeueable(run_ptq), task).dump(folder / f"7000_{i}_submitted.pkl")
+        write_rows(task.task_file(), [{"run_id": "q", "task": task.task_name()}] * 3, tables.PTQ)
+    bad = tasks[1].task_file()
+    bad.write_bytes(bad.read_bytes()[:100])
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sacct: states from the job folders
+    with caplog.at_level(logging.WARNING, logger="compress"):
+        code, out, err = _status("--results", str(results), "--folder", str(jobs), "--json")
+    assert code == 0, err
+    progress = {j["job_id"]: j["progress"] for j in map(json.loads, out.splitlines()) if j["type"] == "job"}
+    assert progress == {"7000_0": "task minmax-100: 3 rows written",
+                        "7000_1": "task minmax-200: its file is damaged (see the warning)"}
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert line.startswith(f"damaged result file {bad} (") and "run its ptq command again" in line
