@@ -347,8 +347,11 @@ class TuneSpec:
     max_drop: float = opt(1.5, "prune objective: allowed top-1 drop from the starting model, in points")
     search_id: str = opt("", "search name; default tune-<kind>-<time>; reuse one with --resume")
     resume: bool = opt(False, "resume the interrupted search --search-id")
-    cpus_per_trial: float = opt(0.0, "CPUs per trial (0: the CPUs Ray has / max-concurrent)")
-    gpus_per_trial: float = opt(0.0, "GPUs per trial (fractions share a GPU)")
+    cpus_per_trial: float = opt(0.0, "CPUs per trial (0: a share of the CPUs Ray has, fractional where there are "
+                                      "fewer CPUs than --max-concurrent, so that many trials run at once)")
+    gpus_per_trial: float | None = opt(None, "GPUs per trial, a fraction shares one GPU (default: 0 with --device cpu, "
+                                             "else a share of Ray's GPUs, 1 or 1/k for k trials per GPU; on SLURM "
+                                             "without --gpus the job asks for what the trials need)")
     max_failures: int = opt(0, "times a failed trial is retried (e.g. after losing its node); it resumes from "
                                "its own checkpoint")
 
@@ -359,7 +362,10 @@ class TuneSpec:
         check_choice("scheduler", self.scheduler, SCHEDULERS)
         check(self.max_drop >= 0, "max_drop", self.max_drop, "must be >= 0")
         check(self.cpus_per_trial >= 0, "cpus_per_trial", self.cpus_per_trial, "must be >= 0")
-        check(self.gpus_per_trial >= 0, "gpus_per_trial", self.gpus_per_trial, "must be >= 0")
+        gpus = self.gpus_per_trial
+        check(gpus is None or gpus >= 0, "gpus_per_trial", gpus, "must be >= 0")
+        check(gpus is None or gpus <= 1 or float(gpus).is_integer(), "gpus_per_trial", gpus,
+              "a share of one GPU (<= 1) or a whole number of GPUs")
         check(self.max_failures >= 0, "max_failures", self.max_failures, "must be >= 0")
         check(not self.resume or bool(self.search_id), "resume", self.resume, "needs --search-id of the search")
 

@@ -2,7 +2,12 @@
 
 The base spec's options are the job's own (``prune --help`` / ``ptq --help``); ``--space`` entries
 override fields per trial. Without ``--partition`` Ray runs on this machine; with it, the whole
-search is one SLURM job that starts Ray inside its allocation.
+search is one SLURM job that starts Ray inside its allocation, and without ``--gpus`` that job asks
+for the GPUs its trials need (``--gpus-per-trial`` x ``--max-concurrent``, ``sweeps.search.job_gpus``).
+
+Exit codes: 2 for bad input (one line, nothing started), 1 when no trial finished (the trials are
+listed, then one line says how many failed and where their errors are), 0 when a best trial exists
+(failed trials, if any, are one warning line).
 """
 
 from __future__ import annotations
@@ -27,7 +32,16 @@ from jobs.cli import (
 )
 from jobs.executors import ExecutorOptions, render_sbatch
 from jobs.specs import TuneSpec
-from sweeps.search import check_search, job_kind, job_kinds, run_search
+from sweeps.search import (
+    SearchFailed,
+    check_job_gpus,
+    check_search,
+    failed_line,
+    job_gpus,
+    job_kind,
+    job_kinds,
+    run_search,
+)
 
 
 def _absolute(spec: Any) -> Any:
@@ -69,8 +83,30 @@ def warn_slow_cpu_bf16(spec: Any) -> None:
         click.echo(f"warning: {warning}", err=True)
 
 
+def slurm_resources(executor: ExecutorOptions, base: Any, tune_spec: TuneSpec) -> ExecutorOptions:
+    """The search job's options, with ``--gpus`` derived from the trials' GPUs when it is not given.
+
+    ``--gpus-per-trial 0.25 --max-concurrent 4`` -> ``--gpus 1``; with ``--gpus`` given, fewer GPUs than
+    one trial needs is a ``ValueError`` and fewer than the trials at once a warning line.
+    """
+    if executor.local:
+        return executor
+    if executor.job_gpus:  # --gpus, or a gres=gpu:TYPE:N through --sbatch
+        warning = check_job_gpus(tune_spec, base.device, executor.job_gpus, executor.nodes)
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
+        return executor
+    gpus = job_gpus(tune_spec, base.device, executor.nodes)
+    if gpus:
+        click.echo(f"asking SLURM for --gpus {gpus} per node: {tune_spec.max_concurrent} trial(s) at once of "
+                   f"{tune_spec.gpus_per_trial or 1:g} GPU each (give --gpus to choose)", err=True)
+    return dataclasses.replace(executor, gpus=gpus)
+
+
 def echo_summary(summary: dict[str, Any]) -> None:
-    click.echo(f"search {summary['search_id']}: {len(summary['trials'])} trials "
+    res = summary.get("trial_resources")
+    at_once = (f", {res['at_once']} at once with {res['cpus']:g} CPU and {res['gpus']:g} GPU each" if res else "")
+    click.echo(f"search {summary['search_id']}: {len(summary['trials'])} trials{at_once} "
                f"(Ray start {summary['ray_start_seconds']:.1f} s, search {summary['search_seconds']:.1f} s)")
     for t in sorted(summary["trials"], key=lambda t: -(t["score"] or float("-inf"))):
         status = (f"failed: {t['error']}" if t["error"] else
@@ -80,9 +116,12 @@ def echo_summary(summary: dict[str, Any]) -> None:
     best = summary["best"]
     if best is None:
         click.echo("no trial finished")
-    else:
-        click.echo(f"best: {best['trial_id']} {json.dumps(best['config'])} score {best['score']:.3f} "
-                   f"({summary['metric']})")
+        return
+    click.echo(f"best: {best['trial_id']} {json.dumps(best['config'])} score {best['score']:.3f} "
+               f"({summary['metric']})")
+    failed = failed_line(summary)
+    if failed:
+        click.echo(f"warning: {failed}", err=True)
 
 
 def _command(kind: str) -> click.Command:
@@ -95,6 +134,7 @@ def _command(kind: str) -> click.Command:
     def command(dry_run: bool, executor: ExecutorOptions, **options: Any) -> None:
         try:
             base, tune_spec = search_specs(kind, options)
+            executor = slurm_resources(executor, base, tune_spec)
         except ValueError as e:
             fail(str(e))
         if dry_run:
@@ -106,7 +146,7 @@ def _command(kind: str) -> click.Command:
         from jobs.inputs import check_job  # torch: when the command runs, not for --help
 
         try:  # the model, data and weights of the base spec, before Ray starts or anything is submitted
-            check_job(base)
+            check_job(base, executor=executor)  # the device where the job runs: on SLURM, not this login node
         except (ValueError, FileNotFoundError, PermissionError) as e:
             fail(str(e))
         ex = open_executor(executor, spans_nodes=True, shared=[base.results], inputs=job_inputs([base]))
@@ -116,6 +156,10 @@ def _command(kind: str) -> click.Command:
                 summary = run_search(kind, base, tune_spec)
             except (ValueError, FileNotFoundError) as e:
                 fail(str(e))
+            except SearchFailed as e:
+                if e.summary:
+                    echo_summary(e.summary)
+                fail(str(e), code=1)
             echo_summary(summary)
             return
         job = ex.submit(run_search, kind, base, tune_spec)
