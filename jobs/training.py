@@ -53,6 +53,7 @@ from compress.prune import (
 from compress.quant.packed import pack_float
 from compress.results import (
     PROVENANCE_FIELDS,
+    WriteError,
     atomic_write_bytes,
     provenance,
     read_unit,
@@ -146,9 +147,15 @@ class _Run:
         self.prov = {k: self.base[k] for k in PROVENANCE_FIELDS}
 
     def save(self, state: dict[str, Any]) -> None:
-        """The state as ``state.pt``, the last one kept as ``state.prev.pt`` until this one is whole."""
-        if self.state_path.exists():
-            os.replace(self.state_path, self.prev_path)
+        """The state as ``state.pt``, the last one kept as ``state.prev.pt`` until this one is whole.
+
+        Should the new one fail to be written (a full disk), ``state.prev.pt`` is what a resume reads.
+        """
+        try:
+            if self.state_path.exists():
+                os.replace(self.state_path, self.prev_path)
+        except OSError as e:  # the one error line of any failed write (a read-only remount, a lost mount)
+            raise WriteError(e.errno, f"cannot write {self.prev_path}: {e.strerror or e}") from e
         torch_save_atomic(state, self.state_path)
         plan = {ph.index: ph.epochs for ph in self.spec.plan()}
         rows = [r for r in state.get("epoch_rows") or [] if r["top1"] == r["top1"]]  # evaluated epochs
