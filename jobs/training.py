@@ -116,14 +116,17 @@ def read_state(run_dir: Path, run_id: str) -> dict[str, Any] | None:
     return None
 
 
+def _test_split(spec: TrainFields, data: ImageData):
+    """The test images a run evaluates: the first ``test_size``, or all."""
+    return data.test.subset(torch.arange(spec.test_size)) if spec.test_size else data.test
+
+
 def _loaders(spec: TrainFields, data: ImageData, device: torch.device):
-    train, test = data.train, data.test
+    train = data.train
     if spec.train_size:
         train = train.subset(subset_indices(len(train), spec.train_size, spec.seed))
-    if spec.test_size:
-        test = test.subset(torch.arange(spec.test_size))
     return (make_loader(train, spec.batch_size, device, train=True, randaugment=spec.randaugment, seed=spec.seed),
-            make_loader(test, spec.eval_batch_size, device))
+            make_loader(_test_split(spec, data), spec.eval_batch_size, device))
 
 
 def _scheduler(spec: TrainFields, opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
@@ -286,6 +289,7 @@ class _Schedule:
             check_budget(model, spec.final_sparsity, spec.keep_dense, spec.max_layer_sparsity)
         run.base.update({**data.describe(), **registry.describe(model, spec.model, spec.model_args)})
         self.model = model.to(self.device, memory_format=torch.channels_last)
+        self.data = data
         self.train_loader, self.test_loader = _loaders(spec, data, self.device)
         self.plan = spec.plan()
         self.distill = Distill.of(spec, self.device, data)
@@ -439,8 +443,14 @@ class _Schedule:
         torch_save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": spec.model,
                            "model_args": spec.model_args, "spec": dataclasses.asdict(spec)}, run.dir / "final.pt")
         packed = run.dir / "export" / "model.float.packed"  # what to ship: the sparse weights only, no optimizer
+        expected = summary["top1"]
+        if self.device.type != "cpu":  # ``verify`` scores the file on the CPU: the top-1 the CPU gives, to the image
+            cpu = torch.device("cpu")
+            expected = evaluate(model.cpu(), make_loader(_test_split(spec, self.data), spec.eval_batch_size, cpu), cpu,
+                                desc="float eval on the CPU").top1
         write_artifact(packed, pack_float(model.cpu(), spec.model, model_args=spec.model_args), {
-            "kind": "float-packed", "expected_top1": summary["top1"], "load": LOAD_PACKED,
+            "kind": "float-packed", "expected_top1": expected, "test_images": self.test_loader.num_images(),
+            "load": LOAD_PACKED,
             "source": {"run_id": spec.run_id, "phase": summary["phase"]}, "spec": dataclasses.asdict(spec),
             "git_commit": provenance()["git_commit"]})
         # the phase row's seconds are the last phase's; the run's totals are named as such beside them

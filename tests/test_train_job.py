@@ -126,6 +126,20 @@ def test_prune_final_checkpoint_loads_and_scores_the_reported_top1(prune_run, sy
     assert summary["total_epochs"] == 2 and "wall_seconds" not in summary and "train_seconds" not in summary
 
 
+@pytest.mark.slow  # one short prune run (~5 s)
+def test_the_packed_model_of_a_run_on_part_of_the_test_set_verifies(synthetic_cifar: Path, synthetic_weights: Path,
+                                                                    tmp_path: Path) -> None:
+    """The manifest names how many test images its top-1 is of, so ``verify`` scores the same ones."""
+    results = tmp_path / "results"
+    out = _invoke([*_prune_args(synthetic_cifar, synthetic_weights, results, "part"), "--phases", "1",
+                   "--test-size", "30", "--eval-batch-size", "30"])
+    assert out.exit_code == 0, out.output
+    packed = results / "runs" / "part" / "export" / "model.float.packed"
+    checked = _invoke(["verify", str(packed), "--data-root", str(synthetic_cifar)])
+    assert checked.exit_code == 0, checked.output
+    assert "on 30 images" in checked.stdout, checked.stdout
+
+
 @pytest.mark.slow  # shares one prune run (~7 s)
 def test_every_file_of_a_run_has_the_mode_the_umask_gives(prune_run) -> None:
     _, results = prune_run
