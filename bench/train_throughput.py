@@ -7,7 +7,8 @@ real CIFAR-10 training set, fed three ways:
 
 - ``bare``: pre-made float batches already on the device (no indexing, augmentation or conversion);
 - ``crop+flip``: ``BatchLoader`` as the jobs use it (shuffle, 4-pixel crop, flip, uint8 -> float);
-- ``crop+flip+randaugment``: the same plus RandAugment on whole batches, each image its own ops (the ``--randaugment`` default).
+- ``crop+flip+randaugment``: the same plus RandAugment on whole batches, each image its own ops (the
+  ``--randaugment`` default).
 
 and prints images/s of each and the pipeline overhead, ``(bare rate / pipeline rate - 1) * 100``:
 e.g. 520 img/s bare and 480 img/s with crop+flip is 8.3%. The loaders alone (no training) are timed

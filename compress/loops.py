@@ -122,11 +122,12 @@ def deterministic(device: torch.device) -> Iterator[None]:
 
 
 # ``auto`` compiles on a CPU when the run trains at least this many images. Measured on a 2-core
-# AVX2 EPYC (resnet20a, batch 128, torch 2.14.1): compiling makes a training step 1.48x faster
-# (343 -> 509 img/s), saving ~0.95 ms an image, and the compiles of a run (training, its last
-# partial batch, evaluation) take ~3 minutes: they pay back after ~190,000 images.
-CPU_COMPILE_PAYS_IMAGES = 250_000
-COMPILE_SECONDS = {"cpu": 180.0, "cuda": 60.0}  # what the plan line adds for a run that compiles
+# AVX2 EPYC (resnet20a, batch 128, 2 threads, torch 2.14.1; bench/compile_speed.py, median of 5),
+# compiling makes a prune training step 1.04x faster (210 -> 218 img/s; 1.07x with a distillation
+# teacher, 161 -> 172), saving ~0.18 ms an image, and the compiles of a run (training, its last
+# partial batch, evaluation) take ~140 s with a cold cache: they pay back after ~800,000 images.
+CPU_COMPILE_PAYS_IMAGES = 1_000_000
+COMPILE_SECONDS = {"cpu": 140.0, "cuda": 60.0}  # what the plan line adds for a run that compiles
 
 
 def cxx_compiler() -> str:

@@ -130,7 +130,7 @@ class TrainFields(RunFields):
     cpu_bf16: bool = opt(False, "bf16 autocast for training on the CPU too (~1.6x faster where the CPU has "
                                 "AVX512-BF16/AMX); evaluation stays float32")
     compile: str = opt("auto", "torch.compile the model for training and evaluation: auto (on CUDA; on a CPU when "
-                               "the run trains 250,000 images or more, where the ~3 min of compiling pays), on, off",
+                               "the run trains 1,000,000 images or more, where ~140 s of compiling pays), on, off",
                        choices=catalog.COMPILE_CHOICES)
 
     def __post_init__(self) -> None:
