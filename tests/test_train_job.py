@@ -207,14 +207,7 @@ def test_a_job_that_consumes_a_run_takes_its_model_and_data_root(prune_run) -> N
 def test_resume_continues_an_interrupted_run_with_its_stored_spec(synthetic_cifar: Path, synthetic_weights: Path,
                                                                   tmp_path: Path, trained: list[str],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    counting = jobs.training.train_one_epoch
-
-    def killed_in_phase_2(*args, **kwargs):
-        if kwargs["desc"].startswith("phase 2"):
-            raise Interrupted
-        return counting(*args, **kwargs)
-
-    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    counting = _kill_in_phase_2(monkeypatch)
     with pytest.raises(Interrupted):
         _invoke(_prune_args(synthetic_cifar, synthetic_weights, tmp_path, "r"))
     monkeypatch.setattr(jobs.training, "train_one_epoch", counting)
@@ -233,6 +226,19 @@ def _fail_if_called(*args, **kwargs):
 
 class Interrupted(Exception):
     """Stands in for a kill of the job."""
+
+
+def _kill_in_phase_2(monkeypatch: pytest.MonkeyPatch):
+    """From now on the job dies as phase 2 starts training, as a kill would; returns the loop it replaced."""
+    real = jobs.training.train_one_epoch
+
+    def killed_in_phase_2(*args, **kwargs):
+        if kwargs["desc"].startswith("phase 2"):
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    return real
 
 
 def _spec(results: Path, data: Path, weights: Path) -> PruneSpec:
@@ -312,15 +318,8 @@ def test_run_killed_inside_phase_2_resumes_from_its_pruning_step(synthetic_cifar
                                                                  tmp_path: Path, trained: list[str],
                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                  straight_run) -> None:
-    counting = jobs.training.train_one_epoch
-
-    def killed_in_phase_2(*args, **kwargs):
-        if kwargs["desc"].startswith("phase 2"):
-            raise Interrupted
-        return counting(*args, **kwargs)
-
+    counting = _kill_in_phase_2(monkeypatch)
     spec = _spec(tmp_path, synthetic_cifar, synthetic_weights)
-    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
     with pytest.raises(Interrupted):
         run_prune(spec)
     state = torch.load(tmp_path / "runs" / "r" / "state.pt", weights_only=False)
@@ -366,15 +365,8 @@ def _truncate(path: Path) -> None:
 def test_a_damaged_checkpoint_resumes_from_the_one_before_with_a_warning_naming_it(
         synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path, trained: list[str],
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, straight_run) -> None:
-    counting = jobs.training.train_one_epoch
-
-    def killed_in_phase_2(*args, **kwargs):
-        if kwargs["desc"].startswith("phase 2"):
-            raise Interrupted
-        return counting(*args, **kwargs)
-
+    counting = _kill_in_phase_2(monkeypatch)
     spec = _spec(tmp_path, synthetic_cifar, synthetic_weights)
-    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
     with pytest.raises(Interrupted):
         run_prune(spec)
     run = tmp_path / "runs" / "r"
@@ -396,14 +388,7 @@ def test_a_damaged_checkpoint_resumes_from_the_one_before_with_a_warning_naming_
 @pytest.mark.slow  # one run killed in phase 2 (~6 s)
 def test_no_checkpoint_that_reads_is_one_line_naming_the_files(synthetic_cifar: Path, synthetic_weights: Path,
                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    counting = jobs.training.train_one_epoch
-
-    def killed_in_phase_2(*args, **kwargs):
-        if kwargs["desc"].startswith("phase 2"):
-            raise Interrupted
-        return counting(*args, **kwargs)
-
-    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    _kill_in_phase_2(monkeypatch)
     with pytest.raises(Interrupted):
         _invoke(_prune_args(synthetic_cifar, synthetic_weights, tmp_path, "r"))
     run = tmp_path / "runs" / "r"
@@ -424,15 +409,8 @@ def test_a_compiled_run_resumes_and_writes_rows_that_mean_what_an_eager_run_s_do
         caplog: pytest.LogCaptureFixture, straight_run) -> None:
     if not jobs.training.loops.cxx_compiler():
         pytest.skip("torch.compile on the CPU needs a C++ compiler (g++ or clang++); none is installed")
-    counting = jobs.training.train_one_epoch
-
-    def killed_in_phase_2(*args, **kwargs):
-        if kwargs["desc"].startswith("phase 2"):
-            raise Interrupted
-        return counting(*args, **kwargs)
-
+    counting = _kill_in_phase_2(monkeypatch)
     spec = dataclasses.replace(_spec(tmp_path, synthetic_cifar, synthetic_weights), compile="on")
-    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
     with caplog.at_level("INFO", logger="jobs.training"), pytest.raises(Interrupted):
         run_prune(spec)
     assert any(r.getMessage().startswith("compiling the model") for r in caplog.records)
