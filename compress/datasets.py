@@ -421,7 +421,8 @@ def make_loader(split: Split, batch_size: int, device: torch.device | str = "cpu
 
     ``crop_pad`` (training only) defaults to an eighth of the image height: 4 for 32-pixel images.
     """
-    from compress.data import BatchLoader, default_crop_pad
+    from compress.augment import default_crop_pad
+    from compress.data import BatchLoader
 
     if split.streamed:
         return StreamLoader(split.dataset, batch_size, device, train=train, crop_pad=crop_pad,

@@ -20,7 +20,7 @@ from compress.epochs import EpochLoader
 if TYPE_CHECKING:
     import torch
 
-    from compress.data import BatchRandAugment
+    from compress.augment import BatchRandAugment
 
 READ_BATCH = 256        # images a worker decodes per task when data is read or sampled
 
@@ -110,7 +110,8 @@ class Batches:
     def __getitem__(self, key: tuple[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor] | Failure:
         import torch
 
-        from compress.data import BatchRandAugment, DataError, augment, default_crop_pad, one_cpu_thread
+        from compress.augment import BatchRandAugment, augment, default_crop_pad
+        from compress.data import DataError, one_cpu_thread
 
         batch, indices = key
         images, labels = [], []
@@ -211,7 +212,7 @@ class StreamLoader(EpochLoader):
 
     Order and augmentation are a pure function of (seed, epoch key): the order is a permutation
     drawn from the epoch seed, and each batch is augmented (crop + flip, optional RandAugment, the
-    ``compress.data.augment`` recipe) in its worker with a generator seeded from (epoch seed, batch
+    ``compress.augment.augment`` recipe) in its worker with a generator seeded from (epoch seed, batch
     number), so neither the number of workers nor which worker takes a batch changes it. Batches
     leave as float32 in [0, 1], channels_last, on ``device`` (pinned, non-blocking copies on CUDA).
     """
@@ -227,7 +228,7 @@ class StreamLoader(EpochLoader):
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.train = train
-        self.crop_pad = crop_pad  # None: an eighth of the image height (compress.data.default_crop_pad)
+        self.crop_pad = crop_pad  # None: an eighth of the image height (compress.augment.default_crop_pad)
         self.randaugment = randaugment
         self.seed = seed
         self.workers = default_workers(workers)

@@ -16,20 +16,8 @@ import torch.nn.functional as F
 from scipy import stats
 from torchvision.transforms import v2
 
-from compress.data import (
-    BIN_DIR,
-    PY_DIR,
-    BatchLoader,
-    BatchRandAugment,
-    DataError,
-    Draws,
-    augment,
-    draw_epoch,
-    load_cifar10,
-    one_cpu_thread,
-    random_crop_flip,
-    subset_indices,
-)
+from compress.augment import BatchRandAugment, Draws, augment, draw_epoch, random_crop_flip
+from compress.data import BIN_DIR, PY_DIR, BatchLoader, DataError, load_cifar10, one_cpu_thread, subset_indices
 from tests.conftest import TEST_IMAGES, TRAIN_PER_FILE, synthetic_records
 
 
