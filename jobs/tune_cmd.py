@@ -3,7 +3,7 @@
 The base spec's options are the job's own (``prune --help`` / ``ptq --help``); ``--space`` entries
 override fields per trial. Without ``--partition`` Ray runs on this machine; with it, the whole
 search is one SLURM job that starts Ray inside its allocation, and without ``--gpus`` that job asks
-for the GPUs its trials need (``--gpus-per-trial`` x ``--max-concurrent``, ``sweeps.search.job_gpus``).
+for the GPUs its trials need (``--gpus-per-trial`` x ``--max-concurrent``, ``sweeps.resources.job_gpus``).
 
 Exit codes: 2 for bad input (one line, nothing started), 1 when no trial finished (the trials are
 listed, then one line says how many failed and where their errors are), 0 when a best trial exists
@@ -32,16 +32,8 @@ from jobs.cli import (
 )
 from jobs.executors import ExecutorOptions, render_sbatch
 from jobs.specs import TuneSpec
-from sweeps.search import (
-    SearchFailed,
-    check_job_gpus,
-    check_search,
-    failed_line,
-    job_gpus,
-    job_kind,
-    job_kinds,
-    run_search,
-)
+from sweeps.resources import check_job_gpus, job_gpus
+from sweeps.search import SearchFailed, check_search, failed_line, job_kind, job_kinds, run_search
 
 
 def _absolute(spec: Any) -> Any:

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from jobs.launch import cli
 from jobs.specs import PruneSpec, TuneSpec
-from sweeps.search import failed_line, prune_score, run_search, trial_resources
+from sweeps.resources import trial_resources
+from sweeps.search import failed_line, prune_score, run_search
 from sweeps.space import apply_config, parse_dimension, parse_space
 
 
