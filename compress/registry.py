@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compress.errors import exception_line
+
 BUILTINS = ("resnet20a", "resnet20b")
 NAMESPACES = ("timm", "torchvision")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -125,11 +127,6 @@ def _closest(name: str, known: Sequence[str]) -> str:
     return f"; closest: {', '.join(close)}" if close else ""
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def _build_net(ref: ModelRef, args: dict[str, Any]):
     import torch
 
@@ -152,7 +149,7 @@ def _build_net(ref: ModelRef, args: dict[str, Any]):
         try:
             module = importlib.import_module(module_name)
         except Exception as e:  # ImportError, or whatever the module raises at import
-            raise ModelError(f"model={ref.text!r}: cannot import {module_name} ({_first_line(e)}); it must be "
+            raise ModelError(f"model={ref.text!r}: cannot import {module_name} ({exception_line(e)}); it must be "
                              f"importable where the job runs, e.g. on PYTHONPATH") from None
         fn = getattr(module, fn_name, None)
         if not callable(fn):
@@ -163,7 +160,7 @@ def _build_net(ref: ModelRef, args: dict[str, Any]):
     except ModelError:
         raise
     except Exception as e:  # the user's factory, or the library's constructor on bad --model-args
-        raise ModelError(f"model={ref.text!r} with args {args} raised {_first_line(e)}") from None
+        raise ModelError(f"model={ref.text!r} with args {args} raised {exception_line(e)}") from None
     if not isinstance(net, torch.nn.Module):
         raise ModelError(f"model={ref.text!r} returned {type(net).__name__}, not a torch.nn.Module")
     return net
@@ -258,7 +255,7 @@ def output_width(model, image_shape: Sequence[int]) -> int:
             out = model.eval()(torch.rand(2, *image_shape, device=device))
     except Exception as e:  # shape errors come as RuntimeError, ValueError, AssertionError...
         raise ModelError(f"the model does not take images of shape {'x'.join(map(str, image_shape))}: "
-                         f"{_first_line(e)}") from None
+                         f"{exception_line(e)}") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:

@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +52,6 @@ from compress.prune import (
 from compress.quant.packed import pack_float
 from compress.results import (
     PROVENANCE_FIELDS,
-    WriteError,
     atomic_write_bytes,
     provenance,
     read_unit,
@@ -61,6 +59,7 @@ from compress.results import (
     write_rows,
 )
 from jobs import lease, tables
+from jobs.checkpoints import read_state, remove_states, save_state
 from jobs.inputs import load_run_data, load_run_model
 from jobs.runs import PROGRESS, SpecMismatch, check_run, require_run_id, row_base, run_dir, same_spec
 from jobs.specs import Phase, PruneSpec, TrainFields, TrainSpec
@@ -69,52 +68,6 @@ from jobs.text import format_modules
 log = logging.getLogger(__name__)
 
 ReportFn = Callable[[dict[str, Any]], None]
-
-PREVIOUS = "state.prev.pt"  # the checkpoint before state.pt, kept until the next one is written
-STATE_KEYS = ("spec", "phase", "epoch", "pruned", "model", "masks")  # what every saved state holds
-
-
-class CheckpointError(ValueError):
-    """No checkpoint of a run reads: one line naming the files and what to do."""
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
-
-
-def read_state(run_dir: Path, run_id: str) -> dict[str, Any] | None:
-    """The newest checkpoint of a run that reads (to the CPU): ``state.pt``, else ``state.prev.pt``.
-
-    None when the run has neither. A damaged ``state.pt`` (truncated on disk, half-copied, not a
-    checkpoint) is renamed ``state.pt.damaged`` with one warning line, so the next save cannot make
-    it the previous one; the run goes on from the epoch before. ``CheckpointError`` (one line) when
-    no file reads.
-    """
-    damaged: list[str] = []
-    for path in (run_dir / "state.pt", run_dir / PREVIOUS):
-        if not path.exists():
-            continue
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            missing = [k for k in STATE_KEYS if k not in state]
-            if missing:
-                raise KeyError(f"not a checkpoint of a run: no {', '.join(missing)}")
-        except Exception as e:  # torch's zip reader, unpickling and our own check raise many kinds
-            damaged.append(f"{path} ({_reason(e)})")
-            continue
-        if damaged:
-            bad = run_dir / "state.pt"
-            bad.replace(bad.with_name("state.pt.damaged"))
-            log.warning("run %s: checkpoint %s cannot be read, kept as state.pt.damaged; resuming from %s "
-                        "(phase %d epoch %d)", run_id, damaged[0], path.name, state["phase"], state["epoch"])
-        return state
-    if damaged:
-        raise CheckpointError(
-            f"run {run_id}: no checkpoint reads: {'; '.join(damaged)}. Its rows of finished epochs and phases are "
-            f"kept: start it again under another --run-id, or delete {run_dir} to run this one from the start")
-    return None
-
 
 def _test_split(spec: TrainFields, data: ImageData):
     """The test images a run evaluates: the first ``test_size``, or all."""
@@ -142,24 +95,13 @@ class _Run:
         self.spec = spec
         self.report = report
         self.dir = run_dir(spec)
-        self.state_path = self.dir / "state.pt"
-        self.prev_path = self.dir / PREVIOUS
         self.device = pick_device(spec.device)
         self.base = row_base(spec, torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                              tags)
         self.prov = {k: self.base[k] for k in PROVENANCE_FIELDS}
 
     def save(self, state: dict[str, Any]) -> None:
-        """The state as ``state.pt``, the last one kept as ``state.prev.pt`` until this one is whole.
-
-        Should the new one fail to be written (a full disk), ``state.prev.pt`` is what a resume reads.
-        """
-        try:
-            if self.state_path.exists():
-                os.replace(self.state_path, self.prev_path)
-        except OSError as e:  # the one error line of any failed write (a read-only remount, a lost mount)
-            raise WriteError(e.errno, f"cannot write {self.prev_path}: {e.strerror or e}") from e
-        torch_save_atomic(state, self.state_path)
+        save_state(state, self.dir)
         plan = {ph.index: ph.epochs for ph in self.spec.plan()}
         rows = [r for r in state.get("epoch_rows") or [] if r["top1"] == r["top1"]]  # evaluated epochs
         self.progress(phase=state["phase"], epoch=state["epoch"], epochs=plan.get(state["phase"], 0),
@@ -296,7 +238,7 @@ class _Schedule:
         # ``net`` runs the batches: the model itself, or compiled around it (same parameters, so masks,
         # optimizer and checkpoints keep using ``model``)
         on, why = loops.compile_decision(spec.compile, self.device,
-                                         sum(ph.epochs for ph in self.plan) * len(self.train_loader) * spec.batch_size)
+                                         sum(ph.epochs for ph in self.plan) * self.train_loader.num_images())
         log.info("%s: %s", "compiling the model" if on else "not compiling the model", why)
         self.net = loops.compiled(self.model, on)
         if on and self.distill.teacher is not None:
@@ -463,8 +405,7 @@ class _Schedule:
         run.progress(phase=summary["phase"], epoch=summary["last_phase_epochs"],
                      epochs=summary["last_phase_epochs"], top1=summary["top1"], dense_top1=summary["dense_top1"],
                      finished=True, sparsity=summary["sparsity"])
-        run.state_path.unlink(missing_ok=True)
-        run.prev_path.unlink(missing_ok=True)
+        remove_states(run.dir)
         return summary
 
 

@@ -375,7 +375,7 @@ def test_a_damaged_checkpoint_resumes_from_the_one_before_with_a_warning_naming_
     _truncate(run / "state.pt")
 
     monkeypatch.setattr(jobs.training, "train_one_epoch", counting)
-    with caplog.at_level("WARNING", logger="jobs.training"):
+    with caplog.at_level("WARNING", logger="jobs.checkpoints"):
         run_prune(spec)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and str(run / "state.pt") in warnings[0] and "state.prev.pt" in warnings[0]
