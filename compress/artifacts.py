@@ -5,10 +5,15 @@
 
 Kinds, by suffix:
 
-- ``.packed``: the packed sparse model (``compress.quant.packed``), int8 or float; loads with
-  ``load_packed`` (this project's ``compress`` package, a few hundred lines, no training code);
-- ``.pt2``: a ``torch.export`` program (the PT2E int8 model); loads with ``torch.export.load``
-  in a process that imports only torch and torchao (torchao registers the int8 ops it calls).
+- ``.pt2pack``: an int8 ``torch.export`` program packed small (``compress.quant.pt2pack``: sparse
+  weights, no graph metadata); loads with ``pt2pack.load``, a one-file loader that needs torch and
+  torchao only and is written beside every exported file;
+- ``.pt2``: the same program as ``torch.export.save`` writes it; loads with ``torch.export.load``
+  in a process that imports only torch and torchao (torchao registers the int8 ops it calls);
+- ``.packed``: the packed sparse float model (``compress.quant.packed``), and the int8 files of
+  earlier versions, which load into the q/dq model (``compress.quant.qdq``).
+
+No load path builds ``torch.ao.nn.quantized`` modules or quantized-dtype tensors.
 
 The manifest (``<file>.json``) names the file's sha256 and size, the spec and run it came from,
 the row it reproduces and its expected top-1, and the versions it was made with. A file whose bytes
@@ -19,7 +24,6 @@ it is parsed. Files and manifests are written through a temporary name and renam
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import platform
 from pathlib import Path
@@ -28,12 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.quant import quiet
+from compress.quant import pt2pack, quiet
 from compress.quant.packed import PackedError, load_packed
 from compress.results import atomic_write_bytes
 
-SUFFIXES = (".packed", ".pt2")
+SUFFIXES = (".pt2pack", ".pt2", ".packed")
 LOAD_PACKED = "from compress.artifacts import load_artifact; model = load_artifact(PATH)  # CPU"
+LOAD_PT2PACK = ("import pt2pack; model = pt2pack.load(PATH)  # pt2pack.py beside the file; torch + torchao only, "
+                "CPU, q/dq reference ops; pt2pack.compile_int8(model) for oneDNN int8 kernels")
+LOADER = Path(pt2pack.__file__).name
 LOAD_PT2 = "import torch, torchao; model = torch.export.load(PATH).module()  # CPU, q/dq reference ops"
 # what makes inductor lower the program's q/dq + conv to oneDNN int8 kernels (else: float convs, half the speed)
 COMPILE_PT2 = ("import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer; "
@@ -63,6 +70,17 @@ def versions() -> dict[str, str]:
     except ImportError:  # a float packed file needs no torchao
         pass
     return out
+
+
+def loader_entry() -> dict[str, str]:
+    """The standalone ``.pt2pack`` loader as a manifest names it: its file name and sha256."""
+    return {"file": LOADER, "sha256": sha256(Path(pt2pack.__file__).read_bytes())}
+
+
+def write_loader(folder: Path) -> Path:
+    """Write the standalone ``.pt2pack`` loader (``pt2pack.py``, torch and torchao only) into ``folder``."""
+    atomic_write_bytes(Path(folder) / LOADER, Path(pt2pack.__file__).read_bytes())
+    return Path(folder) / LOADER
 
 
 def write_artifact(path: Path, data: bytes, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -105,16 +123,11 @@ def read_verified(path: str | Path) -> tuple[bytes, dict[str, Any]]:
 def load_artifact(path: str | Path) -> nn.Module:
     """The model of a verified artifact, ready to run on the CPU (eval mode)."""
     data, _ = read_verified(path)
-    if Path(path).suffix == ".packed":
-        try:
-            return load_packed(data).eval()
-        except PackedError as e:
-            raise ArtifactError(f"{path}: {e}") from None
-    from torchao.quantization.pt2e import allow_exported_model_train_eval  # also registers the int8 ops
-
     try:
-        module = torch.export.load(io.BytesIO(data)).module()
-    except Exception as e:  # torch raises several types for an unreadable archive
-        raise ArtifactError(f"{path}: not a loadable torch.export program ({type(e).__name__})") from None
-    allow_exported_model_train_eval(module)  # .eval() on an exported module is otherwise an error
-    return module
+        if Path(path).suffix == ".packed":
+            return load_packed(data).eval()
+        if Path(path).suffix == ".pt2pack":
+            return pt2pack.load(data)  # an exported module is always in eval mode
+        return pt2pack.load_pt2(data)
+    except (PackedError, pt2pack.PackError) as e:
+        raise ArtifactError(f"{path}: {e}") from None

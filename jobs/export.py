@@ -11,10 +11,12 @@ the rebuilt model scores the row's top-1, writes the row's artifact, reads the f
 and checks that it predicts the same class as the in-memory model for every test image. Written
 under ``<results>/runs/<run_id>/export/``:
 
-    <config>.int8.packed  (+ .json)   manual and fx rows: the packed sparse int8 file (its size is
-                                      the row's int8_packed_bytes); ``compress.artifacts.load_artifact``
-    <config>.int8.pt2     (+ .json)   pt2e rows: the ``torch.export`` program; ``torch.export.load``
-                                      with torch and torchao only (the FX model does not export)
+    <config>.int8.pt2pack (+ .json)   every shipped row (manual, fx on the built-in ResNets, pt2e): the
+                                      int8 program packed small (its size is the row's int8_packed_bytes);
+                                      ``pt2pack.load`` with torch and torchao only
+    <config>.int8.pt2     (+ .json)   the same program as ``torch.export.save`` writes it (program_bytes);
+                                      ``torch.export.load`` with torch and torchao only
+    pt2pack.py                        the standalone loader of the .pt2pack files (its sha256 in their manifests)
     model.float.packed    (+ .json)   a prune or train run: the final float model, sparse weights
 
 A run, selector or tolerance that matches nothing is one ``ValueError`` line before anything is
@@ -36,14 +38,24 @@ from typing import Any
 import torch
 
 from compress import registry
-from compress.artifacts import COMPILE_PT2, LOAD_PACKED, LOAD_PT2, load_artifact, manifest_path, write_artifact
+from compress.artifacts import (
+    COMPILE_PT2,
+    LOAD_PACKED,
+    LOAD_PT2,
+    LOAD_PT2PACK,
+    load_artifact,
+    loader_entry,
+    manifest_path,
+    write_artifact,
+    write_loader,
+)
 from compress.datasets import make_loader
 from compress.loops import evaluate, pick_device
 from compress.quant import quiet
 from compress.quant.packed import pack_float
 from compress.results import provenance, read_table
 from jobs.inputs import load_run_data, load_stored_data
-from jobs.ptq import _quantize_all, program_bytes
+from jobs.ptq import _quantize_all
 from jobs.selection import Choice, describe, parse_selector, select_row
 from jobs.specs import ExportSpec, PTQSpec, check
 
@@ -180,18 +192,17 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
               "reason": choice.reason, "rows_considered": len(rows), "reproduced": not drift, "drift": drift}
     common = dict(spec=dataclasses.asdict(task), source=source, top1=ev.top1, images=ev.images, preds=ev.predictions,
                   input_=_input(data.image_shape, row, task.eval_batch_size))
-    written = []
-    if b.packed is not None:
-        path = folder / f"{slug}.int8.packed"
-        blob = b.packed()
-        if row.get("int8_packed_bytes") is not None and len(blob) != row["int8_packed_bytes"] and not drift:
-            raise ExportError(f"packed file of {len(blob):,} bytes, the row says {row['int8_packed_bytes']:,}")
-        written.append((path, blob, _manifest("int8-packed", load=LOAD_PACKED, **common)))
-    if b.program is not None:
-        path = folder / f"{slug}.int8.pt2"
-        written.append((path, program_bytes(b.program()),
-                        _manifest("int8-pt2", load=LOAD_PT2, compile=COMPILE_PT2, **common)))
-    return {**_write_and_check(written, test, ev.predictions), "warnings": drift}
+    blob = b.packed()
+    # rows written before programs shipped every method measured another file: only today's rows are compared
+    if row.get("program_bytes") is not None and len(blob) != row["int8_packed_bytes"] and not drift:
+        raise ExportError(f"packed program of {len(blob):,} bytes, the row says {row['int8_packed_bytes']:,}")
+    loader = loader_entry()
+    packed = _manifest("int8-pt2pack", load=LOAD_PT2PACK, compile=COMPILE_PT2, loader=loader, **common)
+    pt2 = _manifest("int8-pt2", load=LOAD_PT2, compile=COMPILE_PT2, **common)
+    written = [(folder / f"{slug}.int8.pt2pack", blob, packed), (folder / f"{slug}.int8.pt2", b.pt2(), pt2)]
+    out = _write_and_check(written, test, ev.predictions)
+    write_loader(folder)
+    return {**out, "warnings": drift}
 
 
 def _export_model(spec: ExportSpec) -> dict[str, Any]:

@@ -13,18 +13,20 @@ evaluates each int8 model, and writes the task's rows to ``<results>/ptq/<run_id
 in one atomic write. A task whose file already holds its rows returns them without running again.
 
 Methods are the backends of ``compress.quant.backends``: ``manual`` (the hand-written path: own
-statistics, pure qparams, int8 model from ``torch.ao.nn.quantized`` modules), ``fx`` (FX graph
-mode, deprecated upstream) and ``pt2e`` (torchao's ``torch.export`` flow with the x86 inductor
-quantizer). Alphas and centers shrink the activation ranges of the manual path; FX and PT2E rows
-use their observers' own qparams and have no alpha/center (null). A combination a backend cannot
-express (alphas without ``manual``, per-tensor weights or qnnpack with ``pt2e``) is refused.
+statistics, pure qparams, a q/dq int8 model), ``fx`` (FX graph mode's observers, deprecated
+upstream; a built-in ResNet gets the same q/dq model with FX's qparams) and ``pt2e`` (torchao's
+``torch.export`` flow with the x86 inductor quantizer). Alphas and centers shrink the activation
+ranges of the manual path; FX and PT2E rows use their observers' own qparams and have no
+alpha/center (null). A combination a backend cannot express (alphas without ``manual``, per-tensor
+weights or qnnpack with ``pt2e``) is refused.
 
-Sizes are measured on the artifacts: ``int8_packed_bytes`` is the length of the packed file
-(``compress.quant.packed``) of a manual or FX row, ``program_bytes`` that of the ``.pt2`` program
-of a PT2E row. The rows keep no model; ``python -m jobs.launch export`` rebuilds a chosen row
-and writes its files. Each row keeps the predicted class of every test image (uint8 bytes, test-set
-order) of its int8 model (``predictions``) and of the float model (``float_predictions``), so the
-report can test int8 against float image by image.
+Sizes are measured on the files every shipped row has: ``program_bytes`` is the length of its
+``.pt2`` (``torch.export.save``), ``int8_packed_bytes`` that of its ``.pt2pack`` (sparse weights,
+no graph metadata; ``compress.quant.packed.pack_program``), ``int8_bytes`` the program's tensors
+dense. The rows keep no model; ``python -m jobs.launch export`` rebuilds a chosen row and writes
+its files. Each row keeps the predicted class of every test image (uint8 bytes, test-set order) of
+its int8 model (``predictions``) and of the float model (``float_predictions``), so the report can
+test int8 against float image by image.
 
 Where it runs: loading, calibration and the float evaluation on ``spec.device`` (CUDA when the
 job has one, else the CPU, float32); building/converting and evaluating the int8 models on the CPU,
@@ -48,6 +50,7 @@ from compress.loops import evaluate, pick_device
 from compress.prune import global_sparsity
 from compress.quant import quiet
 from compress.quant.backends import BACKENDS
+from compress.quant.pt2e import program_bytes  # noqa: F401  (jobs.export and benches import it here)
 from compress.results import read_unit, write_rows
 from jobs import tables
 from jobs.inputs import load_run_data, load_run_model, preflight
@@ -108,7 +111,7 @@ def run_ptq(spec: PTQSpec, tags: dict[str, str] | None = None) -> dict[str, Any]
 def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | None = None) -> list[dict[str, Any]]:
     """Every row of one task; ``keep(row, built)`` sees each built model (the export job writes its files)."""
     from compress.quant.int8 import effective_reduce_range, set_engine
-    from compress.quant.size import float_bytes, int8_size
+    from compress.quant.size import float_bytes, program_size
 
     set_engine(spec.engine)
     device = pick_device(spec.device)
@@ -145,12 +148,10 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
             ev = evaluate(built.model, test_cpu, cpu, desc="int8 eval", keep_predictions=True)
             sizes: dict[str, Any] = {"int8_bytes": None, "int8_packed_bytes": None, "int8_sparsity": None,
                                      "program_bytes": None}
-            if built.packed is not None:
-                dense = int8_size(built.model)
-                sizes.update(int8_bytes=dense.dense, int8_packed_bytes=len(built.packed()),
-                             int8_sparsity=dense.sparsity)
             if built.program is not None:
-                sizes["program_bytes"] = len(program_bytes(built.program()))
+                dense = program_size(built.program())
+                sizes.update(int8_bytes=dense.dense, int8_packed_bytes=len(built.packed()),
+                             int8_sparsity=dense.sparsity, program_bytes=len(built.pt2()))
             row = {**base, "method": method, "weight_observer": variant.weight_observer, "alpha": variant.alpha,
                    "center": variant.center, "int8_top1": ev.top1, **sizes, "calib_seconds": cal.seconds,
                    "convert_seconds": built.seconds, "eval_seconds": ev.seconds,
@@ -161,15 +162,6 @@ def _quantize_all(spec: PTQSpec, keep: Callable[[dict[str, Any], Any], None] | N
             if keep is not None:
                 keep(row, built)
     return rows
-
-
-def program_bytes(program: torch.export.ExportedProgram) -> bytes:
-    """The ``.pt2`` file of an exported program, as ``torch.export.save`` writes it."""
-    import io
-
-    buf = io.BytesIO()
-    torch.export.save(program, buf)
-    return buf.getvalue()
 
 
 def run_ptq_tasks(specs: list[PTQSpec]) -> list[dict[str, Any]]:

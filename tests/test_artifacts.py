@@ -4,6 +4,7 @@ a damaged or truncated file is one clear error."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,16 +12,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from compress.artifacts import ArtifactError, load_artifact, manifest_path, read_verified, write_artifact
+from compress.artifacts import ArtifactError, load_artifact, manifest_path, read_verified, write_artifact, write_loader
 from compress.data import BatchLoader, load_cifar10
 from compress.models import build_model
 from compress.prune import global_magnitude_masks, make_permanent
-from compress.quant import quiet
+from compress.quant import pt2pack, quiet
 from compress.quant.backends import BACKENDS
-from compress.quant.int8 import set_engine
-from compress.quant.packed import PackedError, candidates, decode, encode, load_packed, pack_float, read_header
+from compress.quant.int8 import build_int8, derive_qparams, pack_int8, set_engine
+from compress.quant.packed import (
+    PackedError,
+    candidates,
+    decode,
+    encode,
+    load_packed,
+    pack_float,
+    pack_program,
+    read_header,
+)
+from compress.quant.pt2e import program_bytes
+from compress.quant.qdq import QDQResNet
+from compress.quant.qparams import activation_range
 from compress.quant.size import bitmask_bytes, relative_bytes
-from jobs.ptq import program_bytes
 from tests.test_fold import randomise_bn
 
 CPU = torch.device("cpu")
@@ -77,52 +89,158 @@ def _pruned(name: str = "resnet20a", sparsity: float = 0.9) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("method,weights,name", [
-    ("manual", "per_channel", "resnet20a"), ("manual", "per_tensor", "resnet20b"), ("fx", "per_channel", "resnet20a"),
-    ("fx", "per_tensor", "resnet20b"),
-])
-def test_packed_int8_file_reloads_to_identical_outputs(calib, tmp_path: Path, method: str, weights: str,
-                                                       name: str) -> None:
-    loader, x = calib
-    set_engine("x86")
-    model = _pruned(name)
+def _build(method: str, calib, name: str = "resnet20a", weights: str = "per_channel", sparsity: float = 0.9):
+    loader, _ = calib
+    model = _pruned(name, sparsity)
     backend = BACKENDS[method]
     cal = backend.calibrate(model, loader, CPU, "minmax", True, "x86", (weights,))
-    built = backend.build(cal, next(backend.variants((weights,), (0.99,), ("min",))))
-    path = tmp_path / "m.int8.packed"
-    write_artifact(path, built.packed(), {"kind": "int8-packed"})
+    return model, backend.build(cal, next(backend.variants((weights,), (0.99,), ("min",))))
+
+
+@pytest.mark.parametrize("method,weights,name", [
+    ("manual", "per_channel", "resnet20a"), ("manual", "per_tensor", "resnet20b"), ("fx", "per_channel", "resnet20a"),
+    ("fx", "per_tensor", "resnet20b"), ("pt2e", "per_channel", "resnet20a"),
+])
+def test_every_backend_ships_a_packed_program_that_reloads_to_identical_outputs(
+        calib, tmp_path: Path, method: str, weights: str, name: str) -> None:
+    _, x = calib
+    model, built = _build(method, calib, name, weights)
+    path = tmp_path / "m.int8.pt2pack"
+    write_artifact(path, built.packed(), {"kind": "int8-pt2pack"})
     loaded = load_artifact(path)
     with quiet(), torch.no_grad():
         want, got = built.model(x), loaded(x)
-    assert torch.equal(want, got) and want.abs().sum() > 0
-    # the sparse file is what the table reports, and far below the float model's 4 bytes per value
+        assert torch.equal(want, got) and want.abs().sum() > 0
+        assert torch.equal(load_artifact(_write(tmp_path / "m.int8.pt2", built.pt2()))(x), want)
+    # sparse weights and no graph metadata: far below the .pt2 and the float model's 4 bytes per value
     assert path.stat().st_size == len(built.packed()) < 0.05 * 4 * sum(p.numel() for p in model.parameters())
+    assert len(built.packed()) < len(built.pt2()) / 8
 
 
-def test_pt2e_program_reloads_to_identical_outputs_in_a_process_with_only_torch_and_torchao(
-        calib, tmp_path: Path) -> None:
+def _write(path: Path, blob: bytes) -> Path:
+    write_artifact(path, blob, {"kind": path.suffix})
+    return path
+
+
+def test_a_packed_program_is_the_same_bytes_each_time(calib) -> None:
+    _, built = _build("manual", calib)
+    again = pack_program(program_bytes(built.program()))
+    assert again == built.packed() and again[:8] == pt2pack.MAGIC
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float16,
+                                   torch.float32, torch.float64])
+def test_the_standalone_decoder_round_trips_every_element_size(dtype: torch.dtype) -> None:
+    values = _sparse(1000, 7, torch.int64).to(dtype) * (-1 if dtype != torch.uint8 else 1)
+    raw = values.view(torch.uint8).numpy().tobytes() if dtype != torch.uint8 else values.numpy().tobytes()
+    for encoding, data in candidates(values, None, sparse=True):
+        assert pt2pack.decode(data, encoding, values.element_size(), len(values)) == raw, encoding
+
+
+def test_an_int8_file_of_an_earlier_version_loads_into_the_qdq_model(calib, tmp_path: Path) -> None:
+    """The legacy packed int8 file (torch.ao.nn.quantized modules) loads without them, to nearly its outputs."""
     loader, x = calib
+    set_engine("x86")
     model = _pruned()
-    backend = BACKENDS["pt2e"]
-    cal = backend.calibrate(model, loader, CPU, "histogram", True, "x86")
-    built = backend.build(cal, next(backend.variants(("per_channel",), (1.0,), ("min",))))
-    path = tmp_path / "m.int8.pt2"
-    write_artifact(path, program_bytes(built.program()), {"kind": "int8-pt2"})
+    cal = BACKENDS["manual"].calibrate(model, loader, CPU, "minmax", True, "x86")
+    folded, ranges = cal.state
+    legacy = build_int8(folded, derive_qparams(ranges, 1.0, "min", activation_range(True)))
+    path = _write(tmp_path / "old.int8.packed", pack_int8(legacy, "resnet20a", "x86"))
+    loaded = load_artifact(path)
+    assert isinstance(loaded, QDQResNet)
+    assert not [m for m in loaded.modules() if type(m).__module__.startswith("torch.ao.nn")]
+    with quiet(), torch.no_grad():
+        want, got = legacy(x), loaded(x)
+    # the same int8 weights and qparams; float arithmetic between int8 values rounds a few activations the
+    # other way from the integer kernels: within a few steps of the logits' grid, never more
+    step = getattr(loaded, loaded.classifier_name).site.scale
+    assert (want - got).abs().max() <= 4 * step and (want - got).abs().mean() <= step
+
+
+def test_the_standalone_loader_runs_in_a_process_that_has_only_torch_and_torchao(calib, tmp_path: Path) -> None:
+    _, x = calib
+    _, built = _build("manual", calib)
+    path = _write(tmp_path / "m.int8.pt2pack", built.packed())
+    _write(tmp_path / "m.int8.pt2", built.pt2())
+    loader = write_loader(tmp_path)
     with torch.no_grad():
-        want = built.model(x)
-        assert torch.equal(load_artifact(path)(x), want)
-    torch.save({"x": x, "want": want}, tmp_path / "io.pt")
+        torch.save({"x": x, "want": built.model(x)}, tmp_path / "io.pt")
     script = (
-        "import sys, torch, torchao\n"
-        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
-        f"m = torch.export.load({str(path)!r}).module()\n"
+        "import sys, torch, pt2pack\n"
+        "io = torch.load('io.pt')\n"
+        "m = pt2pack.load('m.int8.pt2pack')\n"
         "with torch.no_grad():\n"
         "    assert torch.equal(m(io['x']), io['want'])\n"
+        "    assert torch.equal(torch.export.load('m.int8.pt2').module()(io['x']), io['want'])\n"
         "assert not [k for k in sys.modules if k.split('.')[0] in ('compress', 'jobs', 'sweeps')]\n"
         "print('same')\n")
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "same"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
+    cli = subprocess.run([sys.executable, str(loader), path.name], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert cli.returncode == 0 and f"{path.stat().st_size:,} bytes" in cli.stdout, cli.stderr[-2000:]
+    path.write_bytes(path.read_bytes()[:-100])
+    cli = subprocess.run([sys.executable, str(loader), path.name], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert cli.returncode == 1 and cli.stderr.strip().count("\n") == 0 and "sha256 differs" in cli.stderr
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda b: b"PK" + b[2:], "bad magic"), (lambda b: b[:-50], "damaged or truncated packed program"),
+    (lambda b: b[:len(b) // 2] + bytes([b[len(b) // 2] ^ 0xFF]) + b[len(b) // 2 + 1:], "damaged or truncated"),
+], ids=["magic", "truncated", "flipped"])
+def test_a_damaged_packed_program_is_one_line(calib, damage, message: str) -> None:
+    _, built = _build("pt2e", calib)
+    with pytest.raises(pt2pack.PackError, match=message) as err:
+        pt2pack.load(damage(built.packed()))
+    assert "\n" not in str(err.value)
+
+
+def test_loading_any_artifact_builds_nothing_of_the_deprecated_quantized_api(calib, tmp_path: Path) -> None:
+    """No load path imports torch.ao.nn.quantized beyond what torch and torchao import themselves, builds a
+    module of it, or makes a quantized-dtype tensor (watched on every op while loading and running)."""
+    loader, _ = calib
+    _, built = _build("manual", calib)
+    cal = BACKENDS["manual"].calibrate(_pruned(), loader, CPU, "minmax", True, "x86")
+    folded, ranges = cal.state
+    set_engine("x86")
+    legacy = pack_int8(build_int8(folded, derive_qparams(ranges, 1.0, "min", activation_range(True))), "resnet20a",
+                       "x86")
+    paths = [_write(tmp_path / "m.int8.pt2pack", built.packed()), _write(tmp_path / "m.int8.pt2", built.pt2()),
+             _write(tmp_path / "old.int8.packed", legacy),
+             _write(tmp_path / "model.float.packed", pack_float(_pruned(), "resnet20a"))]
+    script = (
+        "import json, sys, torch, torchao\n"
+        "from torch.utils._python_dispatch import TorchDispatchMode\n"
+        "from torch.utils._pytree import tree_leaves\n"
+        "Q = {torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4}\n"
+        "base = {k for k in sys.modules if k.startswith('torch.ao.nn.quantized')}\n"
+        "seen = []\n"
+        "class Watch(TorchDispatchMode):\n"
+        "    def __torch_dispatch__(self, func, types, args=(), kwargs=None):\n"
+        "        out = func(*args, **(kwargs or {}))\n"
+        "        seen.extend(str(func) for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.dtype in Q)\n"
+        "        return out\n"
+        "modules = []\n"
+        "with Watch():\n"
+        "    from compress.artifacts import load_artifact\n"
+        "    for path in sys.argv[1:]:\n"
+        "        m = load_artifact(path)\n"
+        "        with torch.no_grad():\n"
+        "            m(torch.rand(2, 3, 32, 32))\n"
+        "        seen.extend(k for k, t in m.state_dict().items() if t.dtype in Q)\n"
+        "        modules.extend(type(x).__module__ for x in m.modules() if type(x).__module__.startswith('torch.ao'))\n"
+        "now = {k for k in sys.modules if k.startswith('torch.ao.nn.quantized')}\n"
+        "legacy = [k for k in ('compress.quant.int8', 'compress.quant.fx') if k in sys.modules]\n"
+        "print(json.dumps({'quantized_tensors': seen, 'modules': modules, 'imported': sorted(now - base),\n"
+        "                  'legacy': legacy}))\n")
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, paths)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found == {"quantized_tensors": [], "modules": [], "imported": [], "legacy": []}
 
 
 def test_packed_float_file_reloads_the_same_model_and_is_small(tmp_path: Path) -> None:

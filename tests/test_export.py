@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -54,18 +55,25 @@ def test_ptq_export_option_writes_the_selected_row(sweep: Path) -> None:
     rows = _rows(sweep)
     assert [r["method"] for r in rows] == ["manual", "manual", "fx", "pt2e"]
     fx_row = rows[2]
-    path = sweep / "runs" / "sw" / "export" / "fx-minmax-per_channel-c50.int8.packed"
+    folder = sweep / "runs" / "sw" / "export"
+    path = folder / "fx-minmax-per_channel-c50.int8.pt2pack"
     manifest = json.loads(manifest_path(path).read_text())
     assert path.stat().st_size == fx_row["int8_packed_bytes"] == manifest["bytes"]
-    assert manifest["expected_top1"] == fx_row["int8_top1"] and manifest["kind"] == "int8-packed"
+    assert manifest["expected_top1"] == fx_row["int8_top1"] and manifest["kind"] == "int8-pt2pack"
     assert manifest["source"]["row"]["method"] == "fx" and manifest["source"]["selector"] == "method=fx"
     assert manifest["spec"]["methods"] == ["fx"] and manifest["test_images"] == 100
     assert "torchao" in manifest["versions"]
+    # the same program as torch.export.save writes it, and the loader the packed file names, beside it
+    pt2 = folder / "fx-minmax-per_channel-c50.int8.pt2"
+    assert pt2.stat().st_size == fx_row["program_bytes"] > 8 * path.stat().st_size
+    loader = folder / manifest["loader"]["file"]
+    assert hashlib.sha256(loader.read_bytes()).hexdigest() == manifest["loader"]["sha256"]
 
 
 @pytest.mark.parametrize("select,name", [
-    ("method=manual,alpha=0.99", "manual-minmax-per_channel-c50-a0.99-min.int8.packed"),
+    ("method=manual,alpha=0.99", "manual-minmax-per_channel-c50-a0.99-min.int8.pt2pack"),
     ("method=pt2e", "pt2e-minmax-per_channel-c50.int8.pt2"),
+    ("method=pt2e", "pt2e-minmax-per_channel-c50.int8.pt2pack"),
 ])
 def test_export_then_verify(sweep: Path, synthetic_cifar: Path, select: str, name: str) -> None:
     code, out, err = _invoke("export", "sw", "--select", select, "--results", str(sweep), "--data-root",
@@ -75,7 +83,7 @@ def test_export_then_verify(sweep: Path, synthetic_cifar: Path, select: str, nam
     assert f"{path}" in out and "read back: same predictions" in out
     row = next(r for r in _rows(sweep) if name.startswith(f"{r['method']}-") and
                (r["alpha"] is None or f"a{r['alpha']:g}-" in name))
-    size = row["int8_packed_bytes"] if name.endswith(".packed") else row["program_bytes"]
+    size = row["int8_packed_bytes"] if name.endswith(".pt2pack") else row["program_bytes"]
     assert path.stat().st_size == size
     code, out, err = _invoke("verify", str(path))
     assert code == 0, err
@@ -104,7 +112,7 @@ def test_a_row_that_does_not_reproduce_is_exported_with_a_warning(sweep: Path, t
     code, out, err = _invoke("export", "sw", "--select", "method=manual,alpha=1", "--results", str(results))
     assert code == 0, err
     assert err.startswith("warning: the rebuilt manual minmax per_channel calib 50 alpha 1") and "the row says" in err
-    (written,) = (results / "runs" / "sw" / "export").glob("*.packed")
+    (written,) = (results / "runs" / "sw" / "export").glob("*.pt2pack")
     manifest = json.loads(manifest_path(written).read_text())
     assert manifest["source"]["reproduced"] is False and manifest["expected_top1"] == rows[0]["int8_top1"] + 1.0
     assert _invoke("verify", str(written))[0] == 0

@@ -15,6 +15,7 @@ from compress.quant.int8 import (
     build_int8,
     derive_qparams,
     effective_reduce_range,
+    int8_size,
     set_engine,
 )
 from compress.quant.observe import calibrate, quant_sites
@@ -22,7 +23,6 @@ from compress.quant.qparams import UINT7, activation_range
 from compress.quant.size import (
     bitmask_bytes,
     float_bytes,
-    int8_size,
     pack_relative,
     packed_weight_bytes,
     relative_bytes,

@@ -258,7 +258,9 @@ def test_pt2e_int8_close_to_float_beside_fx_on_real_data(real_data_root: Path, r
     for r in rows:
         assert r["float_top1"] > 90.0
         assert abs(r["int8_top1"] - r["float_top1"]) <= 0.5, r
-    assert rows[1]["program_bytes"] > 0 and rows[1]["int8_packed_bytes"] is None
+    # both ship a program; dense weights pack to well under half of the .pt2 (graph metadata gone, lzma)
+    for r in rows:
+        assert 0 < r["int8_packed_bytes"] < r["program_bytes"] / 2
 
 
 @pytest.mark.gpu

@@ -5,16 +5,16 @@
     for variant in backend.variants(("per_channel",), alphas=(1.0,), centers=("min",)):
         built = backend.build(cal, variant)          # Built: the CPU int8 model, and how to ship it
 
-- ``manual``: the hand-written path (own statistics, pure qparams with the alpha shrink, an
-  ``Int8ResNet`` of ``torch.ao.nn.quantized`` modules); the built-in ResNets only (``refuses``
-  says so for any other model); ships as the packed file.
-- ``fx``: FX graph mode (``torch.ao.quantization``, deprecated upstream, kept while torch ships
-  it) for any model FX traces; a built-in ResNet ships as the packed file of the ``Int8ResNet`` with
-  FX's qparams, which computes exactly FX's outputs (``tests/test_int8.py``); other models have no
-  FX artifact (an FX ``GraphModule`` of quantized modules does not ``torch.export``).
-- ``pt2e``: torchao's PT2E flow with the x86 inductor quantizer, for any model ``torch.export``
-  traces; ships as a ``torch.export`` program (``.pt2``), which loads with torch and torchao alone
-  and compiles with inductor.
+- ``manual``: the hand-written path (own statistics, pure qparams with the alpha shrink, a q/dq
+  ``QDQResNet``); the built-in ResNets only (``refuses`` says so for any other model);
+- ``fx``: FX graph mode (``torch.ao.quantization``, deprecated upstream, kept while torch ships it
+  as a calibration backend) for any model FX traces; a built-in ResNet gets FX's qparams on the same
+  ``QDQResNet``; other models keep FX's converted model, measured, with no file (pt2e ships them);
+- ``pt2e``: torchao's PT2E flow with the x86 inductor quantizer, for any model ``torch.export`` traces.
+
+Every model that ships is a ``torch.export`` q/dq program: the ``.pt2`` and its packed form
+(``.pt2pack``: sparse weights, no graph metadata), which load with torch and torchao alone and
+compile with inductor to oneDNN int8 kernels. No backend ships ``torch.ao.nn.quantized`` modules.
 
 What a backend cannot express is listed in ``compress/catalog.py`` (torch-free, so the PTQ spec
 refuses those combinations before anything is imported or runs). Calibration runs on the job's
@@ -23,6 +23,7 @@ device; building and the int8 models run on the CPU.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ from compress import catalog
 from compress.models import CifarResNet
 from compress.quant import fx, observe, pt2e
 from compress.quant.fold import fold_model
-from compress.quant.int8 import build_int8, derive_qparams
-from compress.quant.packed import pack_int8
+from compress.quant.int8 import derive_qparams
+from compress.quant.packed import pack_program
+from compress.quant.qdq import build_qdq, export_qdq
 from compress.quant.qparams import activation_range
 
 
@@ -61,12 +63,32 @@ class Calibrated:
 
 @dataclass
 class Built:
-    """A CPU int8 model and its artifacts: ``packed()`` bytes and/or ``program()`` (None: not this kind)."""
+    """A CPU int8 model and what ships it (None where it has no file): its ``torch.export`` program, the
+    program's ``.pt2`` bytes and its ``.pt2pack`` bytes, each made once, when first asked for."""
 
     model: nn.Module
-    packed: Callable[[], bytes] | None
     program: Callable[[], torch.export.ExportedProgram] | None
+    pt2: Callable[[], bytes] | None
+    packed: Callable[[], bytes] | None
     seconds: float
+
+
+def shipped(model: nn.Module, export: Callable[[nn.Module], torch.export.ExportedProgram], t0: float) -> Built:
+    """``Built`` of an int8 ``model`` whose files come from ``export(model)``."""
+
+    @functools.cache
+    def program() -> torch.export.ExportedProgram:
+        return export(model)
+
+    @functools.cache
+    def pt2() -> bytes:
+        return pt2e.program_bytes(program())
+
+    @functools.cache
+    def packed() -> bytes:
+        return pack_program(pt2())
+
+    return Built(model, program, pt2, packed, time.perf_counter() - t0)
 
 
 class Backend:
@@ -76,7 +98,6 @@ class Backend:
     """
 
     name = ""
-    artifact = ""
 
     @property
     def info(self) -> catalog.BackendInfo:
@@ -121,7 +142,6 @@ def resnet_family(model: nn.Module) -> bool:
 
 class Manual(Backend):
     name = "manual"
-    artifact = "packed"
 
     def refuses(self, model: nn.Module) -> str:
         if resnet_family(model):
@@ -135,19 +155,18 @@ class Manual(Backend):
         cal = observe.calibrate(folded, loader, device, observer, observe.quant_sites(folded))
         ranges = cal.ranges(activation_range(reduce_range))  # every variant derives from these statistics
         folded.cpu()
-        return Calibrated((folded, ranges, model.model_name), time.perf_counter() - t0, reduce_range, engine)
+        return Calibrated((folded, ranges), time.perf_counter() - t0, reduce_range, engine)
 
     def build(self, cal, variant):
-        folded, ranges, name = cal.state
+        folded, ranges = cal.state
         t0 = time.perf_counter()
         qr = activation_range(cal.reduce_range)
-        q = build_int8(folded, derive_qparams(ranges, variant.alpha, variant.center, qr), variant.weight_observer)
-        return Built(q, lambda: pack_int8(q, name, cal.engine), None, time.perf_counter() - t0)
+        q = build_qdq(folded, derive_qparams(ranges, variant.alpha, variant.center, qr), qr, variant.weight_observer)
+        return shipped(q, export_qdq, t0)
 
 
 class FX(Backend):
     name = "fx"
-    artifact = "packed"
 
     def calibrate(self, model, loader, device, observer, reduce_range, engine, weight_observers=("per_channel",)):
         t0 = time.perf_counter()
@@ -160,20 +179,15 @@ class FX(Backend):
         t0 = time.perf_counter()
         prepared = fx.prepare(model, observer, variant.weight_observer, cal.reduce_range, cal.engine)
         fx.copy_statistics(calibrated, prepared)  # weight observers run at conversion: one calibration serves all
-        q = fx.convert(prepared)
-        qparams = fx.observed_qparams(prepared)
-
-        def packed() -> bytes:
-            # the Int8ResNet with FX's qparams computes exactly FX's outputs, so it is what ships
-            return pack_int8(build_int8(model, qparams, variant.weight_observer), model.model_name, cal.engine)
-
-        # other models have no packed form: their FX int8 model is measured, and pt2e is what ships them
-        return Built(q, packed if resnet_family(model) else None, None, time.perf_counter() - t0)
+        if resnet_family(model):  # FX's qparams on the q/dq model, which ships
+            qr = activation_range(cal.reduce_range)
+            return shipped(build_qdq(model, fx.observed_qparams(prepared), qr, variant.weight_observer), export_qdq, t0)
+        # other models have no q/dq form here: their FX int8 model is measured, and pt2e is what ships them
+        return Built(fx.convert(prepared), None, None, None, time.perf_counter() - t0)
 
 
 class PT2E(Backend):
     name = "pt2e"
-    artifact = "program"
 
     def calibrate(self, model, loader, device, observer, reduce_range, engine, weight_observers=("per_channel",)):
         t0 = time.perf_counter()
@@ -183,8 +197,7 @@ class PT2E(Backend):
 
     def build(self, cal, variant):
         t0 = time.perf_counter()
-        q = pt2e.convert(cal.state)
-        return Built(q, None, lambda: pt2e.export_program(q), time.perf_counter() - t0)
+        return shipped(pt2e.convert(cal.state), pt2e.export_program, t0)
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Manual(), FX(), PT2E())}  # catalog.BACKENDS' order

@@ -1,4 +1,9 @@
-"""The int8 ResNet, built by hand from ``torch.ao.nn.quantized`` modules and a table of qparams.
+"""The int8 ResNet of ``torch.ao.nn.quantized`` modules: kept to compare against, shipped no more.
+
+This is the one place the deprecated quantized-module API lives: the integer-kernel model that the
+q/dq model (``qdq.py``, what rows measure and files ship) is checked against, FX's converted model
+is compared with, and the int8 ``.packed`` files of earlier versions were written from
+(``pack_int8``, kept so a test can write one). Nothing on a load path imports this module.
 
 No graph tracing and no QuantStub: the float ``Normalize`` runs first, then the image is quantized
 with ``torch.quantize_per_tensor`` at the ``input`` site's qparams; every conv(+BN)(+ReLU) is one
@@ -22,6 +27,8 @@ Everything here runs on the CPU: quantized kernels have no CUDA implementation.
 from __future__ import annotations
 
 import copy
+import re
+from typing import Any
 
 import torch
 import torch.ao.nn.intrinsic.quantized as nniq
@@ -32,9 +39,10 @@ from torch import nn
 from compress.catalog import ENGINES, WEIGHT_SCHEMES
 from compress.models import CifarResNet, PadShortcut
 from compress.quant import quiet
-from compress.quant.fold import fold_model
-from compress.quant.observe import quant_sites
+from compress.quant.packed import PackedError, _Writer
+from compress.quant.qdq import folded_for
 from compress.quant.qparams import INT8, UINT8, QRange, affine_qparams, shrink_range, symmetric_qparams
+from compress.quant.size import FLOAT_BYTES, QPARAM_BYTES, Int8Size, packed_weight_bytes
 
 QParams = tuple[float, int]
 
@@ -185,12 +193,7 @@ def build_int8(model: CifarResNet, qparams: dict[str, QParams], weights: str = "
     """
     if weights not in WEIGHT_SCHEMES:
         raise ValueError(f"weight scheme {weights!r} is unknown; known: {', '.join(WEIGHT_SCHEMES)}")
-    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-        model = fold_model(model)
-    model = model.cpu().eval()
-    missing = [s.name for s in quant_sites(model) if s.name not in qparams]
-    if missing:
-        raise KeyError(f"no qparams for site(s) {missing}")
+    model = folded_for(model, qparams)
 
     def qw(name: str) -> torch.Tensor:
         if qweights is not None:
@@ -217,3 +220,90 @@ def build_int8(model: CifarResNet, qparams: dict[str, QParams], weights: str = "
         classifier = _qlinear(model.classifier, qw(model.classifier_name), qparams[model.classifier_name])
     return Int8ResNet(copy.deepcopy(model.normalize), qparams["input"], conv1, layers, classifier,
                       model.classifier_name).eval()
+
+
+def _activation_qparams(model: nn.Module) -> int:
+    """How many activation (scale, zero point) pairs live outside the weight modules (input, adds, requants)."""
+    # FX keeps them as top-level buffers (``normalize_scale_0``, ``layer1_0_relu_out_scale_0``, ...)
+    n = sum(1 for k in model.state_dict() if "." not in k and re.search(r"_scale_\d+$", k))
+    for m in model.modules():
+        if isinstance(m, Int8ResNet | nnq.QFunctional) or (isinstance(m, Int8PadShortcut) and m.requantize):
+            n += 1
+    return n
+
+
+def int8_size(model: nn.Module) -> Int8Size:
+    """Storage of an int8 model built by ``int8.build_int8`` or FX ``convert`` (same modules, same size)."""
+    dense = packed = weights = zeros = 0
+    for m in model.modules():
+        if not isinstance(m, nnq.Conv2d | nnq.Linear):  # ConvReLU2d is a Conv2d
+            continue
+        w = m.weight()
+        q = w.int_repr()
+        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            qzero = w.q_per_channel_zero_points().view(-1, *[1] * (q.dim() - 1))
+            n_qparams = w.q_per_channel_scales().numel()
+        else:
+            qzero = torch.tensor(w.q_zero_point())
+            n_qparams = 1
+        mask = q != qzero
+        nz = int(mask.sum())
+        bias = m.bias()
+        # weight qparams, float bias, and the module's output qparams
+        extra = (n_qparams + 1) * QPARAM_BYTES + (bias.numel() * FLOAT_BYTES if bias is not None else 0)
+        dense += q.numel() + extra
+        packed += packed_weight_bytes(mask) + extra
+        weights += q.numel()
+        zeros += q.numel() - nz
+    rest = _activation_qparams(model) * QPARAM_BYTES + sum(
+        t.numel() * FLOAT_BYTES for k, t in model.state_dict().items() if k.startswith("normalize."))
+    return Int8Size(dense + rest, packed + rest, weights, zeros)
+
+
+def _weight_modules(model: Int8ResNet) -> list[tuple[str, nn.Module]]:
+    """(float-model name, quantized module) of every int8 conv/linear, in forward order."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nnq.Conv2d | nnq.Linear):  # ConvReLU2d is a Conv2d
+            out.append((name + ".0" if name.endswith(".downsample") else name, m))
+    return out
+
+
+def int8_qparams(model: Int8ResNet) -> dict[str, QParams]:
+    """The activation (scale, zero point) of every site of an ``Int8ResNet``, by ``quant_sites`` name."""
+    qp: dict[str, QParams] = {"input": (model.input_scale, model.input_zero_point)}
+    for name, m in _weight_modules(model):
+        qp[name] = (float(m.scale), int(m.zero_point))
+    for name, m in model.named_modules():
+        if isinstance(m, nnq.QFunctional):
+            qp[name] = (float(m.scale), int(m.zero_point))
+        elif isinstance(m, Int8PadShortcut) and m.requantize:
+            qp[name.removesuffix(".downsample") + ".shortcut"] = (m.scale, m.zero_point)
+    return qp
+
+
+def pack_int8(model: Int8ResNet, model_name: str, engine: str, meta: dict[str, Any] | None = None) -> bytes:
+    """The packed file of an int8 model built by ``int8.build_int8`` (from manual or FX qparams)."""
+    w = _Writer()
+    schemes = set()
+    for name, m in _weight_modules(model):
+        q = m.weight()
+        per_channel = q.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        schemes.add("per_channel" if per_channel else "per_tensor")
+        zp = q.q_per_channel_zero_points() if per_channel else torch.tensor([q.q_zero_point()])
+        if bool((zp != 0).any()):
+            raise PackedError(f"{name}: weights are not symmetric (zero point != 0); the packed format stores "
+                              "symmetric int8 weights only")
+        scale = q.q_per_channel_scales() if per_channel else torch.tensor([q.q_scale()], dtype=torch.float64)
+        if not torch.equal(scale.float().double(), scale.double()):
+            raise PackedError(f"{name}: weight scales are not float32 values")
+        w.add(f"{name}.weight", q.int_repr(), "int8", sparse=True)
+        w.add(f"{name}.weight_scale", scale, "float32")
+        if m.bias() is not None:
+            w.add(f"{name}.bias", m.bias(), "float32")
+    if len(schemes) != 1:
+        raise PackedError(f"mixed weight schemes {sorted(schemes)}")
+    for key in ("mean", "std"):
+        w.add(f"normalize.{key}", getattr(model.normalize, key), "float32")
+    return w.finish({"format": 1, "kind": "int8", "model": model_name, "engine": engine,
+                     "weights": schemes.pop(), "qparams": int8_qparams(model), "meta": meta or {}})

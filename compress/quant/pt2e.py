@@ -145,3 +145,10 @@ def export_program(int8: torch.fx.GraphModule) -> torch.export.ExportedProgram:
     """The converted model as a ``torch.export`` program with a dynamic batch (save with ``torch.export.save``)."""
     with quiet():
         return torch.export.export(int8, _example(tuple(int8.input_shape)), dynamic_shapes=_dynamic_batch())
+
+
+def program_bytes(program: torch.export.ExportedProgram) -> bytes:
+    """The ``.pt2`` file of an exported program, as ``torch.export.save`` writes it."""
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return buf.getvalue()

@@ -23,14 +23,10 @@ tensor.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
-import torch.ao.nn.quantized as nnq
 from torch import nn
-
-from compress.quant.int8 import Int8PadShortcut, Int8ResNet
 
 QPARAM_BYTES = 8  # float32 scale + int32 zero point
 FLOAT_BYTES = 4
@@ -107,39 +103,10 @@ def packed_weight_bytes(mask: torch.Tensor) -> int:
     return min(bitmask_bytes(mask.numel(), int(mask.sum())), relative_bytes(mask, 4), relative_bytes(mask, 8))
 
 
-def _activation_qparams(model: nn.Module) -> int:
-    """How many activation (scale, zero point) pairs live outside the weight modules (input, adds, requants)."""
-    # FX keeps them as top-level buffers (``normalize_scale_0``, ``layer1_0_relu_out_scale_0``, ...)
-    n = sum(1 for k in model.state_dict() if "." not in k and re.search(r"_scale_\d+$", k))
-    for m in model.modules():
-        if isinstance(m, Int8ResNet | nnq.QFunctional) or (isinstance(m, Int8PadShortcut) and m.requantize):
-            n += 1
-    return n
-
-
-def int8_size(model: nn.Module) -> Int8Size:
-    """Storage of an int8 model built by ``int8.build_int8`` or FX ``convert`` (same modules, same size)."""
-    dense = packed = weights = zeros = 0
-    for m in model.modules():
-        if not isinstance(m, nnq.Conv2d | nnq.Linear):  # ConvReLU2d is a Conv2d
-            continue
-        w = m.weight()
-        q = w.int_repr()
-        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            qzero = w.q_per_channel_zero_points().view(-1, *[1] * (q.dim() - 1))
-            n_qparams = w.q_per_channel_scales().numel()
-        else:
-            qzero = torch.tensor(w.q_zero_point())
-            n_qparams = 1
-        mask = q != qzero
-        nz = int(mask.sum())
-        bias = m.bias()
-        # weight qparams, float bias, and the module's output qparams
-        extra = (n_qparams + 1) * QPARAM_BYTES + (bias.numel() * FLOAT_BYTES if bias is not None else 0)
-        dense += q.numel() + extra
-        packed += packed_weight_bytes(mask) + extra
-        weights += q.numel()
-        zeros += q.numel() - nz
-    rest = _activation_qparams(model) * QPARAM_BYTES + sum(
-        t.numel() * FLOAT_BYTES for k, t in model.state_dict().items() if k.startswith("normalize."))
-    return Int8Size(dense + rest, packed + rest, weights, zeros)
+def program_size(program: torch.export.ExportedProgram) -> Int8Size:
+    """Storage of an int8 ``torch.export`` program: every tensor it holds, dense (``packed`` is left 0: the
+    packed program's length is measured on the file), and how many of its int8 values are zero."""
+    tensors = [*program.state_dict.values(), *(t for t in program.constants.values() if isinstance(t, torch.Tensor))]
+    int8 = [t for t in tensors if t.dtype == torch.int8]
+    return Int8Size(sum(t.numel() * t.element_size() for t in tensors), 0, sum(t.numel() for t in int8),
+                    sum(int((t == 0).sum()) for t in int8))
