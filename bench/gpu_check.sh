@@ -14,7 +14,7 @@
 #                 calibrated, int8 within 3 points of float
 #   export        export --select method=pt2e and method=manual, calibrating on CUDA again: the rebuilt model
 #                 must score its row (a "warning:" about drift fails the step)
-#   verify        verify of the two exported files and of the GPU-trained run's model.float.packed: each is
+#   verify        verify of the four exported files and of the GPU-trained run's model.float.packed: each is
 #                 re-evaluated on the CPU (the float model in float32) and must reproduce its manifest: the top-1
 #                 the GPU measured, and every prediction where the manifest names them (the exported files)
 #   tune          tune prune --device auto, 4 trials sharing the GPU (Ray's default share, 0.25 each): all finish,
@@ -688,10 +688,10 @@ check_export() {
 check_verify() {
     local files=() f bad=()
     shopt -s nullglob
-    files=("$RESULTS"/runs/gpu-ptq/export/*.int8.pt2 "$RESULTS"/runs/gpu-ptq/export/*.int8.packed
+    files=("$RESULTS"/runs/gpu-ptq/export/*.int8.pt2 "$RESULTS"/runs/gpu-ptq/export/*.int8.pt2pack
            "$RESULTS"/runs/gpu-straight/export/model.float.packed)
-    [ "${#files[@]}" -eq 3 ] || fail "expected 3 files to verify (.int8.pt2, .int8.packed, model.float.packed), found" \
-                                     "${#files[@]}: ${files[*]}"
+    [ "${#files[@]}" -eq 5 ] || fail "expected 5 files to verify (.int8.pt2 and .int8.pt2pack of pt2e and manual," \
+                                     "model.float.packed), found ${#files[@]}: ${files[*]}"
     for f in "${files[@]}"; do
         echo "-- verify $f"
         launch verify "$f" || bad+=("$f")

@@ -11,14 +11,15 @@ Times, at each batch size, these models, all fed the same float [0, 1] images in
 - ``float eager``: the float ResNet (``--weights``, or ``model.float.packed`` when the export folder
   has one), float32, ``torch.no_grad``;
 - ``float compiled``: ``torch.compile`` of it;
-- ``<name> eager`` for each ``*.int8.packed``: the packed file loaded back, an ``Int8ResNet`` of
-  ``torch.ao`` quantized modules (the FX backend's file computes exactly FX's converted model);
-- ``<name> eager`` for each ``*.int8.pt2``: the ``torch.export`` program loaded back, which runs
-  torchao's q/dq reference ops (int8 values, float arithmetic: slow, it is the portable form);
+- ``<name> eager`` for each ``*.int8.pt2`` and ``*.int8.pt2pack``: the ``torch.export`` program
+  loaded back, which runs torchao's q/dq reference ops (int8 values, float arithmetic: slow, it is
+  the portable form); the ``.pt2pack`` holds the same program, packed small;
 - ``<name> compiled``: ``torch.compile`` of the loaded program; inductor lowers q/dq to oneDNN int8
-  kernels. This is how the ``.pt2`` file is meant to run.
+  kernels. This is how both files are meant to run;
+- ``manual legacy eager`` (built files only): the same manual qparams and int8 weights on the
+  ``torch.ao.nn.quantized`` modules that shipped before (``Int8ResNet``), for comparison.
 
-Both compiled rows need two things a user's process must do as well, or the ``.pt2`` compiles to
+The compiled rows need two things a user's process must do as well, or the ``.pt2`` compiles to
 float convolutions on dequantized weights at about half the int8 speed: import
 ``torchao.quantization.pt2e.quantizer.x86_inductor_quantizer`` (it registers torchao's inductor
 passes that lower q/dq + conv to oneDNN int8 kernels; ``import torchao`` alone does not) and set
@@ -27,10 +28,10 @@ passes that lower q/dq + conv to oneDNN int8 kernels; ``import torchao`` alone d
 is compiled with freezing too, so the ratio is fair. ``dynamic=False``: each batch size compiles
 once, in the warm-up before its timing. A model that fails to compile loses its row, with the reason.
 
-Without ``--run-export-dir`` the two int8 files are built from ``--weights`` through the project's
-own backends (``fx`` and ``pt2e``, MinMax over ``--calib-images`` training images, per-channel
-weights, 7-bit activations on x86/fbgemm) and written with their manifests into a temporary
-folder (``--keep-dir`` keeps them), then loaded back from there, sha256 checked.
+Without ``--run-export-dir`` the int8 files are built from ``--weights`` through the project's own
+backends (``--methods``, default ``manual`` and ``pt2e``; MinMax over ``--calib-images`` training
+images, per-channel weights, 7-bit activations on x86/fbgemm) and written with their manifests into
+a temporary folder (``--keep-dir`` keeps them), then loaded back from there, sha256 checked.
 
 Each figure is the median of ``--repeats`` measurements of at least ``--seconds`` each, the
 models interleaved within each repeat, so a burst of load from another process moves one sample
@@ -70,9 +71,9 @@ from compress.loops import evaluate
 from compress.models import load_model
 from compress.quant import quiet
 from compress.quant.backends import BACKENDS
-from compress.quant.int8 import effective_reduce_range, set_engine
+from compress.quant.int8 import build_int8, derive_qparams, effective_reduce_range, set_engine
+from compress.quant.qparams import activation_range
 from compress.quant.size import float_bytes
-from jobs.ptq import program_bytes
 
 with quiet():
     # registers torchao's x86 inductor passes (the oneDNN int8 lowering); see the module docstring
@@ -119,11 +120,13 @@ class _Padded(nn.Module):
         return self
 
 
-def build_files(model: nn.Module, calib: BatchLoader, engine: str, folder: Path) -> list[Path]:
-    """The FX ``.int8.packed`` and PT2E ``.int8.pt2`` files of ``model``, written with manifests into ``folder``."""
+def build_files(model: nn.Module, calib: BatchLoader, engine: str, folder: Path, methods: list[str],
+                legacy: list[Timed]) -> list[Path]:
+    """Each method's ``.int8.pt2`` and ``.int8.pt2pack``, written with manifests into ``folder``; ``legacy`` gets
+    the manual qparams on the ``torch.ao.nn.quantized`` model that shipped before, to compare against."""
     reduce = effective_reduce_range(engine, True)
     paths = []
-    for method in ("fx", "pt2e"):
+    for method in methods:
         why = unsupported(method, (WEIGHT_SCHEME,), engine, (1.0,), ("min",))
         if why:
             click.echo(f"skipping {method}: {why}")
@@ -133,13 +136,17 @@ def build_files(model: nn.Module, calib: BatchLoader, engine: str, folder: Path)
         with quiet():
             cal = b.calibrate(model, calib, CPU, OBSERVER, reduce, engine, (WEIGHT_SCHEME,))
             built = b.build(cal, next(b.variants((WEIGHT_SCHEME,), (1.0,), ("min",))))
-            data = built.packed() if built.packed is not None else program_bytes(built.program())
-        suffix = "packed" if built.packed is not None else "pt2"
-        path = folder / f"{method}-{OBSERVER}-{WEIGHT_SCHEME}-c{len(calib.x)}.int8.{suffix}"
-        write_artifact(path, data, {"kind": f"int8-{suffix}", "expected_top1": None, "engine": engine,
-                                    "activation_bits": 7 if reduce else 8, "written_by": "bench/int8_speed.py"})
-        paths.append(path)
-        click.echo(f"built {path.name} ({time.perf_counter() - t0:.1f} s)", err=True)
+            if method == "manual":
+                folded, ranges = cal.state
+                qparams = derive_qparams(ranges, 1.0, "min", activation_range(reduce))
+                legacy.append(Timed("manual legacy eager", build_int8(folded, qparams, WEIGHT_SCHEME),
+                                    "torch.ao.nn.quantized modules, in memory"))
+        for suffix, data in (("pt2", built.pt2()), ("pt2pack", built.packed())):
+            path = folder / f"{method}-{OBSERVER}-{WEIGHT_SCHEME}-c{len(calib.x)}.int8.{suffix}"
+            write_artifact(path, data, {"kind": f"int8-{suffix}", "expected_top1": None, "engine": engine,
+                                        "activation_bits": 7 if reduce else 8, "written_by": "bench/int8_speed.py"})
+            paths.append(path)
+        click.echo(f"built {method} ({time.perf_counter() - t0:.1f} s)", err=True)
     return paths
 
 
@@ -149,8 +156,8 @@ def compiled(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _label(path: Path) -> str:
-    """``fx-minmax-per_channel-c500`` of ``fx-minmax-per_channel-c500.int8.pt2``."""
-    return path.name.removesuffix(path.suffix).removesuffix(".int8")
+    """``pt2e-minmax-per_channel-c500 .pt2pack`` of ``pt2e-minmax-per_channel-c500.int8.pt2pack``."""
+    return f"{path.name.removesuffix(path.suffix).removesuffix('.int8')} {path.suffix}"
 
 
 def _rate(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, seconds: float) -> float:
@@ -182,12 +189,13 @@ def _file(path: Path) -> str:
 @click.option("--repeats", default=5, show_default=True, help="measurements per (model, batch size); median counts")
 @click.option("--threads", default=0, show_default=True, help="torch intra-op threads (0: torch's default)")
 @click.option("--run-export-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="time the *.int8.packed and *.int8.pt2 files in this folder instead of building new ones")
+              help="time the *.int8.pt2 and *.int8.pt2pack files in this folder instead of building new ones")
+@click.option("--methods", default="manual,pt2e", show_default=True, help="backends whose files are built")
 @click.option("--keep-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="write the built files here (kept) instead of a temporary folder")
-@click.option("--no-compile", is_flag=True, help="skip the two torch.compile rows (about 30-60 s of compiling each)")
+@click.option("--no-compile", is_flag=True, help="skip the torch.compile rows (about 30-60 s of compiling each)")
 def main(weights: str, data_root: str, model_name: str, engine: str, batch_sizes: str, calib_images: int,
-         seconds: float, repeats: int, threads: int, run_export_dir: Path | None, keep_dir: Path | None,
+         seconds: float, repeats: int, threads: int, run_export_dir: Path | None, methods: str, keep_dir: Path | None,
          no_compile: bool) -> None:
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
@@ -209,9 +217,9 @@ def main(weights: str, data_root: str, model_name: str, engine: str, batch_sizes
         raise click.UsageError(str(e)) from None
     files: list[Path] = []
     if run_export_dir is not None:
-        files = sorted(run_export_dir.glob("*.int8.packed")) + sorted(run_export_dir.glob("*.int8.pt2"))
+        files = sorted(run_export_dir.glob("*.int8.pt2")) + sorted(run_export_dir.glob("*.int8.pt2pack"))
         if not files:
-            raise click.UsageError(f"{run_export_dir}: no *.int8.packed or *.int8.pt2 files")
+            raise click.UsageError(f"{run_export_dir}: no *.int8.pt2 or *.int8.pt2pack files")
 
     try:
         data = load_cifar10(data_root or None)
@@ -230,6 +238,7 @@ def main(weights: str, data_root: str, model_name: str, engine: str, batch_sizes
         float_src = (f"{model_name} from {Path(weights).name if weights else 'random init (no --weights)'}, "
                      f"in memory ({kb:,.1f} kB of float32 parameters)")
 
+    legacy: list[Timed] = []
     with contextlib.ExitStack() as stack:
         if run_export_dir is None:
             folder = keep_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="int8_speed-")))
@@ -238,8 +247,8 @@ def main(weights: str, data_root: str, model_name: str, engine: str, batch_sizes
                 calib = BatchLoader(data.train_x[:calib_images], data.train_y[:calib_images], 100)
             else:
                 calib = BatchLoader(pool[:calib_images], torch.zeros(calib_images, dtype=torch.long), 100)
-            files = build_files(float_model, calib, engine, folder)
-        timed = _load_all(float_model, float_src, files, no_compile)
+            files = build_files(float_model, calib, engine, folder, methods.split(","), legacy)
+        timed = _load_all(float_model, float_src, files, no_compile) + legacy
         # read when a graph compiles (each model's first call at a batch size), so it spans every call
         stack.enter_context(torch._inductor.config.patch(freezing=True))
         _report(timed, sizes, seconds, repeats, data, pool, engine, load)
@@ -257,7 +266,7 @@ def _load_all(float_model: nn.Module, float_src: str, files: list[Path], no_comp
         expected = read_manifest(path).get("expected_top1")
         note = f" (its manifest: top-1 {expected:.2f}%)" if expected is not None else ""
         timed.append(Timed(f"{_label(path)} eager", module, _file(path) + note))
-        if path.suffix == ".pt2" and not no_compile:
+        if not no_compile:
             timed.append(Timed(f"{_label(path)} compiled", compiled(module), f"torch.compile of {_file(path)}", True))
     return timed
 
@@ -281,7 +290,7 @@ def _report(timed: list[Timed], sizes: list[int], seconds: float, repeats: int, 
     for t in list(timed):
         top1 = "-"
         if check is not None:
-            ev = _guarded(t, timed, functools.partial(evaluate, _Padded(t.model, max(sizes)), check, CPU, amp=False,
+            ev = _guarded(t, timed, functools.partial(evaluate, _Padded(t.model, max(sizes)), check, CPU,
                                                       progress=False))
             if ev is None:
                 continue

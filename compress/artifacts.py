@@ -1,7 +1,7 @@
 """Model files a user keeps: written with a JSON manifest beside them, read back only when the sha256 matches.
 
-    write_artifact(Path("runs/r/export/m.int8.packed"), blob, {"expected_top1": 90.17, ...})
-    model = load_artifact("runs/r/export/m.int8.packed")     # checks m.int8.packed.json's sha256 first
+    write_artifact(Path("runs/r/export/m.int8.pt2pack"), blob, {"expected_top1": 90.17, ...})
+    model = load_artifact("runs/r/export/m.int8.pt2pack")    # checks m.int8.pt2pack.json's sha256 first
 
 Kinds, by suffix:
 

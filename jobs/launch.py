@@ -413,7 +413,7 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
     for line in written.summary:
         click.echo(line)
 
-EXPORT_HELP = ("which row to export: best (highest int8 top-1), smallest (smallest packed file), max-drop=PP "
+EXPORT_HELP = ("which row to export: best (highest int8 top-1), smallest (smallest .pt2pack), max-drop=PP "
                "(within PP points of float) and COLUMN=VALUE filters, comma-separated, e.g. max-drop=0.3,smallest")
 
 
@@ -440,11 +440,13 @@ def _export(spec: Any) -> None:
 @click.option("--data-root", default="", help="CIFAR-10 root [default: the run's own, else $COMPRESS_DATA]")
 @click.option("--device", default="auto", show_default=True, help="where calibration runs (int8 is CPU-only)")
 def export(run: str, select: str, results: str, data_root: str, device: str) -> None:
-    """Write the model RUN chose as files to deploy: the packed sparse int8 (or float) file, or a .pt2 program.
+    """Write the model RUN chose as files to deploy: its int8 program (.pt2pack, packed small, and .pt2), or
+    the packed sparse float model.
 
     RUN is a PTQ run (one row is chosen with --select and rebuilt) or a prune/train run (its final
     model, packed). Each file gets a JSON manifest with its sha256 and expected top-1, and is read
-    back and checked image by image before the command returns.
+    back and checked image by image before the command returns. Beside a .pt2pack goes pt2pack.py,
+    its loader, which needs torch and torchao only.
     """
     from compress.results import default_root
     from jobs.export import plan_export

@@ -123,6 +123,7 @@ def test_a_users_model_on_grayscale_digits_trains_prunes_quantizes_and_ships(tmp
     assert len(ptq) == 4 and set(ptq.data_shape) == {"1x8x8"}
     pt2e, fx = ptq[ptq.method == "pt2e"], ptq[ptq.method == "fx"]
     assert (pt2e.program_bytes > 0).all() and fx.program_bytes.isna().all() and fx.int8_packed_bytes.isna().all()
+    assert (pt2e.int8_packed_bytes < pt2e.program_bytes / 2).all()  # the packed program of any model
     assert (ptq.int8_top1 > ptq.float_top1 - 10).all()
 
     out = launch(user_code, "export", "q", "--results", results)  # the best row with a file: a pt2e one
@@ -147,6 +148,9 @@ def test_a_users_model_on_grayscale_digits_trains_prunes_quantizes_and_ships(tmp
 
     out = launch(user_code, "verify", str(program))
     assert out.returncode == 0, out.stderr[-3000:]
+    (packed,) = program.parent.glob("*.int8.pt2pack")
+    out = launch(user_code, "verify", str(packed))
+    assert out.returncode == 0 and "same predictions" in out.stdout, out.stderr[-3000:]
 
 
 def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
