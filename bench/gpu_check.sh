@@ -19,6 +19,9 @@
 #                 the GPU measured, and every prediction where the manifest names them (the exported files)
 #   tune          tune prune --device auto, 4 trials sharing the GPU (Ray's default share, 0.25 each): all finish,
 #                 no row of any trial says "cpu"
+#   channels      bench/channel_speed.py on the GPU: the dense ResNet-20 against channel-pruned copies (half and
+#                 0.4 of its MACs), bf16 autocast, eager and compiled, at batch 1, 32 and 256 (figures, no pass/fail
+#                 beyond running)
 #   tests         two pytest runs side by side: `pytest -m gpu` (every test passes and none skips: a skip on a
 #                 GPU machine is a failure), and the tests that run on CUDA where there is one (those taking the
 #                 `device` or `cuda` fixture, tests/test_devices.py, and the resume/damaged/compiled tests of
@@ -621,7 +624,7 @@ fi
 # ---------------------------------------------------------------------------------------------------------------
 
 SELF=$REPO/bench/gpu_check.sh
-STEPS="auto resume ptq export verify tune tests"
+STEPS="auto resume ptq export verify tune channels tests"
 # sizes: a kill window of about one epoch of TRAIN images; the prune runs of step resume evaluate the whole test
 # set (their model.float.packed manifests name no test size, so verify evaluates all of it)
 if [ -z "$REHEARSE" ]; then
@@ -708,6 +711,13 @@ check_tune() {
     "$PY" "$CHECKS" search "$RESULTS" "$GPU_NAME" gpu-tune 4
 }
 
+check_channels() {  # bf16 throughput of channel-pruned models against the dense one, eager and compiled
+    local sizes=1,32,256 repeats=3
+    [ -z "$REHEARSE" ] || { sizes=8; repeats=1; }
+    "$PY" "$REPO/bench/channel_speed.py" --device "$DEV" --targets 0.5,0.4 --batch-sizes "$sizes" \
+        --repeats "$repeats" --seconds 0.5 --weights "$COMPRESS_WEIGHTS" --data-root "$COMPRESS_DATA"
+}
+
 check_tests() {  # pytest -m gpu, and the tests that run on CUDA where there is one, side by side
     cat > "$WORK/gpu_select.py" <<'EOF'
 """pytest plugin of bench/gpu_check.sh: keep the tests that run on CUDA where there is one, less the `gpu` ones."""
@@ -773,7 +783,7 @@ find_data synthetic-ok
 limit_of() {  # seconds each step may take at most on a GPU (H100 estimates in README "On a GPU")
     case $1 in
         auto) echo 90 ;; resume) echo 240 ;; ptq) echo 150 ;; export) echo 120 ;; verify) echo 90 ;;
-        tune) echo 240 ;; tests) echo 300 ;;
+        tune) echo 240 ;; channels) echo 120 ;; tests) echo 300 ;;
     esac
 }
 not_ready() {  # not_ready STEP: why STEP has nothing to work on ('' when it has)

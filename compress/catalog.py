@@ -20,7 +20,11 @@ WEIGHT_SCHEMES = ("per_channel", "per_tensor")
 CENTERS = ("min", "zero")
 # how magnitude pruning ranks weights across layers (compress/prune.py)
 SCORINGS = ("magnitude", "lamp")
-COMPILE_CHOICES = ("auto", "on", "off")  # torch.compile of a training run (compress.loops.compile_decision)
+COMPILE_CHOICES = ("auto", "on", "off")
+# structured pruning (compress/channels.py): what a step removes, how channels are ranked, what a target counts
+STRUCTURES = ("weights", "channels")
+CHANNEL_IMPORTANCES = ("l1", "l2", "bn", "taylor")
+CHANNEL_TARGETS = ("macs", "params")  # torch.compile of a training run (compress.loops.compile_decision)
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,18 @@ class CifarResNet(nn.Module):
     def classifier(self) -> nn.Linear:
         return getattr(self, self.classifier_name)
 
+    def fixed_width_layers(self) -> list[str]:
+        """Layers whose output channels channel pruning must keep (``compress/channels.py``).
+
+        Option A: every block's second conv writes the residual stream, whose width the parameter-free,
+        zero-padded shortcuts tie from block to block; only the channels inside blocks can go. Option B's
+        1x1 conv shortcuts leave the stream to the dependency graph.
+        """
+        blocks = [(n, m) for n, m in self.named_modules() if isinstance(m, BasicBlock)]
+        if any(isinstance(m.downsample, PadShortcut) for _, m in blocks):
+            return [f"{n}.conv2" for n, _ in blocks]
+        return []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(self.normalize(x))))
         x = self.layer3(self.layer2(self.layer1(x)))
@@ -277,7 +289,15 @@ def _download(url: str, sha_prefix: str | None, cache: Path) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The model weights in any checkpoint this project meets, with pruning made permanent.
+    """The model weights in any checkpoint this project meets (``read_checkpoint``'s state dict)."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """(weights, widths) of any checkpoint this project meets, with pruning made permanent.
+
+    ``widths``: the layers a channel-pruned run resized (``compress.channels.widths``), empty for
+    any other checkpoint; the model is resized to them (``channels.resize_to``) before the weights load.
 
     Reads plain state dicts (``{"state_dict": ...}`` too), project checkpoints (``{"model": ...}``; a
     prune run's ``state.pt`` also carries ``masks``, which are multiplied in) and
@@ -291,6 +311,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"cannot read weights file {path}: not a PyTorch checkpoint, or damaged "
                            f"({type(e).__name__})") from e
     masks = obj.get("masks") if isinstance(obj, dict) else None
+    shapes = obj.get("widths") or {} if isinstance(obj, dict) else {}
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -306,7 +327,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         obj = merged
     if isinstance(masks, dict):
         obj = {k: v * masks[k].to(v.dtype) if k in masks else v for k, v in obj.items()}
-    return obj
+    return obj, shapes
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], key_prefix: str = "", source: str = "") -> None:
@@ -352,7 +373,11 @@ def load_model(name: str, weights: str | Path | None = None, **kwargs: Any) -> C
         path = _download(info.weights_url, info.weights_sha256_prefix, Path(torch.hub.get_dir()) / "checkpoints")
     else:
         path = Path(weights)
-    state = read_state_dict(path)
+    state, shapes = read_checkpoint(path)
+    if shapes:
+        from compress.channels import resize_to
+
+        resize_to(model, shapes)
     try:
         load_state(model, state, _prefix(name, state), source=str(path))
     except WeightsError as e:

@@ -253,6 +253,8 @@ class ModuleRow:
     params: int
     nonzero_before: int
     nonzero_after: int
+    channels_before: int | None = None  # output channels, for a channel-pruned run
+    channels_after: int | None = None
 
     @property
     def removed(self) -> int:
@@ -269,9 +271,16 @@ def nonzero_counts(model: nn.Module) -> dict[str, tuple[str, int, int]]:
             for n, m in prunable(model)}
 
 
-def module_table(before: dict[str, tuple[str, int, int]], after: dict[str, tuple[str, int, int]]) -> list[ModuleRow]:
-    """The per-module before/after table from two ``nonzero_counts`` snapshots."""
-    return [ModuleRow(n, k, p, before[n][2], after[n][2]) for n, (k, p, _) in after.items()]
+def module_table(before: dict[str, tuple[str, int, int]], after: dict[str, tuple[str, int, int]],
+                 channels: dict[str, tuple[int, int]] | None = None) -> list[ModuleRow]:
+    """The per-module before/after table from two ``nonzero_counts`` snapshots.
+
+    ``params`` are the weights the layer had before (a channel-pruned layer has fewer after); ``channels``
+    (layer -> (kept, dense) output channels, ``compress.channels.channels_kept``) fills the channel columns.
+    """
+    ch = channels or {}
+    return [ModuleRow(n, k, before[n][1], before[n][2], after[n][2],
+                      ch[n][1] if n in ch else None, ch[n][0] if n in ch else None) for n, (k, _, _) in after.items()]
 
 
 def global_sparsity(model: nn.Module) -> float:

@@ -207,7 +207,11 @@ def load(text: str, args: str = "", weights: str | Path | None = None, mean: Seq
         return model
     if str(weights) == "pretrained":
         raise models.WeightsError(f"model={text!r}: 'pretrained' is for the built-ins; pass a weights file")
-    state = models.read_state_dict(Path(weights))
+    state, shapes = models.read_checkpoint(Path(weights))
+    if shapes:
+        from compress.channels import resize_to
+
+        resize_to(model, shapes)
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k.removeprefix("module."): v for k, v in state.items()}
     if not any(k.startswith("net.") for k in state):  # the bare architecture's own state dict

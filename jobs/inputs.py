@@ -93,10 +93,28 @@ def check_job(spec: Any, download: bool = False,
     if getattr(spec, "teacher", ""):
         load_run_model(spec, data, spec.teacher)
     if isinstance(spec, PruneSpec):
-        check_budget(model, spec.final_sparsity, spec.keep_dense, spec.max_layer_sparsity)
+        check_prunable(spec, model, tuple(data.image_shape))
     if isinstance(spec, PTQSpec):
         preflight(spec, data, model.eval(), executor=executor)
     return data, model
+
+
+def check_prunable(spec: PruneSpec, model: torch.nn.Module, input_shape: tuple[int, ...]) -> None:
+    """The kept-dense names and the target against the model: the sparsity budget, or for channels whether
+    Torch-Pruning can remove channels of it and reach the MACs (or parameter) target with the layers kept."""
+    if spec.structure != "channels":
+        check_budget(model, spec.final_sparsity, spec.keep_dense, spec.max_layer_sparsity)
+        return
+    from compress import channels
+
+    by, target = spec.channel_target()
+    keep = spec.keep_dense or channels.default_keep(model)
+    # the floor depends on which layers can shrink, not on how channels are ranked: l1 needs no gradients
+    floor = channels.reachable(model, input_shape, channels.count(model, input_shape), by, keep,
+                               global_=spec.global_channels)
+    check(floor <= target, f"target_{by}", target,
+          f"cannot be met with the layers kept ({', '.join(channels.fixed_layers(model, keep))}): channel pruning "
+          f"reaches {floor:.3f} of the dense model's {by} at most; keep fewer layers dense or aim higher")
 
 
 def preflight(spec: Any, data: ImageData, model: torch.nn.Module, trace: bool = True,

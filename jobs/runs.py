@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from compress.results import provenance, spec_row
+from compress.results import provenance, spec_row, spec_value
 from jobs import lease
 from jobs.specs import TrainFields
 from jobs.text import table
@@ -58,9 +58,15 @@ NOT_IDENTITY = ("results", "compile")
 def same_spec_row(row: dict[str, Any], spec: Any) -> str:
     """``same_spec`` for a result row: its ``spec_<field>`` columns against ``spec`` ("" when the same)."""
     want = spec_row(spec)
+    defaults = {f"spec_{k}": spec_value(v) for k, v in _defaults(spec).items()}
+    row = {**defaults, **{k: v for k, v in row.items() if v is not None or k not in defaults}}
     diff = [f"{k[5:]} {row.get(k)!r} there, {v!r} here" for k, v in want.items()
             if row.get(k) != v and k[5:] not in NOT_IDENTITY]
     return ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")
+
+
+def _defaults(spec: Any) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(spec) if f.default is not dataclasses.MISSING}
 
 
 def same_spec(stored: dict[str, Any], spec: TrainFields) -> str:
@@ -70,7 +76,9 @@ def same_spec(stored: dict[str, Any], spec: TrainFields) -> str:
     ``NOT_IDENTITY``: ``results``, because the run folder is under it (a moved or differently spelled
     root is the same run), and ``compile``.
     """
-    there, here = json.loads(json.dumps(stored)), json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples: lists
+    here = json.loads(json.dumps(dataclasses.asdict(spec)))  # tuples: lists
+    # a field added since the spec was saved has its default there (the run did what the default does)
+    there = {**json.loads(json.dumps(_defaults(spec))), **json.loads(json.dumps(stored))}
     diff = [f"{k} {there.get(k)!r} there, {here.get(k)!r} here" for k in sorted(set(there) | set(here))
             if there.get(k) != here.get(k) and k not in NOT_IDENTITY]
     return ", ".join(diff[:4]) + (", ..." if len(diff) > 4 else "")

@@ -24,9 +24,11 @@ from typing import Any
 from compress import catalog
 from compress.catalog import (
     CENTERS,
+    CHANNEL_IMPORTANCES,
     ENGINES,
     OBSERVERS,
     SCORINGS,
+    STRUCTURES,
     WEIGHT_SCHEMES,
     shrinks,
     unsupported,
@@ -177,7 +179,9 @@ class TrainSpec(TrainFields):
 
 @dataclass(frozen=True)
 class PruneSpec(TrainFields):
-    """A prune/retrain schedule: BN-gamma filter pruning once, then global L1 magnitude phases."""
+    """A prune/retrain schedule: BN-gamma filter pruning once, then global L1 magnitude phases; or, with
+    ``structure="channels"``, phases that remove whole channels (``compress.channels``) down to a MACs or
+    parameter target."""
 
     epochs: int = opt(10, "retraining epochs per phase (the reference lab ran up to 150)")
     phases: int = opt(12, "number of prune/retrain phases")
@@ -196,6 +200,20 @@ class PruneSpec(TrainFields):
     kd_temperature: float = opt(4.0, "distillation temperature")
     teacher: str = opt("", "weights of the distillation teacher (default: the starting weights), e.g. the dense "
                            "model when continuing from a pruned checkpoint")
+    structure: str = opt("weights", "what the phases remove: weights (global magnitude, unstructured: a smaller "
+                                    "file) or channels (whole channels through Torch-Pruning's dependency graph: a "
+                                    "smaller, faster dense model; --final-sparsity, --filter-fraction, --scoring and "
+                                    "--max-layer-sparsity do not apply)", choices=STRUCTURES)
+    target_macs: float = opt(0.0, "channels: MACs left after the last phase, a fraction of the dense model's "
+                                  "(e.g. 0.5)")
+    target_params: float = opt(0.0, "channels: parameters left after the last phase, a fraction of the dense "
+                                    "model's (instead of --target-macs)")
+    importance: str = opt("l1", "channels: how channels are ranked: l1, l2 (norms of the coupled weights), bn "
+                                "(|BN gamma|), taylor (|weight x gradient| over 8 training batches)",
+                          choices=CHANNEL_IMPORTANCES)
+    global_channels: bool = opt(False, "channels: rank channels across layers (else the same fraction of each "
+                                       "layer); --keep-dense layers keep their output channels (default: the stem "
+                                       "and the classifier)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -210,6 +228,15 @@ class PruneSpec(TrainFields):
         check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "must be > 0")
         check(not self.teacher or self.kd_weight > 0, "teacher", self.teacher,
               "is only used for distillation: give --kd-weight > 0 too")
+        check_choice("structure", self.structure, STRUCTURES)
+        check_choice("importance", self.importance, CHANNEL_IMPORTANCES)
+        for name in ("target_macs", "target_params"):
+            value = getattr(self, name)
+            check(0.0 <= value < 1.0, name, value, "must be a fraction in (0, 1) of the dense model's")
+            check(self.structure == "channels" or value == 0.0, name, value, "is for --structure channels")
+        if self.structure == "channels":
+            check((self.target_macs > 0) != (self.target_params > 0), "target_macs", self.target_macs,
+                  "--structure channels needs one target: --target-macs or --target-params (a fraction in (0, 1))")
         # keep_dense names and the sparsity budget are checked on the built model (``compress.prune.check_budget``)
 
     def kind(self) -> str:
@@ -219,9 +246,18 @@ class PruneSpec(TrainFields):
         """Rows a full run reports to a search: one per phase."""
         return self.phases
 
+    def channel_target(self) -> tuple[str, float]:
+        """("macs" or "params", the fraction of the dense model's left at the end) of a channels run."""
+        return ("params", self.target_params) if self.target_params > 0 else ("macs", self.target_macs)
+
     def plan(self) -> list[Phase]:
-        targets = phase_targets(self.final_sparsity, self.phases, self.schedule)
+        """The phases; a target is the fraction removed after that phase: of the weights, or for channels of
+        the dense model's MACs (or parameters)."""
         last = self.epochs if self.final_epochs < 0 else self.final_epochs
+        if self.structure == "channels":
+            targets = phase_targets(1.0 - self.channel_target()[1], self.phases, self.schedule)
+            return [Phase(i + 1, t, last if i == self.phases - 1 else self.epochs) for i, t in enumerate(targets)]
+        targets = phase_targets(self.final_sparsity, self.phases, self.schedule)
         return [Phase(i + 1, t, last if i == self.phases - 1 else self.epochs,
                       self.filter_fraction if i == 0 else 0.0) for i, t in enumerate(targets)]
 

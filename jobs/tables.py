@@ -27,6 +27,8 @@ PHASES = make_schema({
     "top1": pa.float64(), "test_loss": pa.float64(), "train_loss": pa.float64(), "train_acc": pa.float64(),
     "epochs": pa.int64(), "train_seconds": pa.float64(), "wall_seconds": pa.float64(),
     "predictions": pa.binary(),  # PREDICTIONS
+    # a channel-pruned run (null otherwise): MACs of one image and parameters, now and of the dense model
+    "macs": pa.int64(), "params": pa.int64(), "dense_macs": pa.int64(), "dense_params": pa.int64(),
     **SEARCH_COLUMNS, **MODEL_COLUMNS,
 }, PruneSpec, TrainSpec)
 
@@ -40,7 +42,8 @@ EPOCHS = make_schema({
 MODULES = make_schema({
     "run_id": pa.string(), "kind": pa.string(), "module": pa.string(), "type": pa.string(), "params": pa.int64(),
     "nonzero_before": pa.int64(), "nonzero_after": pa.int64(), "removed": pa.int64(),
-    "sparsity": pa.float64(), **SEARCH_COLUMNS, **MODEL_COLUMNS,
+    "sparsity": pa.float64(), "channels_before": pa.int64(), "channels_after": pa.int64(),  # null: not channels
+    **SEARCH_COLUMNS, **MODEL_COLUMNS,
 }, PruneSpec, TrainSpec)
 
 # one row per PTQ configuration; FX rows have no alpha/center (null)

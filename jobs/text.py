@@ -55,7 +55,12 @@ def format_modules(rows: list[ModuleRow]) -> str:
     a = sum(r.nonzero_after for r in rows)
     head = ("module", "params", "before", "after", "removed", "sparsity")
     total = ("total", f"{p:,}", f"{b:,}", f"{a:,}", f"{b - a:,}", f"{100 * (1 - a / p):.2f}%")
-    return table([head, *body, total], right=range(1, 6), rule=True, total=True)
+    if any(r.channels_after is not None for r in rows):  # a channel-pruned run: output channels kept
+        head = (*head, "channels")
+        body = [(*line, f"{r.channels_after}/{r.channels_before}" if r.channels_after is not None else "")
+                for line, r in zip(body, rows, strict=True)]
+        total = (*total, "")
+    return table([head, *body, total], right=range(1, len(head)), rule=True, total=True)
 
 
 # lines of a job log that say what went wrong (Python exceptions, SLURM's own kill messages)

@@ -6,6 +6,8 @@ pickles for SLURM and what a Ray trial calls. Both run the same engine:
     phase 0: evaluate the starting model (row "phase 0")
     for each phase: [BN-gamma filter pruning, phase 1 only] -> global magnitude pruning to the
                     phase target -> retrain ``epochs`` with the masks held -> one phase row
+                    (``--structure channels``: remove channels down to the phase's MACs or parameter
+                    target, ``compress.channels``, then retrain the smaller model)
 
 State (model, masks, optimizer, LR schedule, position, the phase's epoch rows) is saved atomically
 after every epoch to ``<results>/runs/<run_id>/state.pt``, the one before it kept as
@@ -35,7 +37,7 @@ from typing import Any
 
 import torch
 
-from compress import loops, registry
+from compress import channels, loops, registry
 from compress.artifacts import LOAD_PACKED, write_artifact
 from compress.data import BatchLoader, subset_indices
 from compress.datasets import ImageData, make_loader
@@ -43,7 +45,6 @@ from compress.loops import build_optimizer, cosine_lr, evaluate, pick_device, re
 from compress.prune import (
     MaskSet,
     bn_gamma_filter_masks,
-    check_budget,
     global_magnitude_masks,
     make_permanent,
     module_table,
@@ -60,7 +61,7 @@ from compress.results import (
 )
 from jobs import lease, tables
 from jobs.checkpoints import read_state, remove_states, save_state
-from jobs.inputs import load_run_data, load_run_model
+from jobs.inputs import check_prunable, load_run_data, load_run_model
 from jobs.runs import PROGRESS, SpecMismatch, check_run, require_run_id, row_base, run_dir, same_spec
 from jobs.specs import Phase, PruneSpec, TrainFields, TrainSpec
 from jobs.text import format_modules
@@ -228,7 +229,12 @@ class _Schedule:
         data = load_run_data(spec)
         model = load_run_model(spec, data)
         if isinstance(spec, PruneSpec):
-            check_budget(model, spec.final_sparsity, spec.keep_dense, spec.max_layer_sparsity)
+            check_prunable(spec, model, tuple(data.image_shape))
+        self.structured = isinstance(spec, PruneSpec) and spec.structure == "channels"
+        self.input_shape = tuple(data.image_shape)
+        # the architecture's own widths: what a checkpoint records its layers against (a model that starts
+        # channel-pruned, from an earlier run, keeps its widths in this run's checkpoints too)
+        self.dense_widths = channels.widths(registry.build(spec.model, spec.model_args, data.mean, data.std))
         run.base.update({**data.describe(), **registry.describe(model, spec.model, spec.model_args)})
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.data = data
@@ -254,6 +260,7 @@ class _Schedule:
     def start_or_resume(self) -> None:
         """Resume from ``state.pt`` (same spec only), else evaluate the starting model and write phase 0."""
         spec, run = self.spec, self.run
+        self.n_prunable = sum(c[1] for c in nonzero_counts(self.model).values())  # the dense model's, before a resize
         state = read_state(run.dir, spec.run_id)
         if state is not None:
             diff = same_spec(state["spec"], spec)
@@ -261,9 +268,11 @@ class _Schedule:
                 raise SpecMismatch(f"run {spec.run_id} under {spec.results} holds another spec ({diff}); "
                                    f"choose another --run-id")
             log.info("resuming %s at phase %d epoch %d", spec.run_id, state["phase"], state["epoch"])
+            if state.get("widths"):  # channels removed before the stop: the same shapes first, then the weights
+                channels.resize_to(self.model, state["widths"])
             self.model.load_state_dict(state["model"])
+            self.model.to(memory_format=torch.channels_last)
         self.masks = MaskSet.from_state_dict(state["masks"], self.device) if state else MaskSet()
-        self.n_prunable = sum(c[1] for c in nonzero_counts(self.model).values())
         if state is None:
             run.dir.mkdir(parents=True, exist_ok=True)
             (run.dir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
@@ -275,15 +284,27 @@ class _Schedule:
                     "top1": ev.top1, "test_loss": ev.loss, "train_loss": float("nan"), "train_acc": float("nan"),
                     "epochs": 0, "train_seconds": 0.0, "wall_seconds": time.perf_counter() - t0,
                     "predictions": ev.predictions.numpy().tobytes()}
-            run.write("phases", f"{spec.run_id}-p00", [row0], tables.PHASES)
-            log.info("phase 0: top-1 %.2f%%, sparsity %.4f", ev.top1, s)
             state = {"spec": dataclasses.asdict(spec), "phase": 1, "epoch": 0, "pruned": False, "epoch_rows": [],
                      "before": nonzero_counts(self.model), "dense_top1": ev.top1, "wall": 0.0, "train_seconds": 0.0}
+            if self.structured:
+                state["dense_count"] = dataclasses.astuple(channels.count(self.model, self.input_shape))
+                row0.update(self.counts(state))
+            run.write("phases", f"{spec.run_id}-p00", [row0], tables.PHASES)
+            log.info("phase 0: top-1 %.2f%%, sparsity %.4f", ev.top1, s)
         self.state = state
 
-    def prune_step(self, ph: Phase, opt: torch.optim.Optimizer, sched: Any) -> None:
-        """The phase's pruning (BN-gamma filters in phase 1, then magnitude to its target), saved before training."""
+    def counts(self, state: dict[str, Any]) -> dict[str, int]:
+        """A channels run's row columns: MACs and parameters now and of the dense model."""
+        now = channels.count(self.model, self.input_shape)
+        dense = channels.Count(*state["dense_count"])
+        return {"macs": now.macs, "params": now.params, "dense_macs": dense.macs, "dense_params": dense.params}
+
+    def prune_step(self, ph: Phase) -> None:
+        """The phase's pruning: BN-gamma filters in phase 1, then magnitude to its target; or channels."""
         spec, masks = self.spec, self.masks
+        if self.structured:
+            self.channel_step(ph)
+            return
         if ph.filter_fraction > 0:
             filters = bn_gamma_filter_masks(self.model, ph.filter_fraction)
             if not len(filters):
@@ -298,7 +319,29 @@ class _Schedule:
             if spec.bn_reestimate:
                 reestimate_bn(self.model, self.train_loader, self.device)
         self.masks = masks
-        self.state.update(pruned=True, model=self.model.state_dict(), masks=masks.state_dict(),
+
+    def channel_step(self, ph: Phase) -> None:
+        """Remove channels down to the phase's share of the dense model's MACs (or parameters)."""
+        spec = self.spec
+        by, _ = spec.channel_target()
+        if spec.importance == "taylor":  # gradients of the phase's first training batches
+            self.train_loader.set_epoch(ph.index, 0)
+            channels.taylor_gradients(self.model, self.train_loader, self.device)
+        step = channels.prune_channels(self.model, self.input_shape, 1.0 - ph.target,
+                                       channels.Count(*self.state["dense_count"]), spec.importance, by,
+                                       spec.global_channels, spec.keep_dense or channels.default_keep(self.model))
+        self.model.zero_grad(set_to_none=True)
+        self.model.to(memory_format=torch.channels_last)
+        if spec.bn_reestimate:
+            reestimate_bn(self.model, self.train_loader, self.device)
+        self.state["widths"] = channels.changed(self.model, self.dense_widths)
+        log.info("phase %d: channels removed at ratio %.3f: %.2fM -> %.2fM MACs, %s -> %s params", ph.index,
+                 step.ratio, step.before.macs / 1e6, step.after.macs / 1e6, f"{step.before.params:,}",
+                 f"{step.after.params:,}")
+
+    def pruned(self, opt: torch.optim.Optimizer, sched: Any) -> None:
+        """Save the pruned model before its retraining starts, with the optimizer built for its parameters."""
+        self.state.update(pruned=True, model=self.model.state_dict(), masks=self.masks.state_dict(),
                           optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=0, epoch_rows=[])
         self.run.save(self.state)
 
@@ -349,11 +392,12 @@ class _Schedule:
                "train_loss": rows[-1]["train_loss"] if rows else float("nan"),
                "train_acc": rows[-1]["train_acc"] if rows else float("nan"),
                "epochs": ph.epochs, "train_seconds": sum(r["seconds"] for r in rows), "wall_seconds": state["wall"]}
+        counts = self.counts(state) if self.structured else {}
         if rows:
             run.write("epochs", f"{spec.run_id}-p{ph.index:02d}", rows, tables.EPOCHS)
         # the predictions go to the table only: not to Tune, the summary or its JSON
-        run.write("phases", f"{spec.run_id}-p{ph.index:02d}", [{**row, "predictions": preds.numpy().tobytes()}],
-                  tables.PHASES)
+        run.write("phases", f"{spec.run_id}-p{ph.index:02d}",
+                  [{**row, **counts, "predictions": preds.numpy().tobytes()}], tables.PHASES)
         log.info("phase %d: target %.4f sparsity %.4f top-1 %.2f%%", ph.index, row["target_sparsity"], s, top1)
         if run.report is not None:
             run.report({**row, "dense_top1": state["dense_top1"]})
@@ -377,20 +421,24 @@ class _Schedule:
         """Masks made permanent; the module table, final.pt, the packed float model, summary.json."""
         spec, run, model = self.spec, self.run, self.model
         make_permanent(model, self.masks)
-        table = module_table(self.state["before"], nonzero_counts(model))
+        shapes = channels.changed(model, self.dense_widths)
+        kept = channels.channels_kept(model, self.dense_widths) if self.structured else None
+        table = module_table(self.state["before"], nonzero_counts(model), kept)
         run.write("modules", spec.run_id, [
             {"module": r.module, "type": r.kind, "params": r.params, "nonzero_before": r.nonzero_before,
-             "nonzero_after": r.nonzero_after, "removed": r.removed, "sparsity": r.sparsity} for r in table],
+             "nonzero_after": r.nonzero_after, "removed": r.removed, "sparsity": r.sparsity,
+             "channels_before": r.channels_before, "channels_after": r.channels_after} for r in table],
             tables.MODULES)
         torch_save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": spec.model,
-                           "model_args": spec.model_args, "spec": dataclasses.asdict(spec)}, run.dir / "final.pt")
+                           "model_args": spec.model_args, "widths": shapes, "spec": dataclasses.asdict(spec)},
+                          run.dir / "final.pt")
         packed = run.dir / "export" / "model.float.packed"  # what to ship: the sparse weights only, no optimizer
         expected = summary["top1"]
         if self.device.type != "cpu":  # ``verify`` scores the file on the CPU: the top-1 the CPU gives, to the image
             cpu = torch.device("cpu")
             expected = evaluate(model.cpu(), make_loader(_test_split(spec, self.data), spec.eval_batch_size, cpu), cpu,
                                 desc="float eval on the CPU").top1
-        write_artifact(packed, pack_float(model.cpu(), spec.model, model_args=spec.model_args), {
+        write_artifact(packed, pack_float(model.cpu(), spec.model, model_args=spec.model_args, widths=shapes), {
             "kind": "float-packed", "expected_top1": expected, "test_images": self.test_loader.num_images(),
             "load": LOAD_PACKED,
             "source": {"run_id": spec.run_id, "phase": summary["phase"]}, "spec": dataclasses.asdict(spec),
@@ -418,10 +466,12 @@ def _schedule(spec: TrainFields, run: _Run) -> dict[str, Any]:
         if ph.index < job.state["phase"]:
             continue
         t_phase = time.perf_counter()
+        if not job.state["pruned"]:
+            job.prune_step(ph)  # before the optimizer: removing channels replaces the parameters
         opt = build_optimizer(spec.optimizer, job.model.parameters(), spec.lr, spec.weight_decay)
         sched = _scheduler(spec, opt, len(job.train_loader), ph.epochs)
         if not job.state["pruned"]:
-            job.prune_step(ph, opt, sched)
+            job.pruned(opt, sched)
         else:
             opt.load_state_dict(job.state["optimizer"])
             sched.load_state_dict(job.state["scheduler"])

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from compress import registry
+from compress.channels import resize_to
 from compress.models import build_model, prunable
 from compress.quant import pt2pack
 from compress.quant.fold import fold_model
@@ -143,18 +144,21 @@ class _Writer:
         return MAGIC + struct.pack("<I", len(head)) + head + b"".join(self.chunks)
 
 
-def pack_float(model: nn.Module, model_name: str, meta: dict[str, Any] | None = None, model_args: str = "") -> bytes:
+def pack_float(model: nn.Module, model_name: str, meta: dict[str, Any] | None = None, model_args: str = "",
+               widths: dict[str, list[int]] | None = None) -> bytes:
     """The packed file of a float model: conv/linear weights sparse, every other float tensor dense.
 
     Any model of the registry (``compress.registry``): the header names its model string and
-    arguments, and loading builds that architecture again (a user's factory must be importable there).
+    arguments, and loading builds that architecture again (a user's factory must be importable there),
+    resized to ``widths`` for a channel-pruned model (``compress.channels``).
     """
     w = _Writer()
     sparse = {f"{n}.weight" for n, _ in prunable(model)}
     for key, t in model.state_dict().items():
         if t.is_floating_point():
             w.add(key, t, "float32", sparse=key in sparse)
-    return w.finish({"format": 1, "kind": "float", "model": model_name, "model_args": model_args, "meta": meta or {}})
+    return w.finish({"format": 1, "kind": "float", "model": model_name, "model_args": model_args,
+                     "widths": widths or {}, "meta": meta or {}})
 
 
 # element sizes of torch.export's serialized ScalarType codes (torch/_export/serde/schema.py); others are bytes
@@ -265,6 +269,8 @@ def load_packed(blob: bytes) -> nn.Module:
     except ValueError as e:
         raise PackedError(f"packed file names a model this project does not build: {e}") from None
     if header.get("kind") == "float":
+        if header.get("widths"):
+            resize_to(skeleton, header["widths"])
         state = skeleton.state_dict()
         missing = sorted(k for k, v in state.items() if v.is_floating_point() and k not in tensors)
         if missing:
