@@ -225,3 +225,15 @@ def test_bad_channel_requests_are_one_line_and_write_nothing(synthetic_cifar: Pa
         code, out, err = _invoke(*_channels_args(synthetic_cifar, synthetic_weights, results, "bad", *extra))
         assert code == 2 and match in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert not results.exists(), extra
+
+
+def test_target_and_importance_are_searchable_spec_fields() -> None:
+    from sweeps.space import apply_config, parse_space
+
+    dims = parse_space(["target_macs=choice:0.5,0.4", "importance=choice:l1,taylor"], PruneSpec)
+    assert [(d.field, d.args) for d in dims] == [("target_macs", (0.5, 0.4)), ("importance", ("l1", "taylor"))]
+    base = PruneSpec(structure="channels", target_macs=0.5)
+    trial = apply_config(base, {"target_macs": 0.4, "importance": "taylor"})
+    assert (trial.target_macs, trial.importance) == (0.4, "taylor") and trial.plan()[-1].target == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="importance='fisher' is unknown"):
+        apply_config(base, {"importance": "fisher"})
