@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# README's pruning recipe, shortened to fit one GPU for 8 minutes: final sparsity 0.95 and 0.98, seeds 0 and 1,
+# the pruning recipe (docs/pruning.md), shortened to fit one GPU for 8 minutes: final sparsity 0.95 and 0.98, seeds 0 and 1,
 # as one Ray Tune grid search of 4 trials sharing the GPU; then pt2e PTQ of the best trial's model, its export
 # and verify, and the table.
 #
 #     bash bench/gpu_campaign.sh [RESULTS]      # default results/gpu-campaign; real CIFAR-10 and weights needed
 #
-# Steps (limits in brackets; H100 estimates in README "On a GPU"):
+# Steps (limits in brackets; H100 estimates in docs/running.md, "On a GPU"):
 #   tune    [330 s] tune prune --device auto --searcher grid --space final_sparsity=grid:0.95,0.98
 #                   --space seed=grid:0,1 --num-samples 1 --max-concurrent 4 --scheduler fifo: 4 trials at once,
 #                   0.25 GPU each (Ray's default share); the recipe's options (cubic schedule of 8 phases, KD 0.5

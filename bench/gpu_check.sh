@@ -780,7 +780,7 @@ DEADLINE=$((SECONDS + TOTAL_LIMIT))
 describe_machine
 find_data synthetic-ok
 
-limit_of() {  # seconds each step may take at most on a GPU (H100 estimates in README "On a GPU")
+limit_of() {  # seconds each step may take at most on a GPU (H100 estimates in docs/running.md, "On a GPU")
     case $1 in
         auto) echo 90 ;; resume) echo 240 ;; ptq) echo 150 ;; export) echo 120 ;; verify) echo 90 ;;
         tune) echo 240 ;; channels) echo 120 ;; tests) echo 300 ;;

@@ -17,7 +17,7 @@ pruned models compare on equal terms (serialisation overhead such as pickle head
 Worked number, resnet20a: 268,336 conv+linear weights -> 268,336 bytes of int8 values dense. At
 90% sparsity spread at random the weights pack into 60,413 bytes as bitmasks (about 26,800 values and
 33,542 mask bytes), 49,425 with 4-bit gaps and 53,742 with 8-bit gaps; the
-93%-sparse pruned model of the README: 52,326 / 43,462 / 37,714 bytes, 35,679 taking the best per
+93%-sparse pruned model of the recipe (docs/pruning.md): 52,326 / 43,462 / 37,714 bytes, 35,679 taking the best per
 tensor.
 """
 
