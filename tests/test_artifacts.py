@@ -33,7 +33,7 @@ from compress.quant.pt2e import program_bytes
 from compress.quant.qdq import QDQResNet
 from compress.quant.qparams import activation_range
 from compress.quant.size import bitmask_bytes, relative_bytes
-from tests.test_fold import randomise_bn
+from tests.helpers import randomise_bn
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parent.parent

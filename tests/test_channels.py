@@ -17,7 +17,7 @@ from compress.models import build_model, load_model
 from compress.quant.packed import load_packed, pack_float
 from jobs.launch import cli
 from jobs.specs import PruneSpec
-from tests.test_fold import randomise_bn
+from tests.helpers import randomise_bn
 
 SHAPE = (3, 32, 32)
 

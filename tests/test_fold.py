@@ -12,24 +12,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from compress.models import build_model, conv_bn_pairs
 from compress.prune import global_magnitude_masks
 from compress.quant.fold import fold_bn, fold_model
-
-
-def _random_bn(bn: nn.BatchNorm2d, gen: torch.Generator) -> None:
-    c = bn.num_features
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.randn(c, generator=gen))
-        bn.running_var.copy_(torch.rand(c, generator=gen) * 2 + 0.05)
-        bn.weight.copy_(torch.randn(c, generator=gen))
-        bn.bias.copy_(torch.randn(c, generator=gen))
-
-
-def randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN non-trivial statistics so folding has something to fold."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            _random_bn(m, gen)
-    return model.eval()
+from tests.helpers import _random_bn, randomise_bn
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -12,7 +12,7 @@ from compress.models import build_model
 from compress.quant import fx, quiet
 from compress.quant.int8 import set_engine
 from compress.quant.observe import quant_sites
-from tests.test_fold import randomise_bn
+from tests.helpers import randomise_bn
 
 CPU = torch.device("cpu")
 

@@ -28,7 +28,7 @@ from compress.quant.size import (
     relative_bytes,
     unpack_relative,
 )
-from tests.test_fold import randomise_bn
+from tests.helpers import randomise_bn
 
 CPU = torch.device("cpu")
 

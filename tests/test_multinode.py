@@ -219,7 +219,7 @@ def test_prune_job_on_a_dead_node_resumes_elsewhere_with_the_rows_of_an_uninterr
     from jobs.executors import build_executor
     from jobs.specs import PruneSpec
     from jobs.training import run_prune
-    from tests.test_slurm import EPOCHS, PHASES, assert_same_rows, mid_phase, wait_until
+    from tests.helpers import EPOCHS, PHASES, assert_same_rows, mid_phase, wait_until
 
     def make(run_id: str) -> PruneSpec:
         return PruneSpec(data_root=str(synthetic_cifar), weights=str(synthetic_weights), results=str(tmp_path / "r"),
@@ -267,7 +267,7 @@ def test_search_survives_losing_a_worker_node(nodes, synthetic_cifar, synthetic_
         out = run("squeue", "-h", "-j", job_id, "-o", "%T %N").split()
         return run("scontrol", "show", "hostnames", out[1]).split() if out and out[0] == "RUNNING" else None
 
-    from tests.test_slurm import wait_until
+    from tests.helpers import wait_until
 
     head, worker = wait_until("the search to start", allocated, timeout=120, every=1)
 

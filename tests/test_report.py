@@ -37,6 +37,7 @@ from jobs.ptq import plan_tasks, run_ptq
 from jobs.specs import PruneSpec, PTQSpec, TuneSpec, spec_defaults
 from jobs.training import run_prune
 from sweeps.search import prune_score
+from tests.helpers import md_tables
 
 SEARCH = "srch"
 TRIAL_LRS = {"t0": 1e-3, "t1": 3e-3}
@@ -46,23 +47,7 @@ def rows(root: Path, table: str) -> pd.DataFrame:
     return ds.dataset(root / table, format="parquet").to_table().to_pandas()
 
 
-def md_tables(text: str) -> dict[str, list[pd.DataFrame]]:
-    """Markdown tables of a report by the ``###``/``##`` heading above them, cells as strings."""
-    found: dict[str, list[pd.DataFrame]] = {}
-    heading = ""
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        if lines[i].startswith("#"):
-            heading = lines[i].lstrip("#").strip()
-        if lines[i].startswith("|"):
-            block = list(itertools.takewhile(lambda s: s.startswith("|"), lines[i:]))
-            cells = [[c.strip() for c in ln.strip().strip("|").split(" | ")] for ln in block]
-            found.setdefault(heading, []).append(pd.DataFrame(cells[2:], columns=cells[0]))
-            i += len(block)
-            continue
-        i += 1
-    return found
+
 
 
 def num(cell: str) -> float:

@@ -24,7 +24,7 @@ from jobs import tables
 from jobs.launch import cli
 from jobs.specs import PruneSpec
 from jobs.training import run_prune
-from tests.test_report import md_tables
+from tests.helpers import md_tables
 
 N = 10_000
 LABELS = np.random.default_rng(42).integers(0, 10, N)

@@ -18,12 +18,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -35,14 +33,11 @@ from jobs.runs import run_dir
 from jobs.slurm_jobs import finished_runs, inspect_jobs
 from jobs.specs import PruneSpec
 from jobs.training import run_prune
+from tests.helpers import EPOCHS, PHASES, assert_same_rows, mid_phase, rows, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # columns that differ between two runs of one spec by design: ids, timings, provenance
-VOLATILE = {"run_id", "spec_run_id", "spec_results", "train_seconds", "wall_seconds", "images_per_second",
-            "seconds", "git_commit", "git_dirty", "job_id", "host", "python_version", "torch_version",
-            "torchvision_version", "device_name", "written_at", "search_id", "trial_id"}
-PHASES, EPOCHS = 2, 4   # the interrupted runs: 2 phases of 4 epochs (~3 s each on one CPU)
 
 
 @pytest.fixture(scope="module")
@@ -83,47 +78,6 @@ def reference(cluster: dict[str, int], tiny: Callable[..., PruneSpec], work: Pat
     """An uninterrupted run of the spec the preemption and timeout tests interrupt (submitted once)."""
     ex = build_executor(partition="debug", folder=str(work / "jobs"), time="10")
     return ex.submit(run_prune, tiny("reference"))
-
-
-def rows(spec: PruneSpec, table: str) -> pd.DataFrame:
-    df = read_table(spec.results, table).to_pandas()
-    df = df[df["run_id"] == spec.run_id]
-    keys = ["phase", "epoch"] if table == "epochs" else ["phase"]
-    return df.drop(columns=sorted(VOLATILE & set(df.columns))).sort_values(keys).reset_index(drop=True)
-
-
-def assert_same_rows(spec: PruneSpec, ref: PruneSpec) -> None:
-    """Exactly one row per phase and per epoch, each equal to the uninterrupted run's."""
-    for table, n in (("phases", PHASES + 1), ("epochs", PHASES * EPOCHS)):
-        got, want = rows(spec, table), rows(ref, table)
-        assert len(got) == n
-        assert not got.duplicated(subset=[c for c in ("phase", "epoch") if c in got]).any()
-        pd.testing.assert_frame_equal(got, want, check_exact=True)
-
-
-def wait_until(what: str, cond: Callable[[], Any], timeout: float = 120.0, every: float = 0.2) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def mid_phase(spec: PruneSpec) -> Callable[[], dict | None]:
-    """A condition: the run's checkpoint is inside a phase (pruned, 1 <= epoch < epochs)."""
-    path = run_dir(spec) / "state.pt"
-
-    def check() -> dict | None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except (FileNotFoundError, EOFError, RuntimeError):
-            return None
-        inside = state["pruned"] and 1 <= state["epoch"] < spec.epochs
-        return state if inside else None
-
-    return check
 
 
 def settled(job_id: str, folder: Path) -> Any:
