@@ -257,7 +257,12 @@ def slurm_parameters(options: ExecutorOptions, gpus_as: str = "") -> dict[str, A
 
 def render_sbatch(options: ExecutorOptions, command: str = "<python> -u -m submitit.core._submit <folder>",
                   gpus_as: str = "") -> str:
-    """The sbatch script submitit would write for these options (what ``--dry-run`` prints)."""
+    """The sbatch script submitit would write for these options (what ``--dry-run`` prints).
+
+    Through submitit's private ``_make_sbatch_string``, the function its executor writes scripts with:
+    the preview is then the script, not a copy of its layout. submitit is pinned exactly in
+    ``setup.cfg`` for this (``tests/test_executors.py`` fails when the installed version moves).
+    """
     from submitit.slurm.slurm import _make_sbatch_string
 
     return _make_sbatch_string(command=command, folder=str(Path(options.folder) / "%j"),

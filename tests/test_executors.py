@@ -34,6 +34,7 @@ from jobs.executors import (
 from jobs.launch import cli
 from jobs.slurm_jobs import Requeueable, find_jobs, finished_runs, run_progress
 from jobs.specs import PruneSpec, PTQSpec
+from tests.conftest import REPO
 
 
 @pytest.mark.parametrize("text, minutes", [
@@ -550,3 +551,19 @@ def test_cuda_jobs_go_to_slurm_from_a_machine_without_a_gpu(fake_slurm, syntheti
     assert "#SBATCH --gpus-per-node=1" in script.read_text()
     res = CliRunner().invoke(cli, ["ptq", *inputs, "--methods", "manual", "--calib-sizes", "50", *slurm, "--gpus", "1"])
     assert res.exit_code == 0 and "submitted job 4242" in res.stdout, res.output
+
+
+def test_submitit_is_the_pinned_version_whose_private_renderer_the_dry_run_uses() -> None:
+    """``render_sbatch`` calls submitit's private ``_make_sbatch_string``: a version other than the pin in
+    setup.cfg may render differently or not have it, so moving the pin is a deliberate change."""
+    import configparser
+    import re
+
+    import submitit
+    from submitit.slurm import slurm
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    (pin,) = re.findall(r"^submitit==(\S+)$", cfg["options"]["install_requires"], flags=re.M)
+    assert submitit.__version__ == pin, f"submitit {submitit.__version__} installed, setup.cfg pins {pin}"
+    assert callable(getattr(slurm, "_make_sbatch_string", None))
