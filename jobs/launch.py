@@ -165,7 +165,12 @@ def _resume_specs(cls: type, ids: str, options: dict[str, Any]) -> list[Any]:
                  (f"; the closest: {', '.join(close)}" if close else f" ({len(known)} run(s) there)"))
         stored = json.loads((results / "runs" / run_id / "spec.json").read_text())
         kind = cls.__name__.removesuffix("Spec").lower()
-        if set(stored) != {f.name for f in dataclasses.fields(cls)}:
+        # A run started by an older version lacks the fields added since: those take their defaults,
+        # which is what that version did. Fields this kind does not have mean another kind of run.
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        missing = [n for n in fields.keys() - set(stored)
+                   if fields[n].default is dataclasses.MISSING and fields[n].default_factory is dataclasses.MISSING]
+        if set(stored) - fields.keys() or missing:
             fail(f"run {run_id} is not a {kind} run (its spec.json has other fields): resume it with the command "
                  f"that started it")
         try:

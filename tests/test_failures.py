@@ -139,3 +139,36 @@ def test_results_made_read_only_mid_run_name_the_file_and_resume_finishes(
         again = CliRunner().invoke(cli, ["prune", "--resume", "r", "--results", str(results)])
         assert again.exit_code == 0, again.output
         assert sorted(r["phase"] for r in ds.dataset(results / "phases").to_table().to_pylist()) == [0, 1, 2]
+
+
+@pytest.mark.slow  # a run interrupted in its second phase, then resumed (~15 s)
+def test_a_run_started_before_new_spec_fields_resumes_with_their_defaults(
+        synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    results = tmp_path / "results"
+    real = jobs.training.train_one_epoch
+
+    def killed_in_phase_2(*args, **kwargs):
+        if kwargs.get("desc", "").startswith("phase 2"):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    assert CliRunner().invoke(cli, _prune(synthetic_cifar, synthetic_weights, results)).exit_code != 0
+    monkeypatch.setattr(jobs.training, "train_one_epoch", real)
+    spec_file = results / "runs" / "r" / "spec.json"
+    spec = json.loads(spec_file.read_text())
+    added_later = ["structure", "target_macs", "target_params", "importance", "global_channels"]
+    spec_file.write_text(json.dumps({k: v for k, v in spec.items() if k not in added_later}))
+
+    other_kind = tmp_path / "other"
+    (other_kind / "runs" / "q").mkdir(parents=True)
+    (other_kind / "runs" / "q" / "spec.json").write_text(json.dumps({**spec, "observers": ["minmax"]}))
+    refused = CliRunner().invoke(cli, ["prune", "--resume", "q", "--results", str(other_kind)])
+    assert refused.exit_code == 2 and "not a prune run" in refused.output
+
+    again = CliRunner().invoke(cli, ["prune", "--resume", "r", "--results", str(results)])
+    assert again.exit_code == 0, again.output
+    phases = ds.dataset(results / "phases").to_table().to_pylist()
+    assert sorted(r["phase"] for r in phases) == [0, 1, 2]
