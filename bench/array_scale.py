@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from machine import cpu_line  # noqa: E402  (this folder: the script's own)
 
-from jobs.executors import partition_nodes  # noqa: E402
+from jobs.cluster import partition_nodes  # noqa: E402
 
 SCHEDULER = ("sbatch", "sacct", "squeue", "scontrol", "sinfo", "scancel", "srun")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from compress.datasets import write_imagefolder
+from compress.imagefolder import write_imagefolder
 
 
 @click.command()

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from machine import cpu_line  # noqa: E402  (this folder: the script's own)
 
-from jobs.executors import build_executor, partition_nodes  # noqa: E402
+from jobs.cluster import partition_nodes  # noqa: E402
+from jobs.executors import build_executor  # noqa: E402
 from jobs.specs import PruneSpec  # noqa: E402
 from jobs.training import run_prune  # noqa: E402
 

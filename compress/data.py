@@ -36,6 +36,7 @@ ENV_DATA = "COMPRESS_DATA"
 BIN_DIR = "cifar-10-batches-bin"
 PY_DIR = "cifar-10-batches-py"
 TRAIN_SIZE = 50_000  # CIFAR-10 training images
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 class DataError(ValueError):

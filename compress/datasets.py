@@ -4,7 +4,8 @@ One spec string names the data (``--data``), in one of three forms:
 
 - ``cifar10``: the built-in set under ``--data-root`` / ``$COMPRESS_DATA`` (``compress.data``);
 - ``imagefolder:ROOT``: ``ROOT/train/<class>/*.png`` and ``ROOT/val/<class>/*.png`` (any format PIL
-  reads), decoded to RGB and resized to ``image_size`` squares in DataLoader workers;
+  reads), decoded to RGB and resized to ``image_size`` squares in DataLoader workers
+  (``compress.imagefolder``);
 - ``pkg.module:function``: ``function()`` returns ``(train, test)`` datasets whose items are
   ``(image tensor CxHxW, int label)``, uint8 0..255 or float in [0, 1], e.g. ``examples/digits.py``::
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from compress.imagefolder import image_folder
 from compress.stream import (
     READ_BATCH,
     Batches,
@@ -54,7 +56,6 @@ log = logging.getLogger(__name__)
 KINDS = ("cifar10", "imagefolder", "factory")
 FORMS = "cifar10, imagefolder:ROOT (ROOT/train and ROOT/val, a folder per class) or package.module:function"
 CIFAR_STD = (0.2470, 0.2435, 0.2616)  # of the 50,000 training images in [0, 1]
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_IMAGE_SIZE = 32
 STATS_SAMPLE = 10_000   # streamed data: training images the mean and std are computed over
 
@@ -84,41 +85,6 @@ def _parse(text: str) -> tuple[str, str]:
         return parse_data(text)
     except ValueError as e:
         raise DataError(str(e)) from e
-
-
-class DecodedImages:
-    """The images of an image folder split as (uint8 CxHxW tensor, label), RGB, resized to ``size`` squares.
-
-    A plain map-style dataset (no torch import needed to build it); ``targets`` gives the labels
-    without decoding a pixel. An unreadable file raises ``DataError`` naming it.
-    """
-
-    def __init__(self, samples: list[tuple[str, int]], classes: list[str], size: int) -> None:
-        self.samples = samples
-        self.classes = classes
-        self.targets = [t for _, t in samples]
-        self.size = size
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        import numpy as np
-        import torch
-        from PIL import Image
-
-        from compress.data import DataError
-
-        path, label = self.samples[i]
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-                if img.size != (self.size, self.size):
-                    img = img.resize((self.size, self.size), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
-        except Exception as e:  # PIL raises OSError, UnidentifiedImageError, ValueError, SyntaxError...
-            raise DataError(f"cannot read image {path}: {first_line(e)}") from e
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), label
 
 
 @dataclass(frozen=True)
@@ -222,54 +188,7 @@ def _chunks(x: torch.Tensor, size: int = 1024) -> Iterator[torch.Tensor]:
         yield x[start:start + size]
 
 
-# --- the three kinds ----------------------------------------------------------------------------
-
-def _class_folders(split: Path, root: Path) -> list[str]:
-    from compress.data import DataError
-
-    if not split.is_dir():
-        raise DataError(f"image folder {root} has no {split.name}/ folder: put each class's images in "
-                        f"{root}/{split.name}/<class>/")
-    classes = sorted(e.name for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        raise DataError(f"{split} has no class folders: put each class's images in {split}/<class>/")
-    return classes
-
-
-def _image_folder_split(split: Path, root: Path, size: int) -> DecodedImages:
-    """One split's files and labels (nothing decoded yet); a class folder without images is an error."""
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    from compress.data import DataError
-
-    _class_folders(split, root)
-    folder = ImageFolder(str(split), allow_empty=True)
-    counts = [0] * len(folder.classes)
-    for _, t in folder.samples:
-        counts[t] += 1
-    empty = [c for c, k in zip(folder.classes, counts, strict=True) if not k]
-    if empty:
-        raise DataError(f"class folder {split / empty[0]} has no images "
-                        f"({len(empty)} of {len(counts)} classes empty; extensions read: {', '.join(IMG_EXTENSIONS)})")
-    return DecodedImages(folder.samples, folder.classes, size)
-
-
-def _image_folder(arg: str, size: int) -> tuple[DecodedImages, DecodedImages]:
-    from compress.data import DataError
-
-    root = Path(arg).expanduser()
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist (imagefolder:ROOT reads ROOT/train/<class>/ and "
-                        f"ROOT/val/<class>/)")
-    train_classes, val_classes = _class_folders(root / "train", root), _class_folders(root / "val", root)
-    if train_classes != val_classes:
-        only_t = sorted(set(train_classes) - set(val_classes))
-        only_v = sorted(set(val_classes) - set(train_classes))
-        raise DataError(f"{root}/train and {root}/val must hold the same class folders: only in train: "
-                        f"{', '.join(only_t) or '-'}; only in val: {', '.join(only_v) or '-'}")
-    return _image_folder_split(root / "train", root, size), _image_folder_split(root / "val", root, size)
-
+# --- the three kinds (image folders are read by compress.imagefolder) ---------------------------
 
 def _factory(spec: str) -> tuple[Any, Any]:
     """The (train, test) pair a ``pkg.module:function`` returns, its form checked."""
@@ -333,7 +252,7 @@ def load_data(text: str = "cifar10", root: str | os.PathLike | None = None, *, i
     folders) is read once into tensors; larger data is streamed. ``mean``/``std`` default to the
     training images' own, computed once (a streamed split: over a seeded sample of 10,000).
     """
-    from compress.data import DataError, load_cifar10, subset_indices
+    from compress.data import CIFAR_CLASSES, DataError, load_cifar10, subset_indices
 
     kind, arg = _parse(text)
     if image_size < 0:
@@ -356,7 +275,7 @@ def load_data(text: str = "cifar10", root: str | os.PathLike | None = None, *, i
 
     if kind == "imagefolder":
         size = image_size or DEFAULT_IMAGE_SIZE
-        train_ds, test_ds = _image_folder(arg, size)
+        train_ds, test_ds = image_folder(arg, size)
         shape = (3, size, size)
         per_image = 3 * size * size
         num_classes = len(train_ds.classes)
@@ -473,34 +392,5 @@ def load_test_labels_for(text: str, root: str | os.PathLike | None, image_size: 
     if kind == "cifar10":
         return load_test_labels(root)
     if kind == "imagefolder":
-        return labels_of(_image_folder(arg, image_size or DEFAULT_IMAGE_SIZE)[1]).numpy()
+        return labels_of(image_folder(arg, image_size or DEFAULT_IMAGE_SIZE)[1]).numpy()
     return labels_of(_factory(arg)[1]).numpy()
-
-
-def write_imagefolder(out: Path, data_root: str | os.PathLike | None, n_train: int, n_val: int) -> dict[str, Any]:
-    """Write the first ``n_train`` CIFAR-10 training and ``n_val`` test images as PNGs: a demo image folder.
-
-    ``out/train/<class>/<index>.png`` and ``out/val/<class>/<index>.png``, the index zero-padded to
-    five digits, so the folder reads back (classes sorted, files sorted) in CIFAR order within each
-    class. PNG is lossless: at image_size 32 the pixels read back equal CIFAR-10's.
-    """
-    from PIL import Image
-
-    from compress.data import load_cifar10
-
-    if n_train < 1 or n_val < 1:
-        raise ValueError(f"image counts must be >= 1, got {n_train} training and {n_val} val")
-    c = load_cifar10(data_root)
-    out = Path(out)
-    written: dict[str, Any] = {"out": str(out)}
-    for split, x, y, n in (("train", c.train_x, c.train_y, n_train), ("val", c.test_x, c.test_y, n_val)):
-        if not 1 <= n <= len(x):
-            raise ValueError(f"{split} image count {n} must be in [1, {len(x)}]")
-        for name in CIFAR_CLASSES:
-            (out / split / name).mkdir(parents=True, exist_ok=True)
-        pixels = x[:n].permute(0, 2, 3, 1).numpy()
-        for i in range(n):
-            Image.fromarray(pixels[i]).save(out / split / CIFAR_CLASSES[int(y[i])] / f"{i:05d}.png")
-        written[split] = n
-    written["classes"] = len(CIFAR_CLASSES)
-    return written

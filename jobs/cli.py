@@ -25,8 +25,9 @@ from typing import Any
 import rich_click as click
 from rich_click import RichGroup
 
-from jobs.executors import ExecutorOptions, LocalExecutor, SlurmExecutor, build_executor
+from jobs.executors import LocalExecutor, SlurmExecutor, build_executor
 from jobs.slurm_jobs import final_report
+from jobs.slurm_options import ExecutorOptions
 from jobs.specs import expand_ranges
 from jobs.text import error_line
 

@@ -20,7 +20,7 @@ from compress.datasets import ImageData, load_data
 from compress.loops import pick_device
 from compress.models import WeightsError
 from compress.prune import check_budget
-from jobs.executors import ExecutorOptions
+from jobs.slurm_options import ExecutorOptions
 from jobs.specs import PruneSpec, PTQSpec, check
 
 

@@ -45,9 +45,9 @@ from jobs.cli import (
     spec_options,
     wait_for,
 )
-from jobs.executors import DEFAULT_FOLDER, ExecutorOptions, render_sbatch
 from jobs.runs import check_run, run_dir
 from jobs.slurm_jobs import setup_logging
+from jobs.slurm_options import DEFAULT_FOLDER, ExecutorOptions, render_sbatch
 from jobs.specs import PruneSpec, PTQSpec, TrainSpec
 from jobs.tune_cmd import tune
 

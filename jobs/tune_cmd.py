@@ -30,7 +30,7 @@ from jobs.cli import (
     spec_options,
     wait_for,
 )
-from jobs.executors import ExecutorOptions, render_sbatch
+from jobs.slurm_options import ExecutorOptions, render_sbatch
 from jobs.specs import TuneSpec
 from sweeps.resources import check_job_gpus, job_gpus
 from sweeps.search import SearchFailed, check_search, failed_line, job_kind, job_kinds, run_search

@@ -16,9 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from compress.data import BatchLoader, DataError, data_probe, load_cifar10, load_test_labels
+from compress.data import CIFAR_CLASSES, BatchLoader, DataError, data_probe, load_cifar10, load_test_labels
 from compress.datasets import (
-    CIFAR_CLASSES,
     ImageData,
     Split,
     channel_stats,
@@ -27,8 +26,8 @@ from compress.datasets import (
     load_test_labels_for,
     make_loader,
     parse_data,
-    write_imagefolder,
 )
+from compress.imagefolder import write_imagefolder
 from compress.stream import StreamLoader
 
 REPO = Path(__file__).resolve().parent.parent

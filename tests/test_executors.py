@@ -17,22 +17,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from jobs.executors import (
-    ExecutorError,
-    ExecutorOptions,
-    LocalExecutor,
-    build_executor,
-    check_cluster,
-    check_folder,
-    gpu_flag,
-    gres_gpus,
-    parse_sinfo,
-    parse_time,
-    render_sbatch,
-    slurm_parameters,
-)
+from jobs.cluster import ExecutorError, check_cluster, check_folder, parse_sinfo
+from jobs.executors import LocalExecutor, build_executor
 from jobs.launch import cli
 from jobs.slurm_jobs import Requeueable, find_jobs, finished_runs, run_progress
+from jobs.slurm_options import ExecutorOptions, gpu_flag, gres_gpus, parse_time, render_sbatch, slurm_parameters
 from jobs.specs import PruneSpec, PTQSpec
 from tests.conftest import REPO
 
@@ -355,7 +344,7 @@ def test_ray_ports_are_a_block_per_job_below_the_ephemeral_range() -> None:
 
 
 def test_a_path_in_memory_is_refused_as_a_shared_folder(tmp_path) -> None:
-    from jobs.executors import check_shared, filesystem_type
+    from jobs.cluster import check_shared, filesystem_type
 
     assert filesystem_type("/dev/shm") == "tmpfs"  # Linux mounts /dev/shm as tmpfs
     with pytest.raises(ValueError, match=r"results='/dev/shm/x/y' is invalid: on tmpfs, local to this machine"):
@@ -366,7 +355,7 @@ def test_a_path_in_memory_is_refused_as_a_shared_folder(tmp_path) -> None:
 
 def test_the_node_check_goes_where_the_job_could_go() -> None:
     """Account, QOS and the placement flags of --sbatch reach the check's srun; this machine is excluded."""
-    from jobs.executors import node_check_command
+    from jobs.cluster import node_check_command
 
     options = ExecutorOptions(partition="gpu", account="lab", qos="high",
                               sbatch=("constraint=a100", "exclude=n9", "exclusive", "comment=x"))
@@ -383,7 +372,7 @@ def test_the_node_check_goes_where_the_job_could_go() -> None:
 def test_the_node_script_answers_for_each_probe(tmp_path) -> None:
     """What runs on the node: a marker seen (and an answer written beside it), missing, or not writable;
     an input present or absent."""
-    from jobs.executors import node_check_command
+    from jobs.cluster import node_check_command
 
     seen, missing, stuck = tmp_path / "seen", tmp_path / "missing", tmp_path / "stuck"
     seen.write_text("here\n")

@@ -140,7 +140,8 @@ def test_a_launcher_on_a_node_has_another_node_check_its_folders(nodes, tmp_path
     if not pid.exists():
         pytest.skip(f"no {pid}: not the dev cluster's devnode1")
     code = ("import json, sys\n"
-            "from jobs.executors import ExecutorOptions, NODE_CHECK_CACHE, check_nodes_see, this_host\n"
+            "from jobs.cluster import NODE_CHECK_CACHE, check_nodes_see, this_host\n"
+            "from jobs.slurm_options import ExecutorOptions\n"
             "o = ExecutorOptions(partition='debug', folder=sys.argv[1])\n"
             "assert check_nodes_see(o, [('folder', sys.argv[1])])\n"
             "cache = json.loads(open(sys.argv[1] + '/' + NODE_CHECK_CACHE).read())\n"

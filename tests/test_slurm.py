@@ -27,7 +27,8 @@ import torch
 from click.testing import CliRunner
 
 from compress.results import read_table
-from jobs.executors import ExecutorError, build_executor, cluster_partitions
+from jobs.cluster import ExecutorError, cluster_partitions
+from jobs.executors import build_executor
 from jobs.launch import cli
 from jobs.runs import run_dir
 from jobs.slurm_jobs import finished_runs, inspect_jobs
@@ -180,7 +181,7 @@ def test_a_users_model_on_an_image_folder_goes_out_as_arrays(cluster, synthetic_
     for its source file first), and every row names the file's sha256."""
     import hashlib
 
-    from compress.datasets import write_imagefolder
+    from compress.imagefolder import write_imagefolder
 
     code = work / "usercode"
     code.mkdir()
@@ -213,10 +214,11 @@ def test_large_ptq_sweep_splits_into_arrays_of_chunked_tasks(cluster, synthetic_
                                                              monkeypatch):
     """More tasks than MaxArraySize: several arrays, each job runs a chunk of tasks; every row once."""
     import jobs.executors
+    from jobs.cluster import max_array_size
 
-    assert jobs.executors.max_array_size() == int(re.search(r"MaxArraySize\s*=\s*(\d+)",
-                                                            scontrol("show", "config")).group(1)) - 1
-    monkeypatch.setattr(jobs.executors, "max_array_size", lambda: 2)  # as on a cluster with MaxArraySize=3
+    assert max_array_size() == int(re.search(r"MaxArraySize\s*=\s*(\d+)", scontrol("show", "config")).group(1)) - 1
+    # where SlurmExecutor.map_array looks it up; as on a cluster with MaxArraySize=3
+    monkeypatch.setattr(jobs.executors, "max_array_size", lambda: 2)
     results, folder = work / "big-results", work / "big-jobs"
     res = launch("ptq", "--partition", "debug", "--array-parallelism", "2", "--tasks-per-job", "2", "--wait",
                  "--folder", str(folder), "--results", str(results), "--run-id", "big", "--seeds", "0,1",
@@ -405,7 +407,7 @@ def test_what_no_node_sees_is_refused_and_left_as_it_was(cluster, synthetic_cifa
 
 def test_what_a_node_saw_is_remembered(cluster, synthetic_weights, work):
     """The second submission to the same folders runs no check; --no-check-nodes runs none and writes nothing."""
-    from jobs.executors import NODE_CHECK_CACHE, partition_nodes, this_host
+    from jobs.cluster import NODE_CHECK_CACHE, partition_nodes, this_host
 
     folder, results = work / "seen-jobs", work / "seen-results"
     inputs = [("weights", str(synthetic_weights))]
@@ -426,10 +428,10 @@ def test_what_a_node_saw_is_remembered(cluster, synthetic_weights, work):
 
 def test_a_busy_partition_is_a_warning_not_a_refusal(cluster, work, monkeypatch, caplog):
     """No node free within the wait: the folders could not be checked; the job is still submitted as asked."""
-    import jobs.executors
-    from jobs.executors import NODE_CHECK_CACHE, partition_nodes
+    import jobs.cluster
+    from jobs.cluster import NODE_CHECK_CACHE, partition_nodes
 
-    monkeypatch.setattr(jobs.executors, "NODE_CHECK_WAIT", 2)
+    monkeypatch.setattr(jobs.cluster, "NODE_CHECK_WAIT", 2)
     blockers = [subprocess.run(["sbatch", "--parsable", "-p", "debug", "--exclusive", "-w", node, "-o", "/dev/null",
                                 "--wrap", "sleep 600"], capture_output=True, text=True, check=True).stdout.strip()
                 for node in partition_nodes("debug")]
@@ -438,7 +440,7 @@ def test_a_busy_partition_is_a_warning_not_a_refusal(cluster, work, monkeypatch,
             ["squeue", "-h", "-o", "%T", "-j", ",".join(blockers)], capture_output=True, text=True).stdout.split())
             == {"RUNNING"}, timeout=300, every=1)
         folder = work / "busy-jobs"
-        with caplog.at_level("WARNING", logger="jobs.executors"):
+        with caplog.at_level("WARNING", logger="jobs.cluster"):
             ex = build_executor(partition="debug", folder=str(folder), time="10")
         assert ex.folder == folder.resolve() and not (folder / NODE_CHECK_CACHE).exists()
         warned = [r.getMessage() for r in caplog.records if "not checked from a node" in r.getMessage()]
