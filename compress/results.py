@@ -6,7 +6,8 @@ Layout under the results root (``results/`` by default)::
     epochs/<run_id>-p<NN>.parquet     one row per training epoch of that phase
     modules/<run_id>.parquet          the per-module before/after table of a finished run
     ptq/<run_id>-<task>.parquet       one row per PTQ configuration
-    runs/<run_id>/                    checkpoints (state.pt while running, final.pt at the end)
+    runs/<run_id>/                    spec.json, progress.json, lease.json, state.pt (and state.prev.pt)
+                                      while running; final.pt, summary.json and export/ at the end
 
 Every file of a table has the same schema (built from the spec dataclasses, unset fields null), so
 ``pyarrow.dataset.dataset("results/phases")`` or ``pandas.read_parquet("results/phases")`` reads a
@@ -29,18 +30,11 @@ reads but whose pages do not is found only by reading it, and stops a compaction
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
 import hashlib
 import json
 import logging
 import os
-import platform
-import socket
-import subprocess
 import tempfile
-import types
-import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,46 +42,57 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from compress.provenance import PROVENANCE_FIELDS, spec_fields
+
 log = logging.getLogger(__name__)
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
 ENV_RESULTS = "COMPRESS_RESULTS"
 
-PROVENANCE_FIELDS: dict[str, pa.DataType] = {
-    "git_commit": pa.string(),
-    "git_dirty": pa.bool_(),
-    "job_id": pa.string(),
-    "host": pa.string(),
-    "python_version": pa.string(),
-    "torch_version": pa.string(),
-    "torchvision_version": pa.string(),
-    "device_name": pa.string(),
-    "written_at": pa.timestamp("us", tz="UTC"),
-}
+# The layout of a results root (the module docstring draws it). Every path under a root is named here;
+# jobs, searches, status and the report ask these instead of spelling folder and file names themselves.
+TABLES = ("phases", "epochs", "modules", "ptq")  # a folder of Parquet files each
+# a row is identified by these columns; a file rewritten under another name must not count twice
+ROW_KEYS = {"phases": ("run_id", "phase"), "epochs": ("run_id", "phase", "epoch"), "modules": ("run_id", "module"),
+            "ptq": ("run_id", "task", "method", "observer", "weight_observer", "calib_size", "alpha", "center")}
+RUNS = "runs"  # runs/<run_id>/: one folder per run, holding the files below
+SPEC = "spec.json"  # the run's spec, written when it starts
+PROGRESS = "progress.json"  # where it stands (phase, epoch, last top-1, job), after every epoch
+LEASE = "lease.json"  # who runs it now (jobs/lease.py)
+STATE = "state.pt"  # the checkpoint after the last finished epoch
+PREVIOUS_STATE = "state.prev.pt"  # the one before, kept until the next is written
+FINAL = "final.pt"  # the model at the end
+SUMMARY = "summary.json"  # written when it finishes
+EXPORT = "export"  # files to deploy, with their manifests
 
 
 def default_root() -> str:
     return os.environ.get(ENV_RESULTS, "results")
 
 
-def _arrow_type(tp: Any) -> pa.DataType:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _arrow_type(args[0])
-    if origin is tuple or tp is tuple:
-        return pa.string()  # tuples are stored comma-joined: "minmax,histogram"
-    return {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}.get(tp, pa.string())
+def run_folder(root: str | os.PathLike, run_id: str) -> Path:
+    """``<root>/runs/<run_id>``."""
+    return Path(root) / RUNS / run_id
 
 
-def spec_fields(*spec_classes: type) -> dict[str, pa.DataType]:
-    """``spec_<field>`` columns for the union of the given spec dataclasses' fields."""
-    out: dict[str, pa.DataType] = {}
-    for cls in spec_classes:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            out.setdefault(f"spec_{f.name}", _arrow_type(hints[f.name]))
-    return out
+def run_folders(root: str | os.PathLike, pattern: str = "*", holding: str = "") -> list[Path]:
+    """The run folders under ``root`` whose name matches ``pattern`` (and that hold the file ``holding``)."""
+    found = (Path(root) / RUNS).glob(pattern)
+    return sorted(d for d in found if d.is_dir() and (not holding or (d / holding).exists()))
+
+
+def table_file(root: str | os.PathLike, table: str, unit: str) -> Path:
+    """The Parquet file of one unit of work in ``table``: ``<root>/<table>/<unit>.parquet``.
+
+    Units: ``<run_id>-p<NN>`` (a phase's rows in phases/ and epochs/), ``<run_id>`` (modules/),
+    ``<run_id>-<task>`` (ptq/).
+    """
+    if table not in TABLES:
+        raise ValueError(f"no table {table!r}: the tables are {', '.join(TABLES)}")
+    return Path(root) / table / f"{unit}.parquet"
+
+
+def phase_unit(run_id: str, phase: int) -> str:
+    return f"{run_id}-p{phase:02d}"
 
 
 def make_schema(columns: Mapping[str, pa.DataType], *spec_classes: type) -> pa.Schema:
@@ -96,57 +101,6 @@ def make_schema(columns: Mapping[str, pa.DataType], *spec_classes: type) -> pa.S
     fields.update(spec_fields(*spec_classes))
     fields.update(PROVENANCE_FIELDS)
     return pa.schema(list(fields.items()))
-
-
-def spec_value(v: Any) -> Any:
-    """One spec field as a column value: tuples comma-joined, the rest as is."""
-    return ",".join(map(str, v)) if isinstance(v, tuple) else v
-
-
-def spec_row(spec: Any) -> dict[str, Any]:
-    """A spec dataclass flattened to ``spec_<field>`` values (tuples comma-joined)."""
-    return {f"spec_{f.name}": spec_value(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
-
-
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-_STATIC: dict[str, Any] = {}
-
-
-def job_id() -> str:
-    """SLURM job id (with array task), else 'local-<pid>'."""
-    jid = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if jid and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{jid}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID") or f"local-{os.getpid()}"
-
-
-def provenance(device: str = "") -> dict[str, Any]:
-    """Where and with what a row was produced: git commit, job id, host, versions, device, time."""
-    if not _STATIC:
-        import torch
-        import torchvision
-
-        _STATIC.update(
-            git_commit=_git("rev-parse", "HEAD"),
-            git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")),
-            python_version=platform.python_version(),
-            torch_version=torch.__version__,
-            torchvision_version=torchvision.__version__,
-        )
-    return {
-        **_STATIC,
-        "job_id": job_id(),
-        "host": socket.gethostname(),
-        "device_name": device,
-        "written_at": _dt.datetime.now(_dt.UTC),
-    }
 
 
 def current_umask() -> int:

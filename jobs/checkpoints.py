@@ -15,12 +15,11 @@ from typing import Any
 import torch
 
 from compress.errors import exception_line
-from compress.results import WriteError, torch_save_atomic
+from compress.results import PREVIOUS_STATE as PREVIOUS
+from compress.results import STATE, WriteError, torch_save_atomic
 
 log = logging.getLogger(__name__)
 
-STATE = "state.pt"
-PREVIOUS = "state.prev.pt"  # the checkpoint before state.pt, kept until the next one is written
 STATE_KEYS = ("spec", "phase", "epoch", "pruned", "model", "masks")  # what every saved state holds
 
 

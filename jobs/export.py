@@ -51,9 +51,10 @@ from compress.artifacts import (
 )
 from compress.datasets import make_loader
 from compress.loops import evaluate, pick_device
+from compress.provenance import provenance
 from compress.quant import quiet
 from compress.quant.packed import pack_float
-from compress.results import provenance, read_table
+from compress.results import EXPORT, FINAL, SUMMARY, read_table, run_folder, run_folders
 from jobs.inputs import load_run_data, load_stored_data
 from jobs.ptq import _quantize_all
 from jobs.selection import Choice, describe, parse_selector, select_row
@@ -77,7 +78,7 @@ def _ptq_rows(results: str, run: str) -> list[dict[str, Any]]:
 
 
 def _known_runs(results: str) -> list[str]:
-    runs = {p.name for p in (Path(results) / "runs").glob("*") if (p / "final.pt").is_file()}
+    runs = {p.name for p in run_folders(results, holding=FINAL)}
     with contextlib.suppress(FileNotFoundError):
         runs |= set(read_table(results, "ptq").column("run_id").to_pylist())
     return sorted(runs)
@@ -88,7 +89,7 @@ def find_run(spec: ExportSpec) -> tuple[str, list[dict[str, Any]]]:
     rows = _ptq_rows(spec.results, spec.run)
     if rows:
         return "ptq", rows
-    if (Path(spec.results) / "runs" / spec.run / "final.pt").is_file():
+    if (run_folder(spec.results, spec.run) / FINAL).is_file():
         return "model", []
     close = difflib.get_close_matches(spec.run, _known_runs(spec.results), n=3, cutoff=0.5)
     hint = f"; closest: {', '.join(close)}" if close else ""
@@ -184,7 +185,7 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
         drift.append(f"the rebuilt {describe(row)} scores {ev.top1:.2f}%, the row says {row['int8_top1']:.2f}% "
                      f"(calibrated on {row.get('device_name') or '?'}, rebuilt on {spec.device}): the file has "
                      f"the rebuilt model's top-1")
-    folder = Path(spec.results) / "runs" / spec.run / "export"
+    folder = run_folder(spec.results, spec.run) / EXPORT
     slug = _slug(row)
     keep = ("run_id", "task", "method", "observer", "weight_observer", "engine", "activation_bits", "calib_size",
             "alpha", "center", "float_top1", "int8_top1", "int8_packed_bytes", "program_bytes", "sparsity")
@@ -206,7 +207,7 @@ def _export_ptq(spec: ExportSpec, rows: list[dict[str, Any]], choice: Choice) ->
 
 
 def _export_model(spec: ExportSpec) -> dict[str, Any]:
-    final = Path(spec.results) / "runs" / spec.run / "final.pt"
+    final = run_folder(spec.results, spec.run) / FINAL
     ckpt = torch.load(final, map_location="cpu", weights_only=True)
     run_spec = ckpt.get("spec", {})
     name = ckpt.get("arch") or run_spec.get("model", "resnet20a")
@@ -219,14 +220,14 @@ def _export_model(spec: ExportSpec) -> dict[str, Any]:
     batch = int(run_spec.get("eval_batch_size") or 500)
     test = make_loader(data.test.subset(torch.arange(n_test)), batch, cpu)
     ev = evaluate(model, test, cpu, keep_predictions=True, desc="float eval")
-    summary_path = final.parent / "summary.json"
+    summary_path = final.parent / SUMMARY
     recorded = json.loads(summary_path.read_text()).get("top1") if summary_path.is_file() else None
     source = {"run_id": spec.run, "checkpoint": str(final), "recorded_top1": recorded, "device": str(device)}
     blob = pack_float(model, name, model_args=args)
     manifest = _manifest("float-packed", run_spec, source, ev.top1, ev.images, ev.predictions, LOAD_PACKED,
                          _input(data.image_shape, registry.describe(model, name), batch),
                          checkpoint_bytes=final.stat().st_size)
-    return _write_and_check([(final.parent / "export" / "model.float.packed", blob, manifest)], test, ev.predictions)
+    return _write_and_check([(final.parent / EXPORT / "model.float.packed", blob, manifest)], test, ev.predictions)
 
 
 def _write_and_check(files: list[tuple[Path, bytes, dict[str, Any]]], test: Any,

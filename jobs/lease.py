@@ -38,9 +38,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from compress.results import atomic_write_bytes, current_umask, job_id
+from compress.provenance import job_id
+from compress.results import LEASE, RUNS, atomic_write_bytes, current_umask
 
-LEASE = "lease.json"
 CLAIM_SECONDS = 600
 # squeue states of a job that may still write (anything else, or no longer listed: gone)
 LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -192,7 +192,7 @@ def release(run_dir: str | os.PathLike, token: str = "") -> None:
 def live_leases(results: str | os.PathLike) -> list[tuple[str, dict[str, Any], str]]:
     """(run id, lease, why) of every run under the results root ``results`` whose owner may still write."""
     out = []
-    for path in sorted((Path(results) / "runs").glob(f"*/{LEASE}")):
+    for path in sorted((Path(results) / RUNS).glob(f"*/{LEASE}")):
         held = read_lease(path.parent)
         if held is not None:
             live, why = liveness(held)

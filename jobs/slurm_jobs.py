@@ -39,7 +39,8 @@ from typing import Any
 
 import submitit
 
-from jobs.runs import PROGRESS, inspect_run, search_progress
+from compress.results import PROGRESS, SUMMARY, run_folder, run_folders
+from jobs.runs import inspect_run, search_progress
 from jobs.text import error_line, table
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class JobReport:
 
 def finished_runs(results: str | os.PathLike) -> set[str]:
     """Run ids under a results root that ran to the end (``runs/<run_id>/summary.json`` exists)."""
-    return {p.parent.name for p in Path(results).glob("runs/*/summary.json")}
+    return {p.name for p in run_folders(results, holding=SUMMARY)}
 
 
 def run_progress(spec: Any, workdir: Path | None = None, job_id: str = "") -> str:
@@ -150,8 +151,8 @@ def run_progress(spec: Any, workdir: Path | None = None, job_id: str = "") -> st
     results = Path(spec.results)
     if not results.is_absolute() and workdir is not None:
         results = workdir / results
-    run = results / "runs" / spec.run_id
-    if (run / PROGRESS).exists() or (run / "summary.json").exists():
+    run = run_folder(results, spec.run_id)
+    if (run / PROGRESS).exists() or (run / SUMMARY).exists():
         r = inspect_run(run)
         writer = json.loads((run / PROGRESS).read_text()).get("job_id", "") if (run / PROGRESS).exists() else ""
         if job_id and writer and writer != job_id:

@@ -58,5 +58,3 @@ PTQ = make_schema({
     "predictions": pa.binary(), "float_predictions": pa.binary(),  # PREDICTIONS: the int8 and the float model's
     **SEARCH_COLUMNS, **MODEL_COLUMNS,
 }, PTQSpec)
-
-TABLES = {"phases": PHASES, "epochs": EPOCHS, "modules": MODULES, "ptq": PTQ}  # folder under the results root

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compress.results import SUMMARY, run_folder
 from jobs.specs import PruneSpec, PTQSpec, TuneSpec, check
 from jobs.text import error_line
 from sweeps.resources import check_devices, trial_resources
@@ -421,7 +422,7 @@ def run_search(kind: str, base: Any, tune_spec: TuneSpec) -> dict[str, Any]:
         # (after --resume, a killed driver or a requeue) reports only its remaining phases: its true
         # count is the phase it reached, and a run folder with a summary finished all of them
         iterations = int(m.get("phase", m.get("training_iteration", 0)))
-        if (root / "runs" / f"{tune_spec.search_id}-{trial_id}" / "summary.json").exists():
+        if (run_folder(root, f"{tune_spec.search_id}-{trial_id}") / SUMMARY).exists():
             iterations = expected
         trials.append({"trial_id": trial_id, "config": r.config, "score": m.get("score"), "iterations": iterations,
                        "stopped_early": not r.error and iterations < expected,

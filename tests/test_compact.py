@@ -18,10 +18,10 @@ from click.testing import CliRunner
 import compress.compact as compact_module
 import compress.quant.observe as observe_module
 import jobs.training
+from cli.main import cli
 from compress.compact import LOCK, CompactBusy, compact_results, compact_table
-from compress.results import COMPACTED, WriteError, find_unit, read_table, read_unit, table_files, write_rows
+from compress.results import COMPACTED, TABLES, WriteError, find_unit, read_table, read_unit, table_files, write_rows
 from jobs import lease, tables
-from jobs.launch import cli
 from jobs.ptq import plan_tasks, run_ptq
 from jobs.runs import settled
 from jobs.specs import PruneSpec, PTQSpec
@@ -298,7 +298,7 @@ def test_a_resumed_prune_run_after_a_compaction_writes_each_row_once(
     monkeypatch.setattr(jobs.training._Schedule, "finish", real)
     phases_before, epochs_before = _rows(tmp_path, "phases"), _rows(tmp_path, "epochs")
 
-    done = {t.table: t for t in compact_results(tmp_path, tables.TABLES, settled(tmp_path))}
+    done = {t.table: t for t in compact_results(tmp_path, TABLES, settled(tmp_path))}
     assert (done["phases"].files_before, done["phases"].files_after) == (3, 1)
     assert (done["epochs"].files_before, done["epochs"].files_after) == (2, 1)
     assert "modules" not in done  # not written yet
@@ -312,7 +312,7 @@ def test_a_resumed_prune_run_after_a_compaction_writes_each_row_once(
     assert read_table(tmp_path, "modules").num_rows > 0
 
     # finished now: a second compaction has nothing to merge but the module table's one file (left as is)
-    again = {t.table: t for t in compact_results(tmp_path, tables.TABLES, settled(tmp_path))}
+    again = {t.table: t for t in compact_results(tmp_path, TABLES, settled(tmp_path))}
     assert all(t.written == 0 for t in again.values())
     assert run_prune(spec)["top1"] == summary["top1"]  # finished: nothing written
     assert len(read_table(tmp_path, "phases")) == 3

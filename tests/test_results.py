@@ -16,17 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from compress.compact import CompactError, compact_results
+from compress.provenance import PROJECT_DIR, PROVENANCE_FIELDS, job_id, provenance, spec_row
 from compress.results import (
-    PROJECT_DIR,
-    PROVENANCE_FIELDS,
     atomic_write_bytes,
     find_unit,
-    job_id,
     make_schema,
-    provenance,
     read_table,
     read_unit,
-    spec_row,
     table_files,
     write_rows,
 )
