@@ -138,7 +138,7 @@ def test_ptq_rows_keep_int8_and_float_predictions(synthetic_cifar: Path, synthet
 
 def test_more_than_256_classes_keep_two_bytes_a_prediction_and_the_report_reads_them() -> None:
     """A uint8 would wrap class 300 to 44; int16 keeps it, and the report scores it against the labels."""
-    from analysis.report import Significance
+    from analysis.significance import Significance
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 300))

@@ -20,19 +20,15 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from analysis.report import (
-    Filters,
-    build_report,
-    configuration_table,
-    load_tables,
-    markdown_table,
-    pareto_front,
-    reference_variant,
-    varying_spec_columns,
-)
+from analysis.load import Filters, load_tables
+from analysis.prune_sections import configuration_table, pareto_front
+from analysis.ptq_sections import reference_variant
+from analysis.report import build_report
+from analysis.search_sections import varying_spec_columns
+from analysis.writer import markdown_table
+from cli.main import cli
 from compress.results import write_rows
 from jobs import tables as job_tables
-from jobs.launch import cli
 from jobs.ptq import plan_tasks, run_ptq
 from jobs.specs import PruneSpec, PTQSpec, TuneSpec, spec_defaults
 from jobs.training import run_prune

@@ -16,12 +16,15 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from analysis.report import Filters, build_report, configuration_table, format_interval, format_p, load_tables
+from analysis.load import Filters, load_tables
+from analysis.prune_sections import configuration_table
+from analysis.report import build_report
+from analysis.significance import format_interval, format_p
 from analysis.stats import bootstrap_interval, mcnemar
+from cli.main import cli
 from compress.data import load_cifar10, load_test_labels
 from compress.results import write_rows
 from jobs import tables
-from jobs.launch import cli
 from jobs.specs import PruneSpec
 from jobs.training import run_prune
 from tests.helpers import md_tables
