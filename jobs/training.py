@@ -42,6 +42,7 @@ from compress.artifacts import LOAD_PACKED, write_artifact
 from compress.data import BatchLoader, subset_indices
 from compress.datasets import ImageData, make_loader
 from compress.loops import build_optimizer, cosine_lr, evaluate, pick_device, reestimate_bn, train_one_epoch
+from compress.provenance import PROVENANCE_FIELDS, provenance
 from compress.prune import (
     MaskSet,
     bn_gamma_filter_masks,
@@ -52,9 +53,8 @@ from compress.prune import (
 )
 from compress.quant.packed import pack_float
 from compress.results import (
-    PROVENANCE_FIELDS,
+    PROGRESS,
     atomic_write_bytes,
-    provenance,
     read_unit,
     torch_save_atomic,
     write_rows,
@@ -62,7 +62,8 @@ from compress.results import (
 from jobs import lease, tables
 from jobs.checkpoints import read_state, remove_states, save_state
 from jobs.inputs import check_prunable, load_run_data, load_run_model
-from jobs.runs import PROGRESS, SpecMismatch, check_run, require_run_id, row_base, run_dir, same_spec
+from jobs.run_state import RunState
+from jobs.runs import SpecMismatch, check_run, require_run_id, row_base, run_dir, same_spec
 from jobs.specs import Phase, PruneSpec, TrainFields, TrainSpec
 from jobs.text import format_modules
 
@@ -90,10 +91,11 @@ def _scheduler(spec: TrainFields, opt: torch.optim.Optimizer, steps_per_epoch: i
 
 
 class _Run:
-    """The state of one run between epochs: everything a resume needs."""
+    """Where one run writes (its folder, rows, progress) and what every row of it carries."""
 
     def __init__(self, spec: TrainFields, report: ReportFn | None, tags: dict[str, str] | None) -> None:
         self.spec = spec
+        self.plan = spec.plan()  # the run's phases, computed once
         self.report = report
         self.dir = run_dir(spec)
         self.device = pick_device(spec.device)
@@ -101,18 +103,18 @@ class _Run:
                              tags)
         self.prov = {k: self.base[k] for k in PROVENANCE_FIELDS}
 
-    def save(self, state: dict[str, Any]) -> None:
-        save_state(state, self.dir)
-        plan = {ph.index: ph.epochs for ph in self.spec.plan()}
-        rows = [r for r in state.get("epoch_rows") or [] if r["top1"] == r["top1"]]  # evaluated epochs
-        self.progress(phase=state["phase"], epoch=state["epoch"], epochs=plan.get(state["phase"], 0),
-                      top1=rows[-1]["top1"] if rows else state.get("last_top1"), dense_top1=state["dense_top1"])
+    def save(self, state: RunState) -> None:
+        save_state(state.to_state_dict(), self.dir)
+        epochs = next((ph.epochs for ph in self.plan if ph.index == state.phase), 0)
+        rows = [r for r in state.epoch_rows if r["top1"] == r["top1"]]  # evaluated epochs
+        self.progress(phase=state.phase, epoch=state.epoch, epochs=epochs,
+                      top1=rows[-1]["top1"] if rows else state.last_top1, dense_top1=state.dense_top1)
 
     def progress(self, **fields: Any) -> None:
         """``progress.json``: where the run stands, for ``status`` (a few hundred bytes, no torch to read it)."""
         record = {"run_id": self.spec.run_id, "kind": self.spec.kind(), "search_id": self.base["search_id"],
                   "trial_id": self.base["trial_id"], "job_id": self.prov["job_id"], "host": self.prov["host"],
-                  "phases": len(self.spec.plan()), "finished": False,
+                  "phases": len(self.plan), "finished": False,
                   "updated_at": provenance()["written_at"].isoformat(timespec="seconds"), **fields}
         atomic_write_bytes(self.dir / PROGRESS, json.dumps(record).encode())
 
@@ -220,8 +222,10 @@ PHASE_KEYS = ("phase", "target_sparsity", "sparsity", "nonzero", "prunable", "to
 class _Schedule:
     """One run's schedule in named steps: start or resume, then per phase prune, train, write; then finish.
 
-    ``state`` is what ``state.pt`` holds between epochs (see the module docstring).
+    ``state`` is what ``state.pt`` holds between epochs (see the module docstring), set by ``start_or_resume``.
     """
+
+    state: RunState
 
     def __init__(self, spec: TrainFields, run: _Run) -> None:
         self.spec, self.run, self.device = spec, run, run.device
@@ -239,7 +243,7 @@ class _Schedule:
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.data = data
         self.train_loader, self.test_loader = _loaders(spec, data, self.device)
-        self.plan = spec.plan()
+        self.plan = run.plan
         self.distill = Distill.of(spec, self.device, data)
         # ``net`` runs the batches: the model itself, or compiled around it (same parameters, so masks,
         # optimizer and checkpoints keep using ``model``)
@@ -251,7 +255,6 @@ class _Schedule:
             self.distill = dataclasses.replace(self.distill, teacher=loops.compiled(self.distill.teacher, True))
         self.masks = MaskSet()
         self.n_prunable = 0
-        self.state: dict[str, Any] = {}
 
     def sparsity_now(self) -> tuple[float, int]:
         nz = sum(c[2] for c in nonzero_counts(self.model).values())
@@ -261,19 +264,20 @@ class _Schedule:
         """Resume from ``state.pt`` (same spec only), else evaluate the starting model and write phase 0."""
         spec, run = self.spec, self.run
         self.n_prunable = sum(c[1] for c in nonzero_counts(self.model).values())  # the dense model's, before a resize
-        state = read_state(run.dir, spec.run_id)
-        if state is not None:
-            diff = same_spec(state["spec"], spec)
+        saved = read_state(run.dir, spec.run_id)
+        if saved is not None:
+            diff = same_spec(saved["spec"], spec)
             if diff:
                 raise SpecMismatch(f"run {spec.run_id} under {spec.results} holds another spec ({diff}); "
                                    f"choose another --run-id")
-            log.info("resuming %s at phase %d epoch %d", spec.run_id, state["phase"], state["epoch"])
-            if state.get("widths"):  # channels removed before the stop: the same shapes first, then the weights
-                channels.resize_to(self.model, state["widths"])
-            self.model.load_state_dict(state["model"])
+            state = RunState.from_state_dict(saved)
+            log.info("resuming %s at phase %d epoch %d", spec.run_id, state.phase, state.epoch)
+            if state.widths:  # channels removed before the stop: the same shapes first, then the weights
+                channels.resize_to(self.model, state.widths)
+            self.model.load_state_dict(state.model)
             self.model.to(memory_format=torch.channels_last)
-        self.masks = MaskSet.from_state_dict(state["masks"], self.device) if state else MaskSet()
-        if state is None:
+            self.masks = MaskSet.from_state_dict(state.masks, self.device)
+        else:
             run.dir.mkdir(parents=True, exist_ok=True)
             (run.dir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
             t0 = time.perf_counter()
@@ -284,19 +288,18 @@ class _Schedule:
                     "top1": ev.top1, "test_loss": ev.loss, "train_loss": float("nan"), "train_acc": float("nan"),
                     "epochs": 0, "train_seconds": 0.0, "wall_seconds": time.perf_counter() - t0,
                     "predictions": ev.predictions.numpy().tobytes()}
-            state = {"spec": dataclasses.asdict(spec), "phase": 1, "epoch": 0, "pruned": False, "epoch_rows": [],
-                     "before": nonzero_counts(self.model), "dense_top1": ev.top1, "wall": 0.0, "train_seconds": 0.0}
+            state = RunState(spec=dataclasses.asdict(spec), phase=1, epoch=0, pruned=False,
+                             before=nonzero_counts(self.model), dense_top1=ev.top1)
             if self.structured:
-                state["dense_count"] = dataclasses.astuple(channels.count(self.model, self.input_shape))
+                state.dense_count = channels.count(self.model, self.input_shape)
                 row0.update(self.counts(state))
             run.write("phases", f"{spec.run_id}-p00", [row0], tables.PHASES)
             log.info("phase 0: top-1 %.2f%%, sparsity %.4f", ev.top1, s)
         self.state = state
 
-    def counts(self, state: dict[str, Any]) -> dict[str, int]:
+    def counts(self, state: RunState) -> dict[str, int]:
         """A channels run's row columns: MACs and parameters now and of the dense model."""
-        now = channels.count(self.model, self.input_shape)
-        dense = channels.Count(*state["dense_count"])
+        now, dense = channels.count(self.model, self.input_shape), state.dense()
         return {"macs": now.macs, "params": now.params, "dense_macs": dense.macs, "dense_params": dense.params}
 
     def prune_step(self, ph: Phase) -> None:
@@ -327,28 +330,29 @@ class _Schedule:
         if spec.importance == "taylor":  # gradients of the phase's first training batches
             self.train_loader.set_epoch(ph.index, 0)
             channels.taylor_gradients(self.model, self.train_loader, self.device)
-        step = channels.prune_channels(self.model, self.input_shape, 1.0 - ph.target,
-                                       channels.Count(*self.state["dense_count"]), spec.importance, by,
-                                       spec.global_channels, spec.keep_dense or channels.default_keep(self.model))
+        step = channels.prune_channels(self.model, self.input_shape, 1.0 - ph.target, self.state.dense(),
+                                       spec.importance, by, spec.global_channels,
+                                       spec.keep_dense or channels.default_keep(self.model))
         self.model.zero_grad(set_to_none=True)
         self.model.to(memory_format=torch.channels_last)
         if spec.bn_reestimate:
             reestimate_bn(self.model, self.train_loader, self.device)
-        self.state["widths"] = channels.changed(self.model, self.dense_widths)
+        self.state.widths = channels.changed(self.model, self.dense_widths)
         log.info("phase %d: channels removed at ratio %.3f: %.2fM -> %.2fM MACs, %s -> %s params", ph.index,
                  step.ratio, step.before.macs / 1e6, step.after.macs / 1e6, f"{step.before.params:,}",
                  f"{step.after.params:,}")
 
     def pruned(self, opt: torch.optim.Optimizer, sched: Any) -> None:
         """Save the pruned model before its retraining starts, with the optimizer built for its parameters."""
-        self.state.update(pruned=True, model=self.model.state_dict(), masks=self.masks.state_dict(),
-                          optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=0, epoch_rows=[])
+        self.state = dataclasses.replace(self.state, pruned=True, model=self.model.state_dict(),
+                                         masks=self.masks.state_dict(), optimizer=opt.state_dict(),
+                                         scheduler=sched.state_dict(), epoch=0, epoch_rows=[])
         self.run.save(self.state)
 
     def train_phase(self, ph: Phase, opt: torch.optim.Optimizer, sched: Any, t_phase: float) -> float:
         """The phase's epochs from where the state stands, saving after each; returns the running phase clock."""
         spec, state = self.spec, self.state
-        for epoch in range(state["epoch"], ph.epochs):
+        for epoch in range(state.epoch, ph.epochs):
             self.train_loader.set_epoch(ph.index, epoch)
             lr = opt.param_groups[0]["lr"]
             st = train_one_epoch(self.net, self.train_loader, opt, sched, self.device,
@@ -360,17 +364,17 @@ class _Schedule:
             ev = (evaluate(self.net, self.test_loader, self.device, keep_predictions=last)
                   if spec.eval_every_epoch or last else None)
             if last and ev is not None:  # the phase row's predictions, kept in the state until it is written
-                state["predictions"] = ev.predictions
-            state["epoch_rows"].append({
+                state.predictions = ev.predictions
+            state.epoch_rows.append({
                 "phase": ph.index, "epoch": epoch + 1, "lr": lr, "train_loss": st.loss, "train_acc": st.accuracy,
                 "test_loss": ev.loss if ev else float("nan"), "top1": ev.top1 if ev else float("nan"),
                 "images_per_second": st.images / st.seconds, "seconds": st.seconds})
-            state["train_seconds"] += st.seconds
+            state.train_seconds += st.seconds
             log.info("phase %d epoch %d/%d: train loss %.4f acc %.2f%%%s", ph.index, epoch + 1, ph.epochs,
                      st.loss, st.accuracy, f", test top-1 {ev.top1:.2f}%" if ev else "")
-            state.update(epoch=epoch + 1, model=self.model.state_dict(), optimizer=opt.state_dict(),
-                         scheduler=sched.state_dict())
-            state["wall"] += time.perf_counter() - t_phase
+            state.epoch, state.model = epoch + 1, self.model.state_dict()
+            state.optimizer, state.scheduler = opt.state_dict(), sched.state_dict()
+            state.wall += time.perf_counter() - t_phase
             t_phase = time.perf_counter()
             self.run.save(state)
         return t_phase
@@ -378,20 +382,19 @@ class _Schedule:
     def write_phase(self, ph: Phase, t_phase: float) -> dict[str, Any]:
         """The phase's rows (its epochs, then its summary row), reported, and the state moved to the next phase."""
         spec, state, run = self.spec, self.state, self.run
-        rows = state["epoch_rows"]
-        preds = state.get("predictions")  # absent in a state saved before predictions were kept
+        rows, preds = state.epoch_rows, state.predictions  # None in a state saved before predictions were kept
         if rows and rows[-1]["top1"] == rows[-1]["top1"] and preds is not None:  # evaluated after the last epoch
             top1, test_loss = rows[-1]["top1"], rows[-1]["test_loss"]
         else:
             ev = evaluate(self.net, self.test_loader, self.device, keep_predictions=True)
             top1, test_loss, preds = ev.top1, ev.loss, ev.predictions
         s, nz = self.sparsity_now()
-        state["wall"] += time.perf_counter() - t_phase
+        state.wall += time.perf_counter() - t_phase
         row = {"phase": ph.index, "target_sparsity": ph.target if ph.target is not None else 0.0,
                "sparsity": s, "nonzero": nz, "prunable": self.n_prunable, "top1": top1, "test_loss": test_loss,
                "train_loss": rows[-1]["train_loss"] if rows else float("nan"),
                "train_acc": rows[-1]["train_acc"] if rows else float("nan"),
-               "epochs": ph.epochs, "train_seconds": sum(r["seconds"] for r in rows), "wall_seconds": state["wall"]}
+               "epochs": ph.epochs, "train_seconds": sum(r["seconds"] for r in rows), "wall_seconds": state.wall}
         counts = self.counts(state) if self.structured else {}
         if rows:
             run.write("epochs", f"{spec.run_id}-p{ph.index:02d}", rows, tables.EPOCHS)
@@ -400,11 +403,11 @@ class _Schedule:
                   [{**row, **counts, "predictions": preds.numpy().tobytes()}], tables.PHASES)
         log.info("phase %d: target %.4f sparsity %.4f top-1 %.2f%%", ph.index, row["target_sparsity"], s, top1)
         if run.report is not None:
-            run.report({**row, "dense_top1": state["dense_top1"]})
-        state.update(phase=ph.index + 1, epoch=0, pruned=False, epoch_rows=[], wall=0.0, last_top1=top1,
-                     predictions=None)
+            run.report({**row, "dense_top1": state.dense_top1})
+        self.state = state = dataclasses.replace(state, phase=ph.index + 1, epoch=0, pruned=False, epoch_rows=[],
+                                                 wall=0.0, last_top1=top1, predictions=None)
         run.save(state)
-        return {**row, "dense_top1": state["dense_top1"]}
+        return {**row, "dense_top1": state.dense_top1}
 
     def last_phase_row(self) -> dict[str, Any]:
         """The last phase's row as written (its file, or merged by a compaction), for a run stopped after
@@ -415,7 +418,7 @@ class _Schedule:
             raise FileNotFoundError(f"run {self.spec.run_id}: the row of its last phase {last} is missing under "
                                     f"{self.spec.results}/phases")
         (row,) = table.select(list(PHASE_KEYS)).to_pylist()
-        return {**row, "dense_top1": self.state["dense_top1"]}
+        return {**row, "dense_top1": self.state.dense_top1}
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
         """Masks made permanent; the module table, final.pt, the packed float model, summary.json."""
@@ -423,7 +426,7 @@ class _Schedule:
         make_permanent(model, self.masks)
         shapes = channels.changed(model, self.dense_widths)
         kept = channels.channels_kept(model, self.dense_widths) if self.structured else None
-        table = module_table(self.state["before"], nonzero_counts(model), kept)
+        table = module_table(self.state.before, nonzero_counts(model), kept)
         run.write("modules", spec.run_id, [
             {"module": r.module, "type": r.kind, "params": r.params, "nonzero_before": r.nonzero_before,
              "nonzero_after": r.nonzero_after, "removed": r.removed, "sparsity": r.sparsity,
@@ -448,7 +451,7 @@ class _Schedule:
         summary = {**summary, **last, "run_id": spec.run_id, "checkpoint": str(run.dir / "final.pt"),
                    "table": format_modules(table), "packed": str(packed),
                    "total_epochs": sum(ph.epochs for ph in self.plan),
-                   "total_train_seconds": self.state["train_seconds"], "spec": dataclasses.asdict(spec)}
+                   "total_train_seconds": self.state.train_seconds, "spec": dataclasses.asdict(spec)}
         atomic_write_bytes(run.dir / "summary.json", json.dumps(summary, indent=2).encode())
         run.progress(phase=summary["phase"], epoch=summary["last_phase_epochs"],
                      epochs=summary["last_phase_epochs"], top1=summary["top1"], dense_top1=summary["dense_top1"],
@@ -463,18 +466,18 @@ def _schedule(spec: TrainFields, run: _Run) -> dict[str, Any]:
     job.start_or_resume()
     summary: dict[str, Any] = {}
     for ph in job.plan:
-        if ph.index < job.state["phase"]:
+        if ph.index < job.state.phase:
             continue
         t_phase = time.perf_counter()
-        if not job.state["pruned"]:
+        if not job.state.pruned:
             job.prune_step(ph)  # before the optimizer: removing channels replaces the parameters
         opt = build_optimizer(spec.optimizer, job.model.parameters(), spec.lr, spec.weight_decay)
         sched = _scheduler(spec, opt, len(job.train_loader), ph.epochs)
-        if not job.state["pruned"]:
+        if not job.state.pruned:
             job.pruned(opt, sched)
         else:
-            opt.load_state_dict(job.state["optimizer"])
-            sched.load_state_dict(job.state["scheduler"])
+            opt.load_state_dict(job.state.optimizer)
+            sched.load_state_dict(job.state.scheduler)
         t_phase = job.train_phase(ph, opt, sched, t_phase)
         summary = job.write_phase(ph, t_phase)
     return job.finish(summary or job.last_phase_row())

@@ -16,14 +16,16 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
+import jobs.checkpoints
 import jobs.training
+from cli.main import cli
 from compress.data import BatchLoader, load_cifar10
 from compress.loops import evaluate
 from compress.models import load_model
+from compress.provenance import PROVENANCE_FIELDS
 from compress.prune import global_sparsity
-from compress.results import PROVENANCE_FIELDS
 from compress.schedule import phase_targets
-from jobs.launch import cli
+from jobs.run_state import RunState
 from jobs.specs import PruneSpec
 from jobs.training import run_prune
 from tests.conftest import REPO, count_prunable, is_close_to
@@ -403,6 +405,54 @@ def test_no_checkpoint_that_reads_is_one_line_naming_the_files(synthetic_cifar: 
     assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == rows, "rows were lost"
 
 
+# the keys of every state.pt a run saves; a channels run's also dense_count and widths, and from the last epoch
+# of phase 1 on predictions, from the first phase row on last_top1
+STATE_KEYS = {"spec", "phase", "epoch", "pruned", "epoch_rows", "before", "dense_top1", "wall", "train_seconds",
+              "model", "masks", "optimizer", "scheduler"}
+
+
+def _same(a, b, where: str) -> None:
+    """Equal values, tensors exactly, NaN equal to NaN, down through dicts, lists and tuples."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: {len(a)} != {len(b)} items"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # NaN: an epoch not evaluated
+
+
+@pytest.mark.slow  # one two-phase run of each structure (~15 s)
+@pytest.mark.parametrize("structure", ["weights", "channels"])
+def test_every_saved_state_reads_back_as_a_run_state_that_writes_the_same_dict(
+        structure: str, synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    saved: list[dict] = []
+    real = jobs.checkpoints.torch_save_atomic
+
+    def keeping(state: dict, path: Path) -> None:  # each state.pt as read back from the disk
+        real(state, path)
+        saved.append(torch.load(path, map_location="cpu", weights_only=False))
+
+    monkeypatch.setattr(jobs.checkpoints, "torch_save_atomic", keeping)
+    spec = _spec(tmp_path, synthetic_cifar, synthetic_weights)
+    if structure == "channels":
+        spec = dataclasses.replace(spec, structure="channels", target_macs=0.5)
+    run_prune(spec)
+    base = STATE_KEYS | ({"dense_count", "widths"} if structure == "channels" else set())
+    pruned, trained, written = base, base | {"predictions"}, base | {"predictions", "last_top1"}
+    assert [set(s) for s in saved] == [pruned, trained, written, written, written, written]
+    assert saved[2]["predictions"] is None and saved[1]["predictions"].dtype == torch.uint8
+    for i, state in enumerate(saved):
+        _same(RunState.from_state_dict(state).to_state_dict(), state, f"state {i}")
+
+
 @pytest.mark.slow  # compiles resnet20a for training and evaluation on the CPU (~2-3 min)
 def test_a_compiled_run_resumes_and_writes_rows_that_mean_what_an_eager_run_s_do(
         synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -629,8 +679,8 @@ def test_cpu_bf16_on_a_cpu_without_bf16_kernels_warns_once_and_still_runs(
 def test_a_search_here_with_cpu_bf16_warns_before_its_trials_whose_logs_are_not_shown(
         native: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import compress.loops
+    from cli.tune import warn_slow_cpu_bf16
     from jobs.specs import PruneSpec
-    from jobs.tune_cmd import warn_slow_cpu_bf16
 
     monkeypatch.setattr(compress.loops, "cpu_has_bf16_kernels", lambda: native)
     warn_slow_cpu_bf16(PruneSpec(cpu_bf16=True, device="cpu"))
