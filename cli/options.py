@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,16 +27,8 @@ from rich_click import RichGroup
 from jobs.executors import LocalExecutor, SlurmExecutor, build_executor
 from jobs.slurm_jobs import final_report
 from jobs.slurm_options import ExecutorOptions
-from jobs.specs import expand_ranges
+from jobs.specs import base_type, spec_from_options
 from jobs.text import error_line
-
-
-def _base_type(tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return _base_type(next(a for a in typing.get_args(tp) if a is not type(None)))
-    return tp
-
 
 # the --help panel of a field: by the spec class that declares it, then these fields by name
 PANELS = {"RunFields": "Run", "TrainFields": "Training", "PruneSpec": "Pruning", "PTQSpec": "Quantization",
@@ -66,7 +57,7 @@ def spec_options(spec_cls: type, skip: tuple[str, ...] = ()) -> Callable[[Callab
         for f in reversed(dataclasses.fields(spec_cls)):
             if f.name in skip:
                 continue
-            tp = _base_type(hints[f.name])
+            tp = base_type(hints[f.name])
             flag = "--" + f.name.replace("_", "-")
             help_ = f.metadata.get("help", "")
             choices = f.metadata.get("choices")
@@ -89,37 +80,6 @@ def spec_options(spec_cls: type, skip: tuple[str, ...] = ()) -> Callable[[Callab
         return fn
 
     return decorate
-
-
-def _split(value: str, item_type: Any) -> tuple:
-    parts = [p.strip() for p in str(value).split(",") if p.strip()]
-    try:
-        return tuple(item_type(p) for p in parts)
-    except ValueError as e:
-        raise ValueError(f"cannot read {value!r} as a list of {item_type.__name__}: {e}") from e
-
-
-def spec_from_options(spec_cls: type, options: dict[str, Any]) -> Any:
-    """Build ``spec_cls`` from parsed options (only its own fields are taken).
-
-    Every command reads a list the same way: comma-separated, and for float lists ``start:stop:step``
-    ranges too (``--alphas 0.95:1.0:0.01`` in ``ptq`` and in ``tune ptq`` alike).
-    """
-    hints = typing.get_type_hints(spec_cls)
-    kwargs = {}
-    for f in dataclasses.fields(spec_cls):
-        if f.name not in options:
-            continue
-        v = options[f.name]
-        tp = _base_type(hints[f.name])
-        if typing.get_origin(tp) is tuple:
-            args = typing.get_args(tp)
-            item = args[0] if args else str
-            if isinstance(v, str) and item is float:  # a float list may hold start:stop:step ranges
-                v = expand_ranges(v)
-            v = _split(v, item) if isinstance(v, str) else tuple(v)
-        kwargs[f.name] = v
-    return spec_cls(**kwargs)
 
 
 def fail(message: str, code: int = 2) -> typing.NoReturn:
@@ -266,3 +226,9 @@ def wait_for(jobs: list[Any], echo: Callable[[Any], None]) -> None:
             click.echo(f"job {job.job_id} {r.state}: {last} (log {job.paths.stdout})", err=True)
     if failed:
         raise click.exceptions.Exit(1)
+
+
+def given_on_command_line(options: dict[str, Any]) -> set[str]:
+    """The options the user typed (not defaults, not environment variables)."""
+    ctx = click.get_current_context()
+    return {k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}

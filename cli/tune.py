@@ -20,18 +20,10 @@ from typing import Any
 
 import rich_click as click
 
-from jobs.cli import (
-    echo_submitted,
-    executor_options,
-    fail,
-    job_inputs,
-    open_executor,
-    spec_from_options,
-    spec_options,
-    wait_for,
-)
-from jobs.slurm_options import ExecutorOptions, render_sbatch
-from jobs.specs import TuneSpec
+from cli.options import executor_options, fail, job_inputs, spec_options
+from cli.submit import Work, submit
+from jobs.slurm_options import ExecutorOptions
+from jobs.specs import TuneSpec, spec_from_options
 from sweeps.resources import check_job_gpus, job_gpus
 from sweeps.search import SearchFailed, check_search, failed_line, job_kind, job_kinds, run_search
 
@@ -129,35 +121,26 @@ def _command(kind: str) -> click.Command:
             executor = slurm_resources(executor, base, tune_spec)
         except ValueError as e:
             fail(str(e))
-        if dry_run:
-            click.echo(json.dumps({"search": dataclasses.asdict(tune_spec), "base": dataclasses.asdict(base)},
-                                  indent=2))
-            if not executor.local:
-                click.echo(render_sbatch(executor))
-            return
         from jobs.inputs import check_job  # torch: when the command runs, not for --help
 
-        try:  # the model, data and weights of the base spec, before Ray starts or anything is submitted
-            check_job(base, executor=executor)  # the device where the job runs: on SLURM, not this login node
-        except (ValueError, FileNotFoundError, PermissionError) as e:
-            fail(str(e))
-        ex = open_executor(executor, spans_nodes=True, shared=[base.results], inputs=job_inputs([base]))
-        if ex.local:
+        def here() -> dict[str, Any]:
             warn_slow_cpu_bf16(base)
             try:
-                summary = run_search(kind, base, tune_spec)
+                return run_search(kind, base, tune_spec)
             except (ValueError, FileNotFoundError) as e:
                 fail(str(e))
             except SearchFailed as e:
                 if e.summary:
                     echo_summary(e.summary)
                 fail(str(e), code=1)
-            echo_summary(summary)
-            return
-        job = ex.submit(run_search, kind, base, tune_spec)
-        echo_submitted([job], [f"search {tune_spec.search_id} (Ray inside the allocation)"], executor.folder)
-        if executor.wait:
-            wait_for([job], echo_summary)
+
+        work = Work(fn=run_search, args=[(kind, base, tune_spec)],
+                    labels=lambda: [f"search {tune_spec.search_id} (Ray inside the allocation)"],
+                    shown=[{"search": dataclasses.asdict(tune_spec), "base": dataclasses.asdict(base)}],
+                    echo=echo_summary, shared=[base.results], inputs=job_inputs([base]), spans_nodes=True, here=here)
+        # the model, data and weights of the base spec, before Ray starts or anything is submitted; the device
+        # where the job runs (on SLURM, not this login node)
+        submit(work, executor, dry_run, lambda: check_job(base, executor=executor))
 
     command.__doc__ = f"Search {kind} spec fields with Ray Tune (objective: {jk.metric_doc})."
     return click.command(name=kind)(command)

@@ -247,7 +247,7 @@ def node_check_command(options: ExecutorOptions, probes: Sequence[str], exclude:
 def check_nodes_see(options: ExecutorOptions, folders: Sequence[tuple[str, str | os.PathLike]],
                     inputs: Sequence[tuple[str, str | os.PathLike]] = ()) -> bool:
     """Prove that a node of the partition sees each folder (``(option name, path)``) as this machine does,
-    and each input (a data file, the weights) where this machine has it (``jobs.cli.job_inputs``).
+    and each input (a data file, the weights) where this machine has it (``cli.options.job_inputs``).
 
     A marker file is written into each folder here; one short ``srun`` step (one CPU, ``--immediate``)
     on a node of the partition looks for it and writes an answer beside it, which must then appear

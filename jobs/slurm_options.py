@@ -1,6 +1,6 @@
 """The SLURM options of a job (``ExecutorOptions``) and the sbatch script they render to.
 
-The options (one click option per field through ``jobs.cli.executor_options``) are checked for their
+The options (one click option per field through ``cli.options.executor_options``) are checked for their
 form when they are parsed, here; ``jobs.cluster`` then checks them against the cluster before anything
 is submitted.
 

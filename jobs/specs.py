@@ -1,8 +1,8 @@
 """Frozen, self-validating specs, all in this module: train, prune and PTQ jobs, searches, exports.
 
 ``TrainSpec``, ``PruneSpec`` and ``PTQSpec`` are jobs; ``TuneSpec`` says how a search runs over one
-of them; ``ExportSpec`` which row of a run to ship. (``jobs/executors.ExecutorOptions`` says where a
-job runs, not what it computes, and stays beside the executors.) The CLI options of ``python -m
+of them; ``ExportSpec`` which row of a run to ship. (``jobs/slurm_options.ExecutorOptions`` says where
+a job runs, not what it computes, and stays beside the sbatch rendering.) The CLI options of ``python -m
 jobs.launch`` are generated from these fields one to one (the field's ``help`` metadata is the
 option's help), and every result row carries the spec flattened to ``spec_<field>`` columns. A
 bad value raises ``ValueError`` naming the field, the value and what is allowed, before anything is
@@ -17,6 +17,8 @@ import json
 import math
 import os
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +36,9 @@ from compress.catalog import (
     unsupported,
 )
 from compress.datasets import parse_data
+from compress.provenance import spec_value
 from compress.registry import BUILTINS, parse_args, parse_model
-from compress.results import spec_value
+from compress.results import table_file
 from compress.schedule import SCHEDULES, phase_targets
 from jobs.selection import parse_selector
 
@@ -335,7 +338,7 @@ class PTQSpec(RunFields):
 
     def task_file(self) -> Path:
         """The Parquet file of a one-task spec's rows, e.g. ``results/ptq/<run_id>-minmax-10000.parquet``."""
-        return Path(self.results) / "ptq" / f"{self.run_id}-{self.task_name()}.parquet"
+        return table_file(self.results, "ptq", f"{self.run_id}-{self.task_name()}")
 
 
 def expand_ranges(text: str) -> str:
@@ -427,3 +430,41 @@ def spec_defaults() -> dict[str, dict[str, Any]]:
     return {cls.kind(cls): {f"spec_{f.name}": spec_value(f.default) for f in dataclasses.fields(cls)
                             if f.default is not dataclasses.MISSING}
             for cls in (TrainSpec, PruneSpec, PTQSpec)}
+
+
+def base_type(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return base_type(next(a for a in typing.get_args(tp) if a is not type(None)))
+    return tp
+
+
+def _split(value: str, item_type: Any) -> tuple:
+    parts = [p.strip() for p in str(value).split(",") if p.strip()]
+    try:
+        return tuple(item_type(p) for p in parts)
+    except ValueError as e:
+        raise ValueError(f"cannot read {value!r} as a list of {item_type.__name__}: {e}") from e
+
+
+def spec_from_options(spec_cls: type, options: dict[str, Any]) -> Any:
+    """Build ``spec_cls`` from parsed options (only its own fields are taken).
+
+    Every command reads a list the same way: comma-separated, and for float lists ``start:stop:step``
+    ranges too (``--alphas 0.95:1.0:0.01`` in ``ptq`` and in ``tune ptq`` alike).
+    """
+    hints = typing.get_type_hints(spec_cls)
+    kwargs = {}
+    for f in dataclasses.fields(spec_cls):
+        if f.name not in options:
+            continue
+        v = options[f.name]
+        tp = base_type(hints[f.name])
+        if typing.get_origin(tp) is tuple:
+            args = typing.get_args(tp)
+            item = args[0] if args else str
+            if isinstance(v, str) and item is float:  # a float list may hold start:stop:step ranges
+                v = expand_ranges(v)
+            v = _split(v, item) if isinstance(v, str) else tuple(v)
+        kwargs[f.name] = v
+    return spec_cls(**kwargs)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
+import pytest
 import torch
 from torch import nn
 
@@ -100,3 +101,17 @@ def mid_phase(spec: PruneSpec) -> Callable[[], dict | None]:
         return state if inside else None
 
     return check
+
+
+def interrupt_phase(monkeypatch: pytest.MonkeyPatch, phase: int) -> None:
+    """Training raises KeyboardInterrupt as phase ``phase`` starts, as Ctrl-C would; ``monkeypatch.undo()`` ends it."""
+    import jobs.training
+
+    real = jobs.training.train_one_epoch
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("desc", "").startswith(f"phase {phase}"):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.training, "train_one_epoch", interrupted)

@@ -184,7 +184,7 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
                                   "weights do not fit", "class count", "no class folders", "unreadable image"])
 def test_bad_model_or_data_is_one_line_before_anything_is_written(tmp_path: Path, user_code: dict[str, str],
                                                                   monkeypatch: pytest.MonkeyPatch, case: str) -> None:
-    from jobs.launch import cli
+    from cli.main import cli
 
     args, message = _bad_cases(tmp_path)[case]
     for p in reversed(user_code["PYTHONPATH"].split(os.pathsep)[:2]):
@@ -207,8 +207,8 @@ def test_ptq_refuses_what_its_method_cannot_build_in_one_line(tmp_path: Path, us
                                                               model: str, message: str) -> None:
     import torch
 
+    from cli.main import cli
     from compress import registry
-    from jobs.launch import cli
 
     for p in reversed(user_code["PYTHONPATH"].split(os.pathsep)[:2]):
         monkeypatch.syspath_prepend(p)
@@ -228,7 +228,7 @@ def test_the_nodes_must_see_the_users_model_and_data_code(tmp_path: Path, user_c
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """What the node check looks for before submitting: the model factory's and the data factory's source files
     (a node imports both), an image folder's val/ folder."""
-    from jobs.cli import job_inputs
+    from cli.options import job_inputs
     from jobs.specs import TrainSpec
 
     for p in reversed(user_code["PYTHONPATH"].split(os.pathsep)[:2]):

@@ -12,12 +12,12 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from cli.main import cli
 from compress import channels, registry
 from compress.models import build_model, load_model
 from compress.quant.packed import load_packed, pack_float
-from jobs.launch import cli
 from jobs.specs import PruneSpec
-from tests.helpers import randomise_bn
+from tests.helpers import interrupt_phase, randomise_bn
 
 SHAPE = (3, 32, 32)
 
@@ -185,23 +185,15 @@ def test_a_channels_run_writes_its_counts_and_ships_a_model_ptq_takes(synthetic_
 @pytest.mark.slow
 def test_a_channels_run_killed_mid_way_resumes_to_the_same_rows(synthetic_cifar: Path, synthetic_weights: Path,
                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import jobs.training
 
     straight = tmp_path / "straight"
     assert _invoke(*_channels_args(synthetic_cifar, synthetic_weights, straight, "r"))[0] == 0
     resumed = tmp_path / "resumed"
-    real = jobs.training.train_one_epoch
-
-    def killed_in_phase_2(*args, **kwargs):
-        if kwargs.get("desc", "").startswith("phase 2"):
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    interrupt_phase(monkeypatch, 2)
     assert _invoke(*_channels_args(synthetic_cifar, synthetic_weights, resumed, "r"))[0] != 0
     state = torch.load(resumed / "runs" / "r" / "state.pt", weights_only=False)
     assert state["phase"] == 2 and state["widths"]
-    monkeypatch.setattr(jobs.training, "train_one_epoch", real)
+    monkeypatch.undo()
     code, _, err = _invoke("prune", "--resume", "r", "--results", str(resumed))  # the spec is stored
     assert code == 0, err
     keys = ["phase", "top1", "macs", "params", "sparsity", "test_loss"]

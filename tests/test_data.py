@@ -173,7 +173,7 @@ def test_prune_download_option_fetches_before_the_run(cifar_server: str, synthet
                                                       tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from jobs.launch import cli
+    from cli.main import cli
 
     args = ["prune", "--data-root", str(tmp_path / "fresh"), "--weights", str(synthetic_weights), "--results",
             str(tmp_path / "results"), "--phases", "1", "--epochs", "0", "--final-sparsity", "0.5",

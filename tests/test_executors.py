@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from cli.main import cli
 from jobs.cluster import ExecutorError, check_cluster, check_folder, parse_sinfo
 from jobs.executors import LocalExecutor, build_executor
-from jobs.launch import cli
 from jobs.slurm_jobs import Requeueable, find_jobs, finished_runs, run_progress
 from jobs.slurm_options import ExecutorOptions, gpu_flag, gres_gpus, parse_time, render_sbatch, slurm_parameters
 from jobs.specs import PruneSpec, PTQSpec
@@ -392,7 +392,7 @@ def test_the_node_script_answers_for_each_probe(tmp_path) -> None:
 
 
 def test_job_inputs_are_the_data_weights_and_teacher_that_exist_here(tmp_path, monkeypatch) -> None:
-    from jobs.cli import job_inputs
+    from cli.options import job_inputs
 
     (tmp_path / "w.pt").write_text("")
     (tmp_path / "data" / "cifar-10-batches-bin").mkdir(parents=True)

@@ -12,10 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cli.main import cli
 from compress.artifacts import manifest_path
 from compress.models import build_model
 from compress.prune import global_magnitude_masks
-from jobs.launch import cli
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,9 @@ import pytest
 from click.testing import CliRunner
 
 import jobs.training
-from jobs.launch import cli
+from cli.main import cli
 from tests.conftest import REPO
+from tests.helpers import interrupt_phase
 
 
 def _prune(data: Path, weights: Path, results: Path, *extra: str) -> list[str]:
@@ -147,16 +148,9 @@ def test_a_run_started_before_new_spec_fields_resumes_with_their_defaults(
     import json
 
     results = tmp_path / "results"
-    real = jobs.training.train_one_epoch
-
-    def killed_in_phase_2(*args, **kwargs):
-        if kwargs.get("desc", "").startswith("phase 2"):
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(jobs.training, "train_one_epoch", killed_in_phase_2)
+    interrupt_phase(monkeypatch, 2)
     assert CliRunner().invoke(cli, _prune(synthetic_cifar, synthetic_weights, results)).exit_code != 0
-    monkeypatch.setattr(jobs.training, "train_one_epoch", real)
+    monkeypatch.undo()
     spec_file = results / "runs" / "r" / "spec.json"
     spec = json.loads(spec_file.read_text())
     added_later = ["structure", "target_macs", "target_params", "importance", "global_channels"]

@@ -161,7 +161,7 @@ def test_a_launcher_on_a_node_has_another_node_check_its_folders(nodes, tmp_path
 def launch(*args: str) -> Any:
     from click.testing import CliRunner
 
-    from jobs.launch import cli
+    from cli.main import cli
 
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 import compress.quant.fx as fx_module
 import compress.quant.observe as observe_module
+from cli.main import cli
 from compress.models import build_model, load_model
 from compress.prune import global_magnitude_masks
 from jobs import tables
-from jobs.launch import cli
 from jobs.ptq import plan_tasks, run_ptq
 from jobs.runs import SpecMismatch
 from jobs.specs import PTQSpec, expand_ranges

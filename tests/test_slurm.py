@@ -26,10 +26,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cli.main import cli
 from compress.results import read_table
 from jobs.cluster import ExecutorError, cluster_partitions
 from jobs.executors import build_executor
-from jobs.launch import cli
 from jobs.runs import run_dir
 from jobs.slurm_jobs import finished_runs, inspect_jobs
 from jobs.specs import PruneSpec

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from cli.main import cli
 from compress.results import write_rows
 from jobs import lease, tables
-from jobs.launch import cli
 from jobs.ptq import plan_tasks, run_ptq
 from jobs.slurm_jobs import Requeueable
 from jobs.specs import PruneSpec, PTQSpec

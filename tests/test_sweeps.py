@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pytest
 from click.testing import CliRunner
 
-from jobs.launch import cli
+from cli.main import cli
 from jobs.specs import PruneSpec, TuneSpec
 from sweeps.resources import trial_resources
 from sweeps.search import failed_line, prune_score, run_search
@@ -135,7 +135,7 @@ def test_a_slurm_search_job_asks_for_the_gpus_its_trials_need(tmp_path: Path, ar
 
 
 def test_echo_summary_warns_of_failed_trials_when_a_best_exists(capsys: pytest.CaptureFixture[str]) -> None:
-    from jobs.tune_cmd import echo_summary
+    from cli.tune import echo_summary
 
     ok = {"trial_id": "a", "config": {"lr": 0.1}, "score": 50.0, "iterations": 1, "stopped_early": False, "error": ""}
     bad = {**ok, "trial_id": "b", "score": None, "error": "WeightsError: cannot read x.pt"}
