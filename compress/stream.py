@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from compress.epochs import EpochLoader
@@ -87,6 +87,7 @@ def _batch_seed(epoch_seed: int, batch: int) -> int:
     return int(np.random.SeedSequence([epoch_seed, batch]).generate_state(1, np.uint64)[0] >> 1)
 
 
+@dataclass(eq=False)
 class Batches:
     """A dataset of whole batches: key (batch number, indices) -> (images, labels) or a ``Failure``.
 
@@ -94,15 +95,13 @@ class Batches:
     seeded from (epoch seed, batch number): batches are the same whatever the number of workers.
     """
 
-    def __init__(self, dataset: Any, name: str, augment: bool = False, crop_pad: int | None = None,
-                 randaugment: bool = False, epoch_seed: int = 0) -> None:
-        self.dataset = dataset
-        self.name = name
-        self.augment = augment
-        self.crop_pad = crop_pad
-        self.randaugment = randaugment
-        self.epoch_seed = epoch_seed
-        self._ra: BatchRandAugment | None = None
+    dataset: Any
+    name: str
+    augment: bool = False
+    crop_pad: int | None = None
+    randaugment: bool = False
+    epoch_seed: int = 0
+    _ra: BatchRandAugment | None = field(default=None, init=False, repr=False)  # made in the worker, once
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -107,7 +107,7 @@ def test_ctrl_c_exits_130_with_the_resume_command(synthetic_cifar: Path, synthet
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
+    out, err = p.communicate(timeout=180)  # a hang guard: a loaded machine can take long to stop
     assert p.returncode == 130, err
     assert "Aborted!" not in err and "Traceback" not in err
     assert err.strip().endswith(f"resume with: python -m jobs.launch prune --resume r --results {results}")
