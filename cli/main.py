@@ -29,13 +29,14 @@ from typing import Any
 
 import rich_click as click
 
-from cli.options import USER_ERRORS, Cli, fail
-from cli.ptq import EXPORT_HELP, ptq, run_export
+from cli.options import USER_ERRORS, Cli, executor_options, fail
+from cli.ptq import EXPORT_HELP, echo_export, ptq
 from cli.schedule import prune, train
+from cli.submit import Work, submit
 from cli.tune import tune
 from compress.results import RUNS, run_folder
 from jobs.slurm_jobs import setup_logging
-from jobs.slurm_options import DEFAULT_FOLDER
+from jobs.slurm_options import DEFAULT_FOLDER, ExecutorOptions
 
 # bad input of every kind (specs, data, weights, a run of another spec, a busy run) is a ValueError
 
@@ -138,7 +139,11 @@ def report(results: str, out: str, runs: tuple[str, ...], searches: tuple[str, .
 @click.option("--results", default="", help="results root [default: $COMPRESS_RESULTS or results]")
 @click.option("--data-root", default="", help="CIFAR-10 root [default: the run's own, else $COMPRESS_DATA]")
 @click.option("--device", default="auto", show_default=True, help="where calibration runs (int8 is CPU-only)")
-def export(run: str, select: str, results: str, data_root: str, device: str) -> None:
+@executor_options
+@click.option("--dry-run", is_flag=True, help="print the export's spec (and the sbatch script) and exit",
+              panel="Run")
+def export(run: str, select: str, results: str, data_root: str, device: str, executor: ExecutorOptions,
+           dry_run: bool) -> None:
     """Write the model RUN chose as files to deploy: its int8 program (.pt2pack, packed small, and .pt2), or
     the packed sparse float model.
 
@@ -149,15 +154,20 @@ def export(run: str, select: str, results: str, data_root: str, device: str) -> 
     """
     from compress.results import default_root
     from jobs.export import plan_export
+    from jobs.export import run_export as export_job
     from jobs.specs import ExportSpec
 
     try:
         spec = ExportSpec(run=run, select=select, results=results or default_root(),
                           data_root=data_root or os.environ.get("COMPRESS_DATA", ""), device=device)
-        plan_export(spec)  # unknown run, bad selector, nothing matching: one line before any work
     except ValueError as e:
         fail(str(e))
-    run_export(spec)
+    # unknown run, bad selector, nothing matching: one line before any work
+    work = Work(fn=export_job, args=[(spec,)], labels=lambda: [f"export of {spec.run}"],
+                shown=[dataclasses.asdict(spec)], echo=echo_export, shared=[spec.results], inputs=[],
+                redo="run the same export again once the cause is gone",
+                interrupted="the files written so far are kept; the same export writes them again")
+    submit(work, executor, dry_run, lambda: plan_export(spec))
 
 
 @cli.command()

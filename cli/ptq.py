@@ -8,10 +8,18 @@ from typing import Any
 
 import rich_click as click
 
-from cli.options import USER_ERRORS, executor_options, fail, given_on_command_line, job_inputs, spec_options
+from cli.options import (
+    USER_ERRORS,
+    executor_options,
+    fail,
+    given_on_command_line,
+    job_inputs,
+    run_here,
+    spec_options,
+)
 from cli.schedule import download_option, run_option
 from cli.submit import Work, submit
-from compress.results import check_results_root
+from compress.results import check_results_root, run_folder
 from jobs.runs import from_run, seed_specs
 from jobs.slurm_options import ExecutorOptions
 from jobs.specs import PTQSpec
@@ -20,20 +28,22 @@ EXPORT_HELP = ("which row to export: best (highest int8 top-1), smallest (smalle
                "(within PP points of float) and COLUMN=VALUE filters, comma-separated, e.g. max-drop=0.3,smallest")
 
 
-def run_export(spec: Any) -> None:
-    """Run an export in this process and print what it chose and wrote; a user error is one line, exit 2."""
-    from jobs.export import run_export as export
-
-    try:
-        out = export(spec)
-    except USER_ERRORS as e:
-        fail(str(e))
+def echo_export(out: dict[str, Any]) -> None:
+    """What an export chose and wrote."""
     click.echo(f"export {out['run_id']}: {out['reason']}")
     for w in out["warnings"]:
         click.echo(f"warning: {w}", err=True)
     for f in out["files"]:
         click.echo(f"  {f['path']}  {f['bytes']:,} B  top-1 {f['top1']:.2f}% (read back: same predictions)  "
                    f"manifest {f['path']}.json")
+
+
+def run_export(spec: Any) -> None:
+    """Run an export in this process and print what it chose and wrote; a user error is one line, exit 2."""
+    from jobs.export import run_export as export
+
+    echo_export(run_here(lambda: export(spec), "run the same export again once the cause is gone",
+                         "the files written so far are kept; the same export writes them again"))
 
 
 @click.command()
@@ -97,6 +107,7 @@ def ptq(dry_run: bool, download: bool, run: str, export_select: str, seeds: str,
                                 for c in ([[t] for t in tasks] if here_or_one_each else chunks)],
                 shown=[dataclasses.asdict(spec)], dry_lines=[f"{len(tasks)} task(s): {', '.join(names)}"],
                 echo=echo, shared=[spec.results], inputs=job_inputs(specs), array=True,
+                leases=[run_folder(s.results, s.run_id) for s in specs], claims=False,
                 announce=f"run{'s' if len(specs) > 1 else ''} {', '.join(s.run_id for s in specs)}: {len(tasks)} "
                          f"task(s), results under {spec.results}/ptq/",
                 interrupted="the tasks that finished keep their rows; the same command redoes the rest")

@@ -9,8 +9,9 @@ same steps for prune, train, ptq and tune:
 3. the executor (here, or SLURM with its partition, nodes and shared folders checked);
 4. here: each call in this process (``run_here``: one line and exit 1 for a failed write, 130 for
    Ctrl-C, with what was kept and how to carry on); on SLURM: each run folder's lease claimed
-   before sbatch (a second submission of one run is refused), the calls as one job or one job array,
-   the leases handed to the jobs, and with ``--wait`` each job's result or error;
+   before sbatch (a second submission of one run is refused; a prune/train job takes its run's lease
+   over, a PTQ sweep's runs stay leased to its array while any task of it runs), the calls as one job or
+   one job array, the leases handed to the jobs, and with ``--wait`` each job's result or error;
 5. the command's own step after the work (``then``: PTQ's export), once the results exist.
 """
 
@@ -40,7 +41,10 @@ class Work:
     echo: Callable[[Any], None]  # one job's result, when it is known
     shared: Sequence[str]  # folders every node must see (results roots)
     inputs: Sequence[tuple[str, str]]  # files a job reads (data, weights), checked on a node
-    leases: Sequence[Path] = ()  # run folders whose lease each job takes (aligned with args; empty: none)
+    # run folders leased before sbatch: with ``claims`` one per job, whose claim token is its last argument
+    # (the job takes the lease over); else the whole submission's, held by its (first) job array
+    leases: Sequence[Path] = ()
+    claims: bool = True
     redo: str = "run the same command again once the cause is gone"  # after a failed write here
     interrupted: str = "what finished is kept; the same command redoes the rest"  # after Ctrl-C here
     spans_nodes: bool = False  # a search may use several nodes
@@ -102,7 +106,7 @@ def _to_slurm(work: Work, ex: Any) -> list[Any]:
     try:
         for folder in work.leases:  # before sbatch: a second submission of one run id is refused here
             tokens.append((folder, lease.claim(folder)))
-        args = [(*a, t) for a, (_, t) in zip(work.args, tokens, strict=True)] if tokens else work.args
+        args = [(*a, t) for a, (_, t) in zip(work.args, tokens, strict=True)] if work.claims and tokens else work.args
         jobs = (ex.map_array(work.fn, *zip(*args, strict=True)) if len(args) > 1 or work.array
                 else [ex.submit(work.fn, *args[0])])
     except BaseException as e:
@@ -111,6 +115,8 @@ def _to_slurm(work: Work, ex: Any) -> list[Any]:
         if isinstance(e, USER_ERRORS):
             fail(str(e))
         raise
-    for job, (folder, token) in zip(jobs[:len(tokens)], tokens, strict=True):  # no leases: none to hand over
-        lease.hand_over(folder, token, job.job_id)
+    # squeue -j <array id> lists every task of the array: the lease stays live while any of them runs
+    owners = [job.job_id for job in jobs] if work.claims else [jobs[0].job_id.split("_")[0]] * len(tokens)
+    for owner, (folder, token) in zip(owners, tokens, strict=False):
+        lease.hand_over(folder, token, owner)
     return jobs

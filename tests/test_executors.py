@@ -556,3 +556,40 @@ def test_submitit_is_the_pinned_version_whose_private_renderer_the_dry_run_uses(
     (pin,) = re.findall(r"^submitit==(\S+)$", cfg["options"]["install_requires"], flags=re.M)
     assert submitit.__version__ == pin, f"submitit {submitit.__version__} installed, setup.cfg pins {pin}"
     assert callable(getattr(slurm, "_make_sbatch_string", None))
+
+
+def test_a_ptq_sweep_on_slurm_holds_its_runs_lease_while_its_array_runs(fake_slurm, synthetic_cifar,
+                                                                         synthetic_weights, tmp_path) -> None:
+    """A second submission of one PTQ run id is refused while the first one's array is queued or running."""
+    from jobs import lease
+
+    fake_slurm("select/cons_tres")
+    squeue = tmp_path / "bin" / "squeue"
+    squeue.write_text("#!/bin/sh\necho RUNNING\n")
+    squeue.chmod(0o755)
+    results = tmp_path / "results"
+    args = ["ptq", "--data-root", str(synthetic_cifar), "--weights", str(synthetic_weights), "--results",
+            str(results), "--run-id", "q", "--methods", "manual", "--calib-sizes", "50,100", "--partition", "gpu",
+            "--no-check-nodes", "--folder", str(tmp_path / "jobs")]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0 and "submitted job 4242_0" in first.stdout, first.output
+    assert lease.read_lease(results / "runs" / "q")["owner"] == "4242"  # the array: squeue -j lists its tasks
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 2 and again.stderr.startswith("error: run q is in use by 4242"), again.output
+    assert len(again.stderr.splitlines()) == 1
+    squeue.write_text("#!/bin/sh\nexit 0\n")  # the array is no longer listed: done
+    assert CliRunner().invoke(cli, args).exit_code == 0
+
+
+def test_export_goes_out_like_every_command(fake_slurm, tmp_path) -> None:
+    """``export --partition`` renders the same sbatch script through the same pipeline; a dry run writes nothing."""
+    fake_slurm("select/cons_tres")
+    res = CliRunner().invoke(cli, ["export", "some-run", "--results", str(tmp_path / "results"), "--partition",
+                                   "gpu", "--no-check-nodes", "--folder", str(tmp_path / "jobs"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert '"run": "some-run"' in res.stdout and "#SBATCH --partition=gpu" in res.stdout
+    assert not (tmp_path / "results").exists() and not (tmp_path / "jobs").exists()
+    res = CliRunner().invoke(cli, ["export", "some-run", "--results", str(tmp_path / "results"), "--partition",
+                                   "gpu", "--no-check-nodes", "--folder", str(tmp_path / "jobs")])
+    assert res.exit_code == 2 and "some-run" in res.stderr and len(res.stderr.splitlines()) == 1, res.output
+    assert not (tmp_path / "jobs").exists()
