@@ -14,6 +14,7 @@ import pandas as pd
 
 from analysis.plots import save_figure
 from analysis.significance import Significance
+from compress.results import FINAL, STATE
 
 
 @dataclass
@@ -91,4 +92,4 @@ def weights_name(value: Any) -> str:
     if not value:
         return "(from scratch)"
     path = Path(str(value))
-    return f"{path.parent.name}/{path.name}" if path.name in ("final.pt", "state.pt") else path.name
+    return f"{path.parent.name}/{path.name}" if path.name in (FINAL, STATE) else path.name

@@ -32,12 +32,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from compress import channels, loops, registry
+from compress import results as store  # the results root's layout, reading and writing
 from compress.artifacts import LOAD_PACKED, write_artifact
 from compress.data import BatchLoader, subset_indices
 from compress.datasets import ImageData, make_loader
@@ -52,13 +52,6 @@ from compress.prune import (
     nonzero_counts,
 )
 from compress.quant.packed import pack_float
-from compress.results import (
-    PROGRESS,
-    atomic_write_bytes,
-    read_unit,
-    torch_save_atomic,
-    write_rows,
-)
 from jobs import lease, tables
 from jobs.checkpoints import read_state, remove_states, save_state
 from jobs.inputs import check_prunable, load_run_data, load_run_model
@@ -116,11 +109,11 @@ class _Run:
                   "trial_id": self.base["trial_id"], "job_id": self.prov["job_id"], "host": self.prov["host"],
                   "phases": len(self.plan), "finished": False,
                   "updated_at": provenance()["written_at"].isoformat(timespec="seconds"), **fields}
-        atomic_write_bytes(self.dir / PROGRESS, json.dumps(record).encode())
+        store.atomic_write_bytes(self.dir / store.PROGRESS, json.dumps(record).encode())
 
     def write(self, table: str, name: str, rows: list[dict[str, Any]], schema) -> None:
         prov = provenance(self.prov["device_name"])
-        write_rows(Path(self.spec.results) / table / f"{name}.parquet",
+        store.write_rows(store.table_file(self.spec.results, table, name),
                    [{**self.base, "written_at": prov["written_at"], **r} for r in rows], schema)
 
 
@@ -183,7 +176,7 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
         log.warning(warning)
     if check_run(spec) == "finished":
         log.info("run %s already finished", spec.run_id)
-        return json.loads((run.dir / "summary.json").read_text())
+        return json.loads((run.dir / store.SUMMARY).read_text())
     lease.acquire(run.dir, claim)
     try:
         with loops.deterministic(run.device):
@@ -279,7 +272,7 @@ class _Schedule:
             self.masks = MaskSet.from_state_dict(state.masks, self.device)
         else:
             run.dir.mkdir(parents=True, exist_ok=True)
-            (run.dir / "spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=2))
+            (run.dir / store.SPEC).write_text(json.dumps(dataclasses.asdict(spec), indent=2))
             t0 = time.perf_counter()
             ev = evaluate(self.net, self.test_loader, self.device, desc="phase 0 eval",
                           keep_predictions=True)
@@ -293,7 +286,7 @@ class _Schedule:
             if self.structured:
                 state.dense_count = channels.count(self.model, self.input_shape)
                 row0.update(self.counts(state))
-            run.write("phases", f"{spec.run_id}-p00", [row0], tables.PHASES)
+            run.write("phases", store.phase_unit(spec.run_id, 0), [row0], tables.PHASES)
             log.info("phase 0: top-1 %.2f%%, sparsity %.4f", ev.top1, s)
         self.state = state
 
@@ -397,9 +390,9 @@ class _Schedule:
                "epochs": ph.epochs, "train_seconds": sum(r["seconds"] for r in rows), "wall_seconds": state.wall}
         counts = self.counts(state) if self.structured else {}
         if rows:
-            run.write("epochs", f"{spec.run_id}-p{ph.index:02d}", rows, tables.EPOCHS)
+            run.write("epochs", store.phase_unit(spec.run_id, ph.index), rows, tables.EPOCHS)
         # the predictions go to the table only: not to Tune, the summary or its JSON
-        run.write("phases", f"{spec.run_id}-p{ph.index:02d}",
+        run.write("phases", store.phase_unit(spec.run_id, ph.index),
                   [{**row, **counts, "predictions": preds.numpy().tobytes()}], tables.PHASES)
         log.info("phase %d: target %.4f sparsity %.4f top-1 %.2f%%", ph.index, row["target_sparsity"], s, top1)
         if run.report is not None:
@@ -413,7 +406,7 @@ class _Schedule:
         """The last phase's row as written (its file, or merged by a compaction), for a run stopped after
         writing it and before finishing."""
         last = self.plan[-1].index
-        table = read_unit(Path(self.spec.results) / "phases" / f"{self.spec.run_id}-p{last:02d}.parquet")
+        table = store.read_unit(store.table_file(self.spec.results, "phases", store.phase_unit(self.spec.run_id, last)))
         if table is None:
             raise FileNotFoundError(f"run {self.spec.run_id}: the row of its last phase {last} is missing under "
                                     f"{self.spec.results}/phases")
@@ -432,10 +425,10 @@ class _Schedule:
              "nonzero_after": r.nonzero_after, "removed": r.removed, "sparsity": r.sparsity,
              "channels_before": r.channels_before, "channels_after": r.channels_after} for r in table],
             tables.MODULES)
-        torch_save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": spec.model,
+        store.torch_save_atomic({"model": {k: v.cpu() for k, v in model.state_dict().items()}, "arch": spec.model,
                            "model_args": spec.model_args, "widths": shapes, "spec": dataclasses.asdict(spec)},
-                          run.dir / "final.pt")
-        packed = run.dir / "export" / "model.float.packed"  # what to ship: the sparse weights only, no optimizer
+                          run.dir / store.FINAL)
+        packed = run.dir / store.EXPORT / "model.float.packed"  # what to ship: the sparse weights only, no optimizer
         expected = summary["top1"]
         if self.device.type != "cpu":  # ``verify`` scores the file on the CPU: the top-1 the CPU gives, to the image
             cpu = torch.device("cpu")
@@ -448,11 +441,11 @@ class _Schedule:
             "git_commit": provenance()["git_commit"]})
         # the phase row's seconds are the last phase's; the run's totals are named as such beside them
         last = {f"last_phase_{k}": summary.pop(k) for k in ("train_seconds", "wall_seconds", "epochs")}
-        summary = {**summary, **last, "run_id": spec.run_id, "checkpoint": str(run.dir / "final.pt"),
+        summary = {**summary, **last, "run_id": spec.run_id, "checkpoint": str(run.dir / store.FINAL),
                    "table": format_modules(table), "packed": str(packed),
                    "total_epochs": sum(ph.epochs for ph in self.plan),
                    "total_train_seconds": self.state.train_seconds, "spec": dataclasses.asdict(spec)}
-        atomic_write_bytes(run.dir / "summary.json", json.dumps(summary, indent=2).encode())
+        store.atomic_write_bytes(run.dir / store.SUMMARY, json.dumps(summary, indent=2).encode())
         run.progress(phase=summary["phase"], epoch=summary["last_phase_epochs"],
                      epochs=summary["last_phase_epochs"], top1=summary["top1"], dense_top1=summary["dense_top1"],
                      finished=True, sparsity=summary["sparsity"])
