@@ -100,8 +100,11 @@ def test_ctrl_c_exits_130_with_the_resume_command(synthetic_cifar: Path, synthet
                                                    tmp_path: Path) -> None:
     results = tmp_path / "results"
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMPRESS_")}
+    # started as from a terminal: SIGINT at its default even where this test runs in a background job of a
+    # script (which ignores SIGINT, and the child would inherit that and never see Ctrl-C)
     p = subprocess.Popen([sys.executable, "-m", "jobs.launch", *_prune(synthetic_cifar, synthetic_weights, results)],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (results / "phases" / "r-p01.parquet").exists():  # phase 1 done: the run is in phase 2
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()
