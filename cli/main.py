@@ -30,7 +30,7 @@ from typing import Any
 import rich_click as click
 
 from cli.options import USER_ERRORS, Cli, executor_options, fail
-from cli.ptq import EXPORT_HELP, echo_export, ptq
+from cli.ptq import EXPORT_HELP, EXPORT_STOPPED, echo_export, ptq
 from cli.schedule import prune, train
 from cli.submit import Work, submit
 from cli.tune import tune
@@ -165,8 +165,7 @@ def export(run: str, select: str, results: str, data_root: str, device: str, exe
     # unknown run, bad selector, nothing matching: one line before any work
     work = Work(fn=export_job, args=[(spec,)], labels=lambda: [f"export of {spec.run}"],
                 shown=[dataclasses.asdict(spec)], echo=echo_export, shared=[spec.results], inputs=[],
-                redo="run the same export again once the cause is gone",
-                interrupted="the files written so far are kept; the same export writes them again")
+                redo=EXPORT_STOPPED[0], interrupted=EXPORT_STOPPED[1])
     submit(work, executor, dry_run, lambda: plan_export(spec))
 
 

@@ -28,6 +28,11 @@ EXPORT_HELP = ("which row to export: best (highest int8 top-1), smallest (smalle
                "(within PP points of float) and COLUMN=VALUE filters, comma-separated, e.g. max-drop=0.3,smallest")
 
 
+# after a failed write, after Ctrl-C: what an export run here says
+EXPORT_STOPPED = ("run the same export again once the cause is gone",
+                  "the files written so far are kept; the same export writes them again")
+
+
 def echo_export(out: dict[str, Any]) -> None:
     """What an export chose and wrote."""
     click.echo(f"export {out['run_id']}: {out['reason']}")
@@ -42,8 +47,7 @@ def run_export(spec: Any) -> None:
     """Run an export in this process and print what it chose and wrote; a user error is one line, exit 2."""
     from jobs.export import run_export as export
 
-    echo_export(run_here(lambda: export(spec), "run the same export again once the cause is gone",
-                         "the files written so far are kept; the same export writes them again"))
+    echo_export(run_here(lambda: export(spec), *EXPORT_STOPPED))
 
 
 @click.command()
