@@ -207,9 +207,9 @@ class PruneSpec(TrainFields):
                                     "file) or channels (whole channels through Torch-Pruning's dependency graph: a "
                                     "smaller, faster dense model; --final-sparsity, --filter-fraction, --scoring and "
                                     "--max-layer-sparsity do not apply)", choices=STRUCTURES)
-    target_macs: float = opt(0.0, "channels: MACs left after the last phase, a fraction of the dense model's "
-                                  "(e.g. 0.5)")
-    target_params: float = opt(0.0, "channels: parameters left after the last phase, a fraction of the dense "
+    target_macs: float = opt(0.0, "channels: MACs left after the last phase, a fraction of the starting model's "
+                                  "(the dense model; with --run, that run's final model), e.g. 0.5")
+    target_params: float = opt(0.0, "channels: parameters left after the last phase, a fraction of the starting "
                                     "model's (instead of --target-macs)")
     importance: str = opt("l1", "channels: how channels are ranked: l1, l2 (norms of the coupled weights), bn "
                                 "(|BN gamma|), taylor (|weight x gradient| over 8 training batches)",
@@ -250,7 +250,7 @@ class PruneSpec(TrainFields):
         return self.phases
 
     def channel_target(self) -> tuple[str, float]:
-        """("macs" or "params", the fraction of the dense model's left at the end) of a channels run."""
+        """("macs" or "params", the fraction of the starting model's left at the end) of a channels run."""
         return ("params", self.target_params) if self.target_params > 0 else ("macs", self.target_macs)
 
     def plan(self) -> list[Phase]:
