@@ -235,7 +235,7 @@ class PruneSpec(TrainFields):
         check_choice("importance", self.importance, CHANNEL_IMPORTANCES)
         for name in ("target_macs", "target_params"):
             value = getattr(self, name)
-            check(0.0 <= value < 1.0, name, value, "must be a fraction in (0, 1) of the dense model's")
+            check(0.0 <= value < 1.0, name, value, "must be a fraction in (0, 1) of the starting model's")
             check(self.structure == "channels" or value == 0.0, name, value, "is for --structure channels")
         if self.structure == "channels":
             check((self.target_macs > 0) != (self.target_params > 0), "target_macs", self.target_macs,

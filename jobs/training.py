@@ -331,7 +331,7 @@ class _Schedule:
         if spec.bn_reestimate:
             reestimate_bn(self.model, self.train_loader, self.device)
         self.state.widths = channels.changed(self.model, self.dense_widths)
-        log.info("phase %d: channels removed at ratio %.3f: %.2fM -> %.2fM MACs, %s -> %s params", ph.index,
+        log.info("phase %d: channels removed at ratio %.3g: %.2fM -> %.2fM MACs, %s -> %s params", ph.index,
                  step.ratio, step.before.macs / 1e6, step.after.macs / 1e6, f"{step.before.params:,}",
                  f"{step.after.params:,}")
 
