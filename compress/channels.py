@@ -174,7 +174,7 @@ def prune_channels(model: nn.Module, input_shape: tuple[int, ...], target: float
     meets = [r for r, n in grid if n <= goal]
     if not meets:
         floor = min(n for _, n in grid) / dense.of(by)
-        raise ChannelError(f"a {by} target of {target:g} of the dense model cannot be met with the layers kept "
+        raise ChannelError(f"a {by} target of {target:g} of the starting model cannot be met with the layers kept "
                            f"({', '.join(fixed) or 'none'}): at most {1 - floor:.1%} of its {by} can go "
                            f"(down to {floor:.3f})")
     lo, hi = max([0.0, *(r for r in _GRID if r < meets[0])]), meets[0]

@@ -255,7 +255,7 @@ class PruneSpec(TrainFields):
 
     def plan(self) -> list[Phase]:
         """The phases; a target is the fraction removed after that phase: of the weights, or for channels of
-        the dense model's MACs (or parameters)."""
+        the starting model's MACs (or parameters)."""
         last = self.epochs if self.final_epochs < 0 else self.final_epochs
         if self.structure == "channels":
             targets = phase_targets(1.0 - self.channel_target()[1], self.phases, self.schedule)
