@@ -137,6 +137,11 @@ class TrainFields(RunFields):
     compile: str = opt("auto", "torch.compile the model for training and evaluation: auto (on CUDA; on a CPU when "
                                "the run trains 1,000,000 images or more, where ~140 s of compiling pays), on, off",
                        choices=catalog.COMPILE_CHOICES)
+    kd_weight: float = opt(0.0, "weight of distillation from the teacher (the starting weights unless --teacher) "
+                                "in the training loss (prune: while retraining)")
+    kd_temperature: float = opt(4.0, "distillation temperature")
+    teacher: str = opt("", "weights of the distillation teacher (default: the starting weights), e.g. the dense "
+                           "model when fine-tuning a pruned run's model (--run)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -151,6 +156,10 @@ class TrainFields(RunFields):
         check(self.train_size >= 0, "train_size", self.train_size, "must be >= 0")
         check(self.test_size >= 0, "test_size", self.test_size, "must be >= 0")
         check_choice("compile", self.compile, catalog.COMPILE_CHOICES)
+        check(0.0 <= self.kd_weight <= 1.0, "kd_weight", self.kd_weight, "must be in [0, 1]")
+        check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "must be > 0")
+        check(not self.teacher or self.kd_weight > 0, "teacher", self.teacher,
+              "is only used for distillation: give --kd-weight > 0 too")
 
 
 @dataclass(frozen=True)
@@ -165,10 +174,16 @@ class Phase:
 
 @dataclass(frozen=True)
 class TrainSpec(TrainFields):
-    """Dense training (from scratch, or fine-tuning given weights): one phase without pruning."""
+    """Training without pruning, one phase: from scratch, or fine-tuning given weights or a run's model (``--run``,
+    a channel-pruned one at its own widths), distilled from a teacher with ``kd_weight`` > 0."""
 
     epochs: int = opt(30, "epochs of training")
     lr: float = opt(1e-3, "peak learning rate (cosine decay to zero)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.kd_weight == 0 or bool(self.teacher or self.weights), "kd_weight", self.kd_weight,
+              "distils from a teacher: give --teacher FILE (or --weights / --run, whose model then teaches itself)")
 
     def kind(self) -> str:
         return "train"
@@ -198,11 +213,6 @@ class PruneSpec(TrainFields):
     scoring: str = opt("magnitude", "how magnitude pruning ranks weights across layers: magnitude (one global |w| "
                                     "threshold) or lamp (layer-adaptive LAMP scores)", choices=SCORINGS)
     bn_reestimate: bool = opt(False, "recompute BN statistics on training batches right after each pruning step")
-    kd_weight: float = opt(0.0, "weight of distillation from the teacher (the starting model unless --teacher) "
-                                "during retraining")
-    kd_temperature: float = opt(4.0, "distillation temperature")
-    teacher: str = opt("", "weights of the distillation teacher (default: the starting weights), e.g. the dense "
-                           "model when continuing from a pruned checkpoint")
     structure: str = opt("weights", "what the phases remove: weights (global magnitude, unstructured: a smaller "
                                     "file) or channels (whole channels through Torch-Pruning's dependency graph: a "
                                     "smaller, faster dense model; --final-sparsity, --filter-fraction, --scoring and "
@@ -227,10 +237,6 @@ class PruneSpec(TrainFields):
         check(0.0 <= self.filter_fraction < 1.0, "filter_fraction", self.filter_fraction, "must be in [0, 1)")
         check_choice("scoring", self.scoring, SCORINGS)
         check(0.0 < self.max_layer_sparsity <= 1.0, "max_layer_sparsity", self.max_layer_sparsity, "must be in (0, 1]")
-        check(0.0 <= self.kd_weight <= 1.0, "kd_weight", self.kd_weight, "must be in [0, 1]")
-        check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "must be > 0")
-        check(not self.teacher or self.kd_weight > 0, "teacher", self.teacher,
-              "is only used for distillation: give --kd-weight > 0 too")
         check_choice("structure", self.structure, STRUCTURES)
         check_choice("importance", self.importance, CHANNEL_IMPORTANCES)
         for name in ("target_macs", "target_params"):

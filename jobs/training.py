@@ -190,7 +190,7 @@ def run_schedule(spec: TrainFields, report: ReportFn | None = None,
 
 @dataclass(frozen=True)
 class Distill:
-    """Distillation during retraining, as data: no teacher (weight 0) for dense training and plain pruning."""
+    """Distillation during training, as data: no teacher when the spec's ``kd_weight`` is 0."""
 
     teacher: torch.nn.Module | None = None
     weight: float = 0.0
@@ -198,7 +198,7 @@ class Distill:
 
     @classmethod
     def of(cls, spec: TrainFields, device: torch.device, data: ImageData) -> Distill:
-        if not isinstance(spec, PruneSpec) or spec.kd_weight <= 0:
+        if spec.kd_weight <= 0:
             return cls()
         teacher = registry.load(spec.model, spec.model_args, spec.teacher or spec.weights or None, data.mean,
                                 data.std)

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+import jobs.training
 from cli.main import cli
 from compress import channels, registry
 from compress.models import build_model, load_model
@@ -203,6 +204,43 @@ def test_a_channels_run_killed_mid_way_resumes_to_the_same_rows(synthetic_cifar:
     a = torch.load(straight / "runs" / "r" / "final.pt", weights_only=True)
     b = torch.load(resumed / "runs" / "r" / "final.pt", weights_only=True)
     assert a["widths"] == b["widths"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_train_fine_tunes_a_channels_run_at_its_widths_distilled_from_the_dense_model(
+        synthetic_cifar: Path, synthetic_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results = tmp_path / "results"
+    code, _, err = _invoke(*_channels_args(synthetic_cifar, synthetic_weights, results, "ch", "--phases", "1",
+                                           "--epochs", "0"))
+    assert code == 0, err
+    pruned = torch.load(results / "runs" / "ch" / "final.pt", weights_only=True)
+    seen: list[tuple[int, int | None, float]] = []  # per epoch: the student's and the teacher's layer1.0.conv1 width
+    real = jobs.training.train_one_epoch
+
+    def width(m: nn.Module) -> int:
+        return dict(m.named_modules())["layer1.0.conv1"].out_channels
+
+    def spy(model, *args, teacher=None, kd_weight=0.0, **kwargs):
+        seen.append((width(model), None if teacher is None else width(teacher), kd_weight))
+        return real(model, *args, teacher=teacher, kd_weight=kd_weight, **kwargs)
+
+    monkeypatch.setattr(jobs.training, "train_one_epoch", spy)
+    code, out, err = _invoke("train", "--run", "ch", "--results", str(results), "--run-id", "ft", "--epochs", "1",
+                             "--kd-weight", "0.5", "--teacher", str(synthetic_weights), "--batch-size", "50",
+                             "--eval-batch-size", "100", "--no-randaugment")
+    assert code == 0, err
+    student = pruned["widths"]["layer1.0.conv1"][0]
+    assert student < 16 and seen == [(student, 16, 0.5)]  # the pruned model learns from the dense one
+    tuned = torch.load(results / "runs" / "ft" / "final.pt", weights_only=True)
+    assert tuned["widths"] == pruned["widths"]
+    assert any(not torch.equal(tuned["model"][k], pruned["model"][k]) for k in pruned["model"])
+    rows = pq.read_table(results / "phases").to_pandas().query("run_id == 'ft'")
+    assert rows.spec_kd_weight.eq(0.5).all() and rows.spec_teacher.eq(str(synthetic_weights)).all()
+    # distillation with nothing to learn from: one line, nothing written
+    code, _, err = _invoke("train", "--data-root", str(synthetic_cifar), "--results", str(tmp_path / "none"),
+                           "--kd-weight", "0.5")
+    assert code == 2 and "--teacher" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "none").exists()
 
 
 def test_bad_channel_requests_are_one_line_and_write_nothing(synthetic_cifar: Path, synthetic_weights: Path,
