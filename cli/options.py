@@ -54,7 +54,9 @@ def spec_options(spec_cls: type, skip: tuple[str, ...] = ()) -> Callable[[Callab
     hints = typing.get_type_hints(spec_cls)
 
     def decorate(fn: Callable) -> Callable:
-        for f in reversed(dataclasses.fields(spec_cls)):
+        # distillation modifies the training (of a prune run: the retraining), so its panel comes after both
+        fields = sorted(dataclasses.fields(spec_cls), key=lambda f: panel_of(spec_cls, f.name) == "Distillation")
+        for f in reversed(fields):
             if f.name in skip:
                 continue
             tp = base_type(hints[f.name])
