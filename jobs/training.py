@@ -139,10 +139,13 @@ def estimate_seconds(spec: TrainFields, data_sizes: tuple[int, int], image_shape
     opt = build_optimizer(spec.optimizer, model.parameters(), spec.lr, spec.weight_decay)
     warm = BatchLoader(x[:spec.batch_size], y[:spec.batch_size], spec.batch_size, device, train=True,
                        randaugment=spec.randaugment)
+    # with distillation every step runs a teacher forward too (timed with a model of the same architecture)
+    kd = {"teacher": registry.build(spec.model, spec.model_args, (0.5,) * channels, (0.25,) * channels).to(
+        device, memory_format=torch.channels_last).eval(), "kd_weight": spec.kd_weight} if spec.kd_weight > 0 else {}
     loops.train_one_epoch(model, warm, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16, progress=False,
-                          desc="estimate")
+                          desc="estimate", **kd)
     st = loops.train_one_epoch(model, train, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16,
-                               progress=False, desc="estimate")
+                               progress=False, desc="estimate", **kd)
     ev = loops.evaluate(model, BatchLoader(x, y, min(spec.eval_batch_size, n), device), device, progress=False)
     plan = spec.plan()
     epochs = sum(ph.epochs for ph in plan)

@@ -26,7 +26,7 @@ from compress.provenance import PROVENANCE_FIELDS
 from compress.prune import global_sparsity
 from compress.schedule import phase_targets
 from jobs.run_state import RunState
-from jobs.specs import PruneSpec
+from jobs.specs import PruneSpec, TrainSpec
 from jobs.training import run_prune
 from tests.conftest import REPO, count_prunable, is_close_to
 
@@ -649,6 +649,21 @@ def test_a_new_local_run_says_what_it_plans_and_how_long_it_takes(prune_run) -> 
     result, _ = prune_run
     plan = next(ln for ln in result.stdout.splitlines() if ln.startswith("plan: about "))
     assert "2 phase(s), 2 epoch(s) over 250 images, 3 evaluation(s) of 100; from 3 timed batches on" in plan
+
+
+@pytest.mark.parametrize("kd_weight", [0.0, 0.5])
+def test_the_estimate_times_the_teacher_forward_of_a_distilled_run(kd_weight: float,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import compress.loops
+
+    teachers: list[object] = []
+    real = compress.loops.train_one_epoch
+    monkeypatch.setattr(compress.loops, "train_one_epoch", lambda *a, teacher=None, **kw:
+                        teachers.append(teacher) or real(*a, teacher=teacher, **kw))
+    spec = TrainSpec(epochs=1, batch_size=4, kd_weight=kd_weight, teacher="teacher.th" if kd_weight else "")
+    seconds, _ = jobs.training.estimate_seconds(spec, (100, 50))
+    assert seconds > 0 and len(teachers) == 2  # the warm-up batch and the timed ones
+    assert all((t is not None) == (kd_weight > 0) for t in teachers)
 
 
 @pytest.mark.parametrize("native", [False, True])
