@@ -25,6 +25,7 @@ kernels (``loops.deterministic``), so a resumed run reproduces an uninterrupted 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -140,8 +141,7 @@ def estimate_seconds(spec: TrainFields, data_sizes: tuple[int, int], image_shape
     warm = BatchLoader(x[:spec.batch_size], y[:spec.batch_size], spec.batch_size, device, train=True,
                        randaugment=spec.randaugment)
     # with distillation every step runs a teacher forward too (timed with a model of the same architecture)
-    kd = {"teacher": registry.build(spec.model, spec.model_args, (0.5,) * channels, (0.25,) * channels).to(
-        device, memory_format=torch.channels_last).eval(), "kd_weight": spec.kd_weight} if spec.kd_weight > 0 else {}
+    kd = {"teacher": copy.deepcopy(model).eval(), "kd_weight": spec.kd_weight} if spec.kd_weight > 0 else {}
     loops.train_one_epoch(model, warm, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16, progress=False,
                           desc="estimate", **kd)
     st = loops.train_one_epoch(model, train, opt, None, device, amp=spec.amp, cpu_amp=spec.cpu_bf16,
